@@ -1,0 +1,57 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "sameport",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "sameport", targets: ["sameport"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // What Glibc hides from Swift (splice, pipe2, accept4, ...), compiled with _GNU_SOURCE.
+        .target(
+            name: "CSamePortShims",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // Pure Swift: endpoints, options, policies, bookkeeping. No syscalls.
+        .target(name: "SamePortCore"),
+        // The only module that talks to the kernel: sockets, listener, dialer, pump, relay.
+        .target(
+            name: "SamePortNet",
+            dependencies: [
+                "SamePortCore",
+                "CSamePortShims",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "sameport",
+            dependencies: [
+                "SamePortCore",
+                "SamePortNet",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Loopback peers, process control and deadlines shared by the test targets.
+        .target(
+            name: "SamePortTestSupport",
+            dependencies: ["SamePortCore"],
+            path: "Tests/SamePortTestSupport"
+        ),
+        .testTarget(name: "SamePortCoreTests", dependencies: ["SamePortCore"]),
+        .testTarget(
+            name: "SamePortNetTests",
+            dependencies: ["SamePortNet", "SamePortCore", "SamePortTestSupport"]
+        ),
+        .testTarget(
+            name: "EndToEndTests",
+            dependencies: ["sameport", "SamePortCore", "SamePortTestSupport"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,60 @@
+/// Where the relay's upstream connections come from.
+public enum EgressMode: Hashable, Sendable, CustomStringConvertible {
+    /// From the address and port the client reached: the relay's own listening ip:P.
+    case samePort
+    /// From the client-reached address with a kernel-chosen port (IP_BIND_ADDRESS_NO_PORT).
+    case ephemeral
+    /// From a fixed ip:port given by the user; port 0 means that IP with a kernel-chosen port.
+    case fixed(Endpoint)
+
+    /// Parses `same-port`, `ephemeral` or `IP:PORT` (`[IPv6]:PORT`).
+    public init(parsing text: String) throws(OptionError) {
+        switch text {
+        case "same-port": self = .samePort
+        case "ephemeral": self = .ephemeral
+        default:
+            guard let hostPort = try? HostPort(parsing: text), let endpoint = hostPort.endpoint,
+                  !endpoint.address.isUnspecified else {
+                throw OptionError("invalid egress '\(text)': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000")
+            }
+            self = .fixed(endpoint)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .samePort: return "same-port"
+        case .ephemeral: return "ephemeral"
+        case .fixed(let endpoint): return endpoint.description
+        }
+    }
+}
+
+/// What happens to a client when every upstream is already in use from its egress ip:P.
+public enum BusyPolicy: String, CaseIterable, Hashable, Sendable {
+    /// Wait, in arrival order, for a pair to free up (bounded by the connect timeout and queue limit).
+    case queue
+    /// Close the client at once and log why.
+    case reject
+    /// Dial from an ephemeral source port instead, and log it.
+    case ephemeral
+
+    /// Parses `queue`, `reject` or `ephemeral`.
+    public init(parsing text: String) throws(OptionError) {
+        guard let policy = BusyPolicy(rawValue: text) else {
+            throw OptionError("invalid on-busy policy '\(text)': expected queue, reject or ephemeral")
+        }
+        self = policy
+    }
+}
+
+/// A bad option value, with a message that names the value and what is expected.
+public struct OptionError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var message: String
+
+    public init(_ message: String) {
+        self.message = message
+    }
+
+    public var description: String { message }
+}

@@ -1,0 +1,94 @@
+/// Everything one relay needs to run, validated: where it listens, where it forwards, and how.
+public struct RelaySpec: Sendable, Equatable {
+    /// The relay's name: used in logs and, under socket activation, to match a named fd.
+    public var name: String
+    /// The address to accept clients on (an IP or `*`, never a host name).
+    public var listen: HostPort
+    /// The upstreams, in order; host names are resolved at start-up.
+    public var upstreams: [HostPort]
+    public var egress: EgressMode
+    public var onBusy: BusyPolicy
+    /// How long one connect attempt, and a queued client's wait, may last.
+    public var connectTimeout: Duration
+    /// Close a connection when neither side sent anything for this long; nil: never.
+    public var idleTimeout: Duration?
+    /// Open connections at most; at the limit the relay stops accepting until one ends.
+    public var maxConnections: Int
+    /// Clients waiting for a free upstream at most (with `onBusy == .queue`).
+    public var queueLimit: Int
+    /// Bytes buffered per direction of a connection (the back-pressure bound).
+    public var bufferSize: Int
+
+    public static let defaultConnectTimeout = Duration.seconds(5)
+    public static let defaultMaxConnections = 1024
+    public static let defaultQueueLimit = 128
+    public static let defaultBufferSize = 64 * 1024
+
+    public init(
+        name: String = "main",
+        listen: HostPort,
+        upstreams: [HostPort],
+        egress: EgressMode = .samePort,
+        onBusy: BusyPolicy = .queue,
+        connectTimeout: Duration = RelaySpec.defaultConnectTimeout,
+        idleTimeout: Duration? = nil,
+        maxConnections: Int = RelaySpec.defaultMaxConnections,
+        queueLimit: Int = RelaySpec.defaultQueueLimit,
+        bufferSize: Int = RelaySpec.defaultBufferSize
+    ) {
+        self.name = name
+        self.listen = listen
+        self.upstreams = upstreams
+        self.egress = egress
+        self.onBusy = onBusy
+        self.connectTimeout = connectTimeout
+        self.idleTimeout = idleTimeout
+        self.maxConnections = maxConnections
+        self.queueLimit = queueLimit
+        self.bufferSize = bufferSize
+    }
+
+    /// Every problem with this spec, each a message that names the value and the fix; empty if valid.
+    public func problems() -> [String] {
+        var problems: [String] = []
+        if name.isEmpty || !name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isASCIIDigit || "-_.".contains($0)) }) {
+            problems.append("invalid relay name '\(name)': use letters, digits, '-', '_' or '.'")
+        }
+        if case .name = listen.host {
+            problems.append("invalid listen address '\(listen)': listen on an IP address or *:PORT, not a host name")
+        }
+        if listen.port == 0 {
+            problems.append("invalid listen address '\(listen)': the port must be from 1 to 65535")
+        }
+        if upstreams.isEmpty {
+            problems.append("no upstream: give at least one --upstream HOST:PORT")
+        }
+        for upstream in upstreams {
+            if upstream.host == .any {
+                problems.append("invalid upstream '\(upstream)': '*' is for listening; name the upstream's host")
+            } else if upstream.port == 0 {
+                problems.append("invalid upstream '\(upstream)': the port must be from 1 to 65535")
+            }
+        }
+        if let listenEndpoint = listen.endpoint, case .fixed(let egress) = egress,
+           egress.address.isIPv6 != listenEndpoint.address.unmapped.isIPv6, !listenEndpoint.address.isUnspecified {
+            problems.append("egress \(egress) and listen \(listen) are of different address families")
+        }
+        if connectTimeout <= .zero {
+            problems.append("the connect timeout must be above 0 (for example 5s)")
+        }
+        if let idleTimeout, idleTimeout < .zero {
+            problems.append("the idle timeout cannot be negative (0 turns it off)")
+        }
+        if !(1...1_000_000).contains(maxConnections) {
+            problems.append("max connections must be from 1 to 1000000, not \(maxConnections)")
+        }
+        if !(0...1_000_000).contains(queueLimit) {
+            problems.append("the queue limit must be from 0 to 1000000, not \(queueLimit)")
+        }
+        if !(4096...(16 << 20)).contains(bufferSize) {
+            problems.append("the buffer size must be from 4096 to 16777216 bytes, not \(bufferSize)")
+        }
+        return problems
+    }
+}

@@ -1,0 +1,77 @@
+/// Chooses an upstream for each client so that no two connections share a 4-tuple.
+///
+/// With the source pinned to ip:P, only one connection at a time can exist from that egress to a
+/// given upstream ip:port; a second connect() fails with EADDRNOTAVAIL. The selector books the
+/// (egress, upstream address) pairs the relay has in use and hands out only upstreams whose pairs
+/// are all free, starting from a round-robin cursor so that load spreads over the list. An upstream
+/// is booked with every address of its family at once, because the dialer may fall through to any
+/// of them. Egresses with a kernel-chosen port (nil) are never booked: the kernel picks a free port.
+public struct UpstreamSelector: Sendable {
+    /// An upstream handed to one connection: the addresses to try, in order.
+    public struct Reservation: Hashable, Sendable {
+        /// The index of the upstream in the relay's list.
+        public var upstreamIndex: Int
+        /// The fixed egress the pairs are booked under; nil for a kernel-chosen port.
+        public var egress: Endpoint?
+        /// The upstream's addresses of the egress's family, in resolver order.
+        public var addresses: [Endpoint]
+    }
+
+    /// What `reserve` found.
+    public enum Outcome: Hashable, Sendable {
+        case reserved(Reservation)
+        /// Every upstream with an address of the right family is in use from this egress.
+        case busy
+        /// No upstream has an address of the egress's family (IPv4 vs IPv6).
+        case noAddressOfFamily
+    }
+
+    private struct Pair: Hashable {
+        var egress: Endpoint
+        var upstream: Endpoint
+    }
+
+    /// The resolved addresses of each upstream, in the configured order.
+    public let upstreams: [[Endpoint]]
+    private var inUse: Set<Pair> = []
+    private var cursor = 0
+
+    public init(upstreams: [[Endpoint]]) {
+        self.upstreams = upstreams.map { $0.map(\.unmapped) }
+    }
+
+    /// The number of booked (egress, upstream) pairs.
+    public var pairsInUse: Int { inUse.count }
+
+    /// Books a free upstream for a connection from `egress` whose local address is `localAddress`.
+    ///
+    /// - Parameters:
+    ///   - egress: the fixed egress ip:P, or nil when the kernel chooses the port.
+    ///   - isIPv6: the family of the egress socket; only upstream addresses of it can be dialled.
+    public mutating func reserve(egress: Endpoint?, isIPv6: Bool) -> Outcome {
+        let egress = egress?.unmapped
+        var sawFamily = false
+        for step in 0..<upstreams.count {
+            let index = (cursor + step) % upstreams.count
+            let addresses = upstreams[index].filter { $0.address.isIPv6 == isIPv6 }
+            guard !addresses.isEmpty else { continue }
+            sawFamily = true
+            if let egress {
+                let pairs = addresses.map { Pair(egress: egress, upstream: $0) }
+                guard pairs.allSatisfy({ !inUse.contains($0) }) else { continue }
+                inUse.formUnion(pairs)
+            }
+            cursor = (index + 1) % upstreams.count
+            return .reserved(Reservation(upstreamIndex: index, egress: egress, addresses: addresses))
+        }
+        return sawFamily ? .busy : .noAddressOfFamily
+    }
+
+    /// Frees the pairs of a reservation once its connection has ended.
+    public mutating func release(_ reservation: Reservation) {
+        guard let egress = reservation.egress else { return }
+        for address in reservation.addresses {
+            inUse.remove(Pair(egress: egress, upstream: address))
+        }
+    }
+}

@@ -1,0 +1,273 @@
+import Dispatch
+import Glibc
+import Logging
+import SamePortCore
+
+/// One client and its upstream: dials from the egress, then pumps both directions until the end.
+///
+/// Concurrency model: each connection has its own serial queue (targeting the shared work queue);
+/// its two channels, two directions and one timer all deliver there, so the state below needs no
+/// lock. The relay's bookkeeping lives on the relay's queue; `onEnd` is how a connection hands
+/// its end back to it.
+///
+/// Dialling: every address of the chosen upstream is tried in order, each attempt bounded by the
+/// connect timeout. EADDRNOTAVAIL (the 4-tuple is held: TIME_WAIT, or another process) is retried
+/// with backoff, the whole retrying bounded by the connect timeout too. The upstream socket's write
+/// source, used to learn that connect() finished, is the same one the pump uses afterwards.
+final class Connection: @unchecked Sendable {  // confined to `queue`
+    /// What a connection needs from its relay.
+    struct Settings: Sendable {
+        var relayName: String
+        var connectTimeout: Duration
+        var idleTimeout: Duration?
+        var bufferSize: Int
+        var logger: Logger
+    }
+
+    private enum State {
+        case starting
+        case connecting(channel: SocketChannel, address: Int)
+        case backingOff
+        case relaying
+        case ended
+    }
+
+    let queue: DispatchQueue
+    let reservation: UpstreamSelector.Reservation
+    /// Called on `queue` once, after the connection ended and its line was logged.
+    var onEnd: ((ConnectionEnd) -> Void)?
+
+    private let settings: Settings
+    private let client: SocketChannel
+    private let clientEndpoint: Endpoint
+    private let binding: EgressBinding
+    private let acceptedAt: DispatchTime
+    private let timer: DispatchSourceTimer
+    private var state = State.starting
+    private var upstream: SocketChannel?
+    private var egressEndpoint: Endpoint?
+    private var upstreamEndpoint: Endpoint?
+    private var directions: (clientToUpstream: Direction, upstreamToClient: Direction)?
+    /// Why each address failed in the current round of attempts.
+    private var failures: [String] = []
+    private var sawAddressNotAvailable = false
+    private var retryDeadline: DispatchTime?
+    private var backoff = Backoff()
+
+    init(
+        client: Socket, clientEndpoint: Endpoint, acceptedAt: DispatchTime, binding: EgressBinding,
+        reservation: UpstreamSelector.Reservation, settings: Settings, queue: DispatchQueue
+    ) {
+        self.queue = queue
+        self.client = SocketChannel(socket: client, queue: queue)
+        self.clientEndpoint = clientEndpoint
+        self.acceptedAt = acceptedAt
+        self.binding = binding
+        self.reservation = reservation
+        self.settings = settings
+        timer = DispatchSource.makeTimerSource(queue: queue)
+        timer.setEventHandler { [unowned self] in timerFired() }
+        timer.activate()
+    }
+
+    /// Starts dialling the upstream, on the connection's queue.
+    func start() {
+        queue.async { self.attempt(address: 0) }
+    }
+
+    /// Ends the connection from outside (the relay is stopping).
+    func stop() {
+        queue.async { self.finish(.shutdown) }
+    }
+
+    // MARK: Dialling
+
+    private func attempt(address index: Int) {
+        guard index < reservation.addresses.count else { return roundFailed() }
+        let address = reservation.addresses[index]
+        let socket: Socket
+        do {
+            socket = try binding.makeSocket()
+        } catch {
+            return finish(.connectFailed(cause: "cannot bind egress \(binding): \(error)\(Self.bindHint(error))"))
+        }
+        do {
+            let connected = try socket.connect(to: address)
+            let channel = SocketChannel(socket: socket, queue: queue)
+            if connected { return didConnect(channel, address: address) }
+            state = .connecting(channel: channel, address: index)
+            channel.onWritable = { [unowned self] in connectFinished() }
+            channel.setWriting(true)
+            timer.schedule(deadline: .now() + settings.connectTimeout.dispatchInterval, leeway: .milliseconds(10))
+        } catch {
+            socket.close()
+            if error.errno == .addressNotAvailable { sawAddressNotAvailable = true }
+            failures.append("\(address): \(error)")
+            attempt(address: index + 1)
+        }
+    }
+
+    private func connectFinished() {
+        guard case .connecting(let channel, let index) = state else { return }
+        channel.setWriting(false)
+        timer.schedule(deadline: .distantFuture)
+        let address = reservation.addresses[index]
+        if let error = channel.socket.pendingError() {
+            channel.close()
+            failures.append("\(address): \(SystemError("connect", error))")
+            return attempt(address: index + 1)
+        }
+        didConnect(channel, address: address)
+    }
+
+    private func roundFailed() {
+        let now = DispatchTime.now()
+        if sawAddressNotAvailable {
+            let deadline = retryDeadline ?? now + settings.connectTimeout.dispatchInterval
+            retryDeadline = deadline
+            if now < deadline {
+                state = .backingOff
+                failures.removeAll()
+                sawAddressNotAvailable = false
+                let delay = min(now + backoff.nextDelay().dispatchInterval, deadline)
+                timer.schedule(deadline: delay, leeway: .milliseconds(1))
+                return
+            }
+        }
+        let hint = sawAddressNotAvailable
+            ? " (the 4-tuple from \(binding) is held: TIME_WAIT or another process; add upstreams or use --on-busy ephemeral)"
+            : ""
+        finish(.connectFailed(cause: failures.joined(separator: "; ") + hint))
+    }
+
+    private static func bindHint(_ error: SystemError) -> String {
+        switch error.errno {
+        case .addressInUse:
+            return " (the listening socket must have SO_REUSEPORT and belong to the same user)"
+        case .permissionDenied:
+            return " (ports below 1024 need CAP_NET_BIND_SERVICE for the egress socket too)"
+        case .addressNotAvailable:
+            return " (the egress IP is not an address of this host)"
+        default:
+            return ""
+        }
+    }
+
+    private func timerFired() {
+        switch state {
+        case .connecting(let channel, let index):
+            channel.close()
+            failures.append("\(reservation.addresses[index]): connect timed out after \(settings.connectTimeout.shortDescription)")
+            attempt(address: index + 1)
+        case .backingOff:
+            attempt(address: 0)
+        case .relaying:
+            checkIdle()
+        case .starting, .ended:
+            break
+        }
+    }
+
+    // MARK: Relaying
+
+    private func didConnect(_ channel: SocketChannel, address: Endpoint) {
+        state = .relaying
+        upstream = channel
+        upstreamEndpoint = address
+        egressEndpoint = try? channel.socket.localEndpoint()
+        // A relay forwards what it reads as soon as it reads it: Nagle would only add delay.
+        for socket in [client.socket, channel.socket] {
+            try? socket.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
+        }
+        let clientToUpstream = Direction(from: client, fromSide: .client, to: channel, capacity: settings.bufferSize)
+        let upstreamToClient = Direction(from: channel, fromSide: .upstream, to: client, capacity: settings.bufferSize)
+        directions = (clientToUpstream, upstreamToClient)
+        for direction in [clientToUpstream, upstreamToClient] {
+            direction.from.onReadable = direction.pump
+            direction.to.onWritable = direction.pump
+            direction.onEvent = { [unowned self] event in directionEvent(event) }
+        }
+        if settings.idleTimeout != nil { checkIdle() }
+        clientToUpstream.pump()
+        upstreamToClient.pump()
+    }
+
+    private func directionEvent(_ event: Direction.Event) {
+        switch event {
+        case .finished:
+            if let directions, directions.clientToUpstream.isFinished, directions.upstreamToClient.isFinished {
+                finish(.completed)
+            }
+        case .failed(let side, let error):
+            switch error.errno {
+            case .connectionReset, .brokenPipe, .timedOut:
+                finish(side == .client ? .clientReset : .upstreamReset)
+            default:
+                finish(.failed(cause: "\(side): \(error)"))
+            }
+        }
+    }
+
+    private func checkIdle() {
+        guard let idleTimeout = settings.idleTimeout, idleTimeout > .zero, let directions else { return }
+        let last = max(directions.clientToUpstream.lastActivity, directions.upstreamToClient.lastActivity)
+        let deadline = DispatchTime(uptimeNanoseconds: last) + idleTimeout.dispatchInterval
+        if DispatchTime.now() >= deadline {
+            finish(.idleTimeout)
+        } else {
+            timer.schedule(deadline: deadline, leeway: .milliseconds(50))
+        }
+    }
+
+    // MARK: Ending
+
+    private func finish(_ end: ConnectionEnd) {
+        if case .ended = state { return }
+        if case .connecting(let channel, _) = state { channel.close() }
+        state = .ended
+        timer.cancel()
+        // A reset on one side becomes a reset on the other; everything else closes with FIN.
+        switch end {
+        case .clientReset:
+            client.close()
+            upstream?.close(reset: true)
+        case .upstreamReset:
+            upstream?.close()
+            client.close(reset: true)
+        case .failed:
+            upstream?.close(reset: true)
+            client.close(reset: true)
+        default:
+            upstream?.close()
+            client.close()
+        }
+        ConnectionLog(
+            relay: settings.relayName, client: clientEndpoint,
+            egress: egressEndpoint.map(\.description) ?? binding.description,
+            upstream: upstreamEndpoint.map(\.description)
+                ?? reservation.addresses.map(\.description).joined(separator: ","),
+            bytesToUpstream: directions?.clientToUpstream.bytes ?? 0,
+            bytesToClient: directions?.upstreamToClient.bytes ?? 0,
+            duration: acceptedAt.elapsed, end: end
+        ).log(to: settings.logger)
+        directions?.clientToUpstream.onEvent = nil
+        directions?.upstreamToClient.onEvent = nil
+        onEnd?(end)
+        onEnd = nil
+    }
+}
+
+extension Duration {
+    /// The duration as a Dispatch interval, in nanoseconds.
+    var dispatchInterval: DispatchTimeInterval {
+        let (seconds, attoseconds) = components
+        return .nanoseconds(Int(clamping: seconds * 1_000_000_000 + attoseconds / 1_000_000_000))
+    }
+}
+
+extension DispatchTime {
+    /// The time since this instant.
+    var elapsed: Duration {
+        .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- uptimeNanoseconds))
+    }
+}

@@ -1,0 +1,44 @@
+import Logging
+import SamePortCore
+
+/// The one line logged for every client connection, at its end.
+///
+/// `connection ended relay=main client=127.0.0.1:50000 egress=127.0.0.1:7000
+/// upstream=127.0.0.1:9000 bytes_to_upstream=12 bytes_to_client=34 duration=0.012s end=completed`,
+/// plus `cause="..."` when the end has one.
+struct ConnectionLog {
+    var relay: String
+    var client: Endpoint
+    var egress: String
+    var upstream: String
+    var bytesToUpstream: UInt64
+    var bytesToClient: UInt64
+    var duration: Duration
+    var end: ConnectionEnd
+
+    func log(to logger: Logger) {
+        var metadata: Logger.Metadata = [
+            "relay": .string(relay),
+            "client": .stringConvertible(client),
+            "egress": .string(egress),
+            "upstream": .string(upstream),
+            "bytes_to_upstream": .stringConvertible(bytesToUpstream),
+            "bytes_to_client": .stringConvertible(bytesToClient),
+            "duration": .string(Self.format(duration)),
+            "end": .string(end.label),
+        ]
+        if let cause = end.cause { metadata["cause"] = .string(cause) }
+        let level: Logger.Level
+        switch end {
+        case .completed, .clientReset, .upstreamReset, .idleTimeout, .shutdown: level = .info
+        default: level = .warning
+        }
+        logger.log(level: level, "connection ended", metadata: metadata)
+    }
+
+    private static func format(_ duration: Duration) -> String {
+        let milliseconds = Int64(duration.seconds * 1000)
+        let fraction = String(milliseconds % 1000)
+        return "\(milliseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)s"
+    }
+}

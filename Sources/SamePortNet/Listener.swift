@@ -1,0 +1,151 @@
+import Dispatch
+import Glibc
+import SamePortCore
+
+/// A start-up failure: one line that names the cause and the fix.
+public struct StartupError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var message: String
+
+    public init(_ message: String) {
+        self.message = message
+    }
+
+    public var description: String { message }
+}
+
+/// A listening socket and the Dispatch read source that accepts its clients.
+///
+/// Concurrency: confined to the relay's queue, where the source delivers.
+final class Listener: @unchecked Sendable {  // confined to `queue`
+    /// The address the socket is bound to.
+    let endpoint: Endpoint
+    /// Called on `queue` for each accepted client; the callee owns the socket.
+    var onAccept: ((Socket) -> Void)?
+    /// Called on `queue` when accept fails in a way that retrying cannot cure.
+    var onFatalError: ((SystemError) -> Void)?
+    /// Called on `queue` when accepting pauses for lack of descriptors or memory.
+    var onTemporaryFailure: ((SystemError) -> Void)?
+
+    private let socket: Socket
+    private let queue: DispatchQueue
+    private let source: DispatchSourceRead
+    private var isSourceResumed = false
+    private var wantsAccepting = false
+    private var isBackingOff = false
+    private var isClosed = false
+
+    private static let backlog: Int32 = 4096
+
+    /// Binds and listens on `endpoint` with SO_REUSEADDR and SO_REUSEPORT.
+    ///
+    /// SO_REUSEPORT would let a second process bind the same port and silently share clients, so
+    /// an exclusive probe (SO_REUSEADDR only) runs first and refuses a port someone else holds.
+    static func open(_ endpoint: Endpoint, dualStack: Bool, queue: DispatchQueue) throws(StartupError) -> Listener {
+        let what = "cannot listen on \(endpoint)"
+        do throws(SystemError) {
+            let probe = try makeSocket(endpoint, dualStack: dualStack, reusePort: false)
+            probe.close()
+            let socket = try makeSocket(endpoint, dualStack: dualStack, reusePort: true)
+            do throws(SystemError) {
+                try socket.listen(backlog: backlog)
+                return Listener(socket: socket, endpoint: try socket.localEndpoint(), queue: queue)
+            } catch {
+                socket.close()
+                throw error
+            }
+        } catch {
+            throw StartupError("\(what): \(error.errno)\(hint(for: error.errno, endpoint: endpoint))")
+        }
+    }
+
+    private static func makeSocket(_ endpoint: Endpoint, dualStack: Bool, reusePort: Bool) throws(SystemError) -> Socket {
+        let socket = try Socket.tcp(ipv6: endpoint.address.isIPv6)
+        do {
+            if reusePort {
+                try socket.setReuseAddressAndPort()
+            } else {
+                try socket.setOption(level: SOL_SOCKET, name: SO_REUSEADDR, value: 1)
+            }
+            if endpoint.address.isIPv6 {
+                try socket.setOption(level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY, value: dualStack ? 0 : 1)
+            }
+            try socket.bind(to: endpoint)
+            return socket
+        } catch {
+            socket.close()
+            throw error
+        }
+    }
+
+    static func hint(for errno: Errno, endpoint: Endpoint) -> String {
+        switch errno {
+        case .addressInUse:
+            return ": another process is listening on port \(endpoint.port); stop it or choose another listen port"
+        case .permissionDenied:
+            return ": ports below 1024 need root or CAP_NET_BIND_SERVICE (for the egress sockets too); grant it (setcap cap_net_bind_service=+ep, or AmbientCapabilities= under systemd) or listen on a port from 1024 up"
+        case .addressNotAvailable:
+            return ": \(endpoint.address) is not an address of this host; listen on one of its addresses or on *:\(endpoint.port)"
+        case .addressFamilyNotSupported:
+            return ": this host has no \(endpoint.address.isIPv6 ? "IPv6" : "IPv4") support"
+        default:
+            return ""
+        }
+    }
+
+    private init(socket: Socket, endpoint: Endpoint, queue: DispatchQueue) {
+        self.socket = socket
+        self.endpoint = endpoint
+        self.queue = queue
+        source = DispatchSource.makeReadSource(fileDescriptor: socket.fd, queue: queue)
+        source.setEventHandler { [unowned self] in acceptAll() }
+        source.setCancelHandler { [socket] in socket.close() }
+    }
+
+    /// Starts or stops taking clients off the accept queue (the kernel keeps queueing them).
+    func setAccepting(_ accepting: Bool) {
+        wantsAccepting = accepting
+        updateSource()
+    }
+
+    /// Stops accepting for good and closes the socket once the source is cancelled.
+    func close() {
+        guard !isClosed else { return }
+        isClosed = true
+        if !isSourceResumed { source.resume() }
+        source.cancel()
+    }
+
+    private func updateSource() {
+        let resumed = wantsAccepting && !isBackingOff && !isClosed
+        guard resumed != isSourceResumed, !isClosed else { return }
+        isSourceResumed = resumed
+        if resumed { source.resume() } else { source.suspend() }
+    }
+
+    private func acceptAll() {
+        while wantsAccepting, !isBackingOff, !isClosed {
+            do {
+                guard let client = try socket.accept() else { return }
+                onAccept?(client)
+            } catch {
+                switch error.errno {
+                case .connectionAborted, .notPermitted, .networkUnreachable, .hostUnreachable, .timedOut:
+                    continue  // that client is gone (or was refused by a filter); serve the next
+                case .tooManyOpenFiles, .fileTableOverflow, .noBufferSpace, .outOfMemory:
+                    // Out of descriptors or memory: pause instead of spinning on a readable socket.
+                    isBackingOff = true
+                    updateSource()
+                    queue.asyncAfter(deadline: .now() + .milliseconds(100)) { [self] in
+                        isBackingOff = false
+                        updateSource()
+                    }
+                    onTemporaryFailure?(error)
+                    return
+                default:
+                    onFatalError?(error)
+                    return
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+import Dispatch
+import Glibc
+import Logging
+import SamePortCore
+
+/// One relay: a listener, the bookkeeping of the 4-tuples in use, the clients waiting for one,
+/// and the open connections.
+///
+/// Concurrency model: everything here runs on the relay's serial `queue` (accepts, bookkeeping,
+/// waiters' timers); each connection runs on its own queue and reports its end back here.
+public final class Relay: @unchecked Sendable {  // confined to `queue` after `start()`
+    /// The validated spec this relay runs.
+    public let spec: RelaySpec
+    /// The address the listener is bound to (with the real port, once started).
+    public private(set) var listenEndpoint: Endpoint?
+    /// Called on `queue` if the listener fails for good; the process should stop with exit 1.
+    public var onFatalError: (@Sendable (String) -> Void)?
+
+    private let queue: DispatchQueue
+    private let workQueue: DispatchQueue
+    private let logger: Logger
+    private var selector: UpstreamSelector
+    private var waiting: WaitQueue<Waiter>
+    private var connections: [ObjectIdentifier: Connection] = [:]
+    private var listener: Listener?
+    private var isStopping = false
+    private var stopCompletion: (@Sendable () -> Void)?
+    /// Connections served since start, for status lines.
+    public private(set) var servedCount: UInt64 = 0
+
+    /// A client that found every upstream in use and is waiting for one.
+    private struct Waiter {
+        var client: Socket
+        var clientEndpoint: Endpoint
+        var binding: EgressBinding
+        var acceptedAt: DispatchTime
+        /// Bounds the wait in the queue; created only for queued clients, because libdispatch
+        /// crashes on releasing a source that was never activated.
+        var timer: DispatchSourceTimer?
+    }
+
+    /// - Parameters:
+    ///   - spec: a spec with no `problems()`.
+    ///   - upstreams: the resolved addresses of each of `spec.upstreams`, in the same order.
+    public init(spec: RelaySpec, upstreams: [[Endpoint]], logger: Logger) {
+        self.spec = spec
+        self.logger = logger
+        queue = DispatchQueue(label: "sameport.relay.\(spec.name)")
+        workQueue = DispatchQueue.global()
+        selector = UpstreamSelector(upstreams: upstreams)
+        waiting = WaitQueue(limit: spec.queueLimit)
+    }
+
+    /// Binds the listener and proves that the egress can bind next to it, then starts accepting.
+    public func start() throws(StartupError) {
+        let listener: Listener
+        switch spec.listen.host {
+        case .any:
+            do {
+                listener = try Listener.open(Endpoint(.anyV6, spec.listen.port), dualStack: true, queue: queue)
+            } catch where error.message.contains("\(Errno.addressFamilyNotSupported)") {
+                listener = try Listener.open(Endpoint(.anyV4, spec.listen.port), dualStack: false, queue: queue)
+            }
+        case .ip(let address):
+            listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, queue: queue)
+        case .name:
+            throw StartupError("cannot listen on \(spec.listen): listen on an IP address or *:PORT")
+        }
+        do {
+            try probeEgress(listener.endpoint)
+        } catch {
+            listener.close()
+            throw error
+        }
+        listenEndpoint = listener.endpoint
+        self.listener = listener
+        queue.sync {
+            listener.onAccept = { [unowned self] in accepted($0) }
+            listener.onTemporaryFailure = { [unowned self] error in
+                logger.warning("accept paused for 100ms", metadata: ["relay": .string(spec.name), "cause": .stringConvertible(error)])
+            }
+            listener.onFatalError = { [unowned self] error in
+                onFatalError?("relay \(spec.name): accept on \(listener.endpoint) failed: \(error)")
+            }
+            listener.setAccepting(true)
+        }
+    }
+
+    /// Binds an egress socket the way connections will, then closes it: a refusal here (another
+    /// user owns the listener, SO_REUSEPORT off, a foreign egress IP) is a start-up error, not a
+    /// failure on every client later.
+    private func probeEgress(_ listenEndpoint: Endpoint) throws(StartupError) {
+        let binding: EgressBinding
+        switch spec.egress {
+        case .samePort: binding = .fixed(listenEndpoint)
+        case .ephemeral: return
+        case .fixed(let endpoint): binding = endpoint.port == 0 ? .ephemeral(endpoint.address) : .fixed(endpoint)
+        }
+        do {
+            try binding.makeSocket().close()
+        } catch {
+            let hint: String
+            switch error.errno {
+            case .addressInUse:
+                hint = "the listening socket must have SO_REUSEPORT and belong to this user"
+            case .addressNotAvailable:
+                hint = "the egress IP is not an address of this host"
+            case .permissionDenied:
+                hint = "ports below 1024 need CAP_NET_BIND_SERVICE"
+            default:
+                hint = "check --egress"
+            }
+            throw StartupError("relay \(spec.name): the egress cannot bind \(binding): \(error.errno): \(hint)")
+        }
+    }
+
+    /// Stops accepting, closes waiting clients, ends every connection, then calls `completion`.
+    public func stop(completion: @escaping @Sendable () -> Void) {
+        queue.async { [self] in
+            isStopping = true
+            stopCompletion = completion
+            listener?.close()
+            listener = nil
+            for waiter in waiting.removeAll() {
+                endWaiter(waiter, .shutdown)
+            }
+            for connection in connections.values {
+                connection.stop()
+            }
+            finishStopIfDone()
+        }
+    }
+
+    /// Open connections and waiting clients, read on the relay's queue.
+    public func counts() -> (open: Int, waiting: Int, served: UInt64) {
+        queue.sync { (connections.count, waiting.count, servedCount) }
+    }
+
+    // MARK: Accepting
+
+    private func accepted(_ client: Socket) {
+        let acceptedAt = DispatchTime.now()
+        guard let local = try? client.localEndpoint(), let peer = try? client.peerEndpoint() else {
+            client.close()  // reset before we looked at it
+            return
+        }
+        let egressAddress = local.address.unmapped
+        let binding: EgressBinding
+        switch spec.egress {
+        case .samePort: binding = .fixed(Endpoint(egressAddress, local.port))
+        case .ephemeral: binding = .ephemeral(egressAddress)
+        case .fixed(let endpoint): binding = endpoint.port == 0 ? .ephemeral(endpoint.address) : .fixed(endpoint)
+        }
+        let waiter = Waiter(
+            client: client, clientEndpoint: peer.unmapped, binding: binding, acceptedAt: acceptedAt)
+        if !serve(waiter) {
+            switch spec.onBusy {
+            case .reject:
+                endWaiter(waiter, .busyRejected)
+            case .ephemeral:
+                logger.notice("every upstream is in use from \(binding): dialling from an ephemeral port", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint)])
+                var fallback = waiter
+                fallback.binding = .ephemeral(egressAddress)
+                if !serve(fallback) { endWaiter(waiter, .connectFailed(cause: "no upstream address")) }
+            case .queue:
+                enqueue(waiter)
+            }
+        }
+        updateAccepting()
+    }
+
+    /// Starts a connection for the waiter if an upstream is free for its egress.
+    ///
+    /// - Returns: false when every upstream is in use from that egress.
+    private func serve(_ waiter: Waiter) -> Bool {
+        let booked: Endpoint?
+        if case .fixed(let endpoint) = waiter.binding { booked = endpoint } else { booked = nil }
+        switch selector.reserve(egress: booked, isIPv6: waiter.binding.isIPv6) {
+        case .busy:
+            return false
+        case .noAddressOfFamily:
+            let family = waiter.binding.isIPv6 ? "IPv6" : "IPv4"
+            endWaiter(waiter, .connectFailed(cause: "no upstream has an \(family) address to dial from \(waiter.binding)"))
+            return true
+        case .reserved(let reservation):
+            waiter.timer?.cancel()
+            let connection = Connection(
+                client: waiter.client, clientEndpoint: waiter.clientEndpoint, acceptedAt: waiter.acceptedAt,
+                binding: waiter.binding, reservation: reservation,
+                settings: .init(
+                    relayName: spec.name, connectTimeout: spec.connectTimeout, idleTimeout: spec.idleTimeout,
+                    bufferSize: spec.bufferSize, logger: logger),
+                queue: DispatchQueue(label: "sameport.connection", target: workQueue))
+            let id = ObjectIdentifier(connection)
+            connections[id] = connection
+            connection.onEnd = { [unowned self] _ in
+                queue.async { self.connectionEnded(id) }
+            }
+            connection.start()
+            return true
+        }
+    }
+
+    private func enqueue(_ waiter: Waiter) {
+        guard !waiting.isFull else { return endWaiter(waiter, .queueFull) }
+        var waiter = waiter
+        let timer = DispatchSource.makeTimerSource(queue: queue)
+        waiter.timer = timer
+        guard let ticket = waiting.append(waiter) else { return }  // not full: checked above
+        timer.setEventHandler { [unowned self] in
+            if let waiter = waiting.remove(ticket: ticket) {
+                endWaiter(waiter, .queueTimeout)
+                updateAccepting()
+            }
+        }
+        timer.schedule(deadline: .now() + spec.connectTimeout.dispatchInterval, leeway: .milliseconds(10))
+        timer.activate()
+    }
+
+    private func endWaiter(_ waiter: Waiter, _ end: ConnectionEnd) {
+        waiter.timer?.cancel()
+        waiter.client.close()
+        ConnectionLog(
+            relay: spec.name, client: waiter.clientEndpoint, egress: waiter.binding.description,
+            upstream: "-", bytesToUpstream: 0, bytesToClient: 0, duration: waiter.acceptedAt.elapsed, end: end
+        ).log(to: logger)
+    }
+
+    private func connectionEnded(_ id: ObjectIdentifier) {
+        guard let connection = connections.removeValue(forKey: id) else { return }
+        servedCount += 1
+        selector.release(connection.reservation)
+        waiting.serve { serve($0) }
+        updateAccepting()
+        finishStopIfDone()
+    }
+
+    /// At the connection limit the listener stops taking clients; the kernel's backlog holds them.
+    private func updateAccepting() {
+        listener?.setAccepting(!isStopping && connections.count + waiting.count < spec.maxConnections)
+    }
+
+    private func finishStopIfDone() {
+        guard isStopping, connections.isEmpty, let completion = stopCompletion else { return }
+        stopCompletion = nil
+        completion()
+    }
+}

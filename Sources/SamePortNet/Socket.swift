@@ -1,0 +1,132 @@
+import CSamePortShims
+import Glibc
+import SamePortCore
+
+/// A TCP socket file descriptor and the calls the relay makes on it.
+///
+/// A `Socket` is a plain value: it does not close itself. Ownership is by convention and kept in one
+/// place each: the `Listener` owns the listening socket, a `SocketChannel` owns a connected one and
+/// closes it from the last cancel handler of its Dispatch sources.
+public struct Socket: Hashable, Sendable {
+    /// The file descriptor.
+    public let fd: Int32
+
+    public init(fd: Int32) {
+        self.fd = fd
+    }
+
+    /// socket(2): a non-blocking, close-on-exec TCP socket of the endpoint's family.
+    public static func tcp(ipv6: Bool) throws(SystemError) -> Socket {
+        let type = Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
+        let fd = try systemCall("socket") { Glibc.socket(ipv6 ? AF_INET6 : AF_INET, type, 0) }
+        return Socket(fd: fd)
+    }
+
+    /// setsockopt(2) with an `Int32` value.
+    public func setOption(level: Int32, name: Int32, value: Int32, callName: String = "setsockopt") throws(SystemError) {
+        var value = value
+        _ = try systemCall(callName) {
+            setsockopt(fd, level, name, &value, socklen_t(MemoryLayout<Int32>.size))
+        }
+    }
+
+    /// getsockopt(2) for an `Int32` value.
+    public func option(level: Int32, name: Int32) throws(SystemError) -> Int32 {
+        var value: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        _ = try systemCall("getsockopt") { getsockopt(fd, level, name, &value, &length) }
+        return value
+    }
+
+    /// Sets SO_REUSEADDR and SO_REUSEPORT, as two separate calls.
+    ///
+    /// Both are needed on the listener and on every egress socket for the egress to bind the
+    /// listener's ip:P (socket(7)); `SO_REUSEADDR | SO_REUSEPORT` as one option name is a bug.
+    public func setReuseAddressAndPort() throws(SystemError) {
+        try setOption(level: SOL_SOCKET, name: SO_REUSEADDR, value: 1, callName: "setsockopt(SO_REUSEADDR)")
+        try setOption(level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, callName: "setsockopt(SO_REUSEPORT)")
+    }
+
+    /// bind(2).
+    public func bind(to endpoint: Endpoint) throws(SystemError) {
+        let address = SocketAddress(endpoint)
+        _ = try systemCall("bind") { address.withSockAddr { Glibc.bind(fd, $0, $1) } }
+    }
+
+    /// listen(2).
+    public func listen(backlog: Int32) throws(SystemError) {
+        _ = try systemCall("listen") { Glibc.listen(fd, backlog) }
+    }
+
+    /// connect(2) on a non-blocking socket: true when connected at once, false when in progress.
+    public func connect(to endpoint: Endpoint) throws(SystemError) -> Bool {
+        let address = SocketAddress(endpoint)
+        do {
+            _ = try systemCall("connect") { address.withSockAddr { Glibc.connect(fd, $0, $1) } }
+            return true
+        } catch where error.errno == .inProgress {
+            return false
+        }
+    }
+
+    /// accept4(2) with SOCK_NONBLOCK|SOCK_CLOEXEC; nil when no client is waiting.
+    public func accept() throws(SystemError) -> Socket? {
+        let flags = Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
+        switch try nonBlockingCall("accept4", { sameport_accept4(fd, nil, nil, flags) }) {
+        case .processed(let client): return Socket(fd: client)
+        case .wouldBlock: return nil
+        }
+    }
+
+    /// getsockname(2): the local endpoint.
+    public func localEndpoint() throws(SystemError) -> Endpoint {
+        try endpoint(call: "getsockname") { getsockname(fd, $0, $1) }
+    }
+
+    /// getpeername(2): the remote endpoint.
+    public func peerEndpoint() throws(SystemError) -> Endpoint {
+        try endpoint(call: "getpeername") { getpeername(fd, $0, $1) }
+    }
+
+    private func endpoint(
+        call: String, _ body: (UnsafeMutablePointer<sockaddr>, UnsafeMutablePointer<socklen_t>) -> Int32
+    ) throws(SystemError) -> Endpoint {
+        var address = SocketAddress()
+        _ = try systemCall(call) { address.withMutableSockAddr(body) }
+        guard let endpoint = address.endpoint else { throw SystemError(call, .addressFamilyNotSupported) }
+        return endpoint
+    }
+
+    /// The pending error of a socket (SO_ERROR), nil if none: how a non-blocking connect ended.
+    public func pendingError() -> Errno? {
+        guard let value = try? option(level: SOL_SOCKET, name: SO_ERROR) else { return nil }
+        return value == 0 ? nil : Errno(rawValue: value)
+    }
+
+    /// read(2) into `buffer`; `.processed(0)` is EOF.
+    func read(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> IOResult<Int> {
+        try nonBlockingCall("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    /// send(2) with MSG_NOSIGNAL, so a reset peer is an EPIPE error and never a SIGPIPE.
+    func write(from buffer: UnsafeRawBufferPointer) throws(SystemError) -> IOResult<Int> {
+        try nonBlockingCall("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    /// shutdown(2) with SHUT_WR: sends FIN after the queued bytes. Errors are ignored: the peer
+    /// may already be gone, and the connection's end is decided by the reads.
+    func shutdownWrite() {
+        _ = Glibc.shutdown(fd, Int32(SHUT_WR))
+    }
+
+    /// SO_LINGER with a zero timeout: the next close() sends RST instead of FIN.
+    func setResetOnClose() {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+    }
+
+    /// close(2). Not retried on EINTR: on Linux the descriptor is released even then.
+    public func close() {
+        _ = Glibc.close(fd)
+    }
+}

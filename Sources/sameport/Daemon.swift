@@ -1,0 +1,62 @@
+import Dispatch
+import Glibc
+import Logging
+import SamePortCore
+import SamePortNet
+
+/// The daemon's lifetime: resolve, bind, serve until a signal, stop.
+struct Daemon {
+    var spec: RelaySpec
+    var log: (level: Logger.Level, format: LogFormat)
+
+    /// Starts the relay and never returns: the process exits from a signal or a fatal error.
+    func run() throws -> Never {
+        let format = log.format
+        let level = log.level
+        LoggingSystem.bootstrap { _ in StderrLogHandler(logLevel: level, format: format) }
+        let logger = Logger(label: "sameport")
+        ProcessLimits.ignoreSIGPIPE()
+        ProcessLimits.raiseOpenFileLimit()
+
+        let upstreams: [[Endpoint]]
+        do {
+            upstreams = try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }
+        } catch {
+            throw StartFailure(message: "configuration error: \(error.message)", exitCode: 2)
+        }
+        let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
+        relay.onFatalError = { message in
+            logger.critical("\(message)")
+            exit(1)
+        }
+        do {
+            try relay.start()
+        } catch {
+            throw StartFailure(message: "cannot start: \(error.message)", exitCode: 2)
+        }
+        let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
+            addresses.count == 1 && name.endpoint != nil
+                ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
+        }.joined(separator: ", ")
+        logger.info(
+            "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
+            metadata: ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)])
+
+        let signals = [SIGTERM, SIGINT].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
+            source.setEventHandler {
+                logger.info("stopping on \(number == SIGTERM ? "SIGTERM" : "SIGINT")")
+                relay.stop {
+                    logger.info("stopped")
+                    exit(0)
+                }
+                // Every connection is closed by stop(); should one hang, do not hang with it.
+                DispatchQueue.main.asyncAfter(deadline: .now() + .seconds(5)) { exit(0) }
+            }
+            source.activate()
+            return source
+        }
+        withExtendedLifetime(signals) { dispatchMain() }
+    }
+}

@@ -1,0 +1,134 @@
+import ArgumentParser
+import SamePortCore
+
+/// `sameport run`: one relay from command-line flags.
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a relay (the default subcommand).",
+        discussion: """
+            Accepts TCP clients on --listen and relays each to an upstream, dialling from the \
+            listening ip:port (or as --egress says). Bytes are relayed both ways with bounded \
+            buffers; a half-close on one side is passed on to the other once pending bytes are \
+            written, and a reset on one side resets the other. One line is logged per connection \
+            when it ends: relay, client, egress, upstream, bytes each way, duration, and how it ended \
+            (end=completed, client-reset, upstream-reset, idle-timeout, connect-failed, \
+            busy-rejected, queue-timeout, queue-full, shutdown, error).
+
+            ADDRESSES
+              IPv4 as 127.0.0.1:7000, IPv6 as [::1]:7000, every local address as *:7000 (one \
+            dual-stack socket). Upstreams may be host names: they are resolved at start-up and \
+            every address, IPv4 and IPv6, is tried in order.
+
+            EGRESS
+              same-port   dial from the address the client reached and the listening port (default)
+              ephemeral   dial from the address the client reached, with a kernel-chosen port
+              IP:PORT     dial from this local ip:port (IP:0 for that IP with a kernel-chosen port)
+
+            WHEN EVERY UPSTREAM IS IN USE (--on-busy)
+              queue       the client waits, in arrival order, up to --connect-timeout and \
+            --queue-limit clients (default)
+              reject      the client is closed at once, and the reason logged
+              ephemeral   the client is served from an ephemeral source port, and that is logged
+
+            Durations are written 250ms, 5s, 10m or 1h. A port below 1024 needs root or \
+            CAP_NET_BIND_SERVICE, for the egress sockets as well as the listener.
+
+            EXAMPLES
+              sameport --listen 127.0.0.1:7000 --upstream 127.0.0.1:9000
+              sameport --listen '*:7000' --upstream partner.example:443 --upstream partner.example:8443
+              sameport run --listen '[::1]:7000' --upstream '[::1]:9000' --on-busy reject --log-format json
+            """
+    )
+
+    @Option(help: ArgumentHelp("Accept clients on this address: IP:PORT, [IPv6]:PORT or *:PORT.", valueName: "addr:port"))
+    var listen: String?
+
+    @Option(help: ArgumentHelp("Relay to this upstream; repeat for several (tried round-robin, one per free 4-tuple).", valueName: "host:port"))
+    var upstream: [String] = []
+
+    @Option(help: ArgumentHelp("Where upstream connections come from: same-port, ephemeral, or IP:PORT.", valueName: "mode"))
+    var egress: String = "same-port"
+
+    @Option(name: .customLong("on-busy"), help: ArgumentHelp("When every upstream is in use from the egress: queue, reject or ephemeral.", valueName: "policy"))
+    var onBusy: String = "queue"
+
+    @Option(help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait.", valueName: "duration"))
+    var connectTimeout: String = "5s"
+
+    @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 turns it off.", valueName: "duration"))
+    var idleTimeout: String = "0"
+
+    @Option(help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog.", valueName: "n"))
+    var maxConnections: Int = RelaySpec.defaultMaxConnections
+
+    @Option(help: ArgumentHelp("Clients waiting for a free upstream at most (with --on-busy queue).", valueName: "n"))
+    var queueLimit: Int = RelaySpec.defaultQueueLimit
+
+    @Option(help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216.", valueName: "bytes"))
+    var bufferSize: Int = RelaySpec.defaultBufferSize
+
+    @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name).", valueName: "name"))
+    var name: String = "main"
+
+    @Option(help: ArgumentHelp("Least severe level logged: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
+    var logLevel: String = "info"
+
+    @Option(help: ArgumentHelp("Log lines as text or json.", valueName: "format"))
+    var logFormat: String = "text"
+
+    /// The relay spec the flags describe, or a usage error that names the bad value.
+    func relaySpec() throws -> RelaySpec {
+        guard let listen else {
+            throw ValidationError("missing --listen ADDR:PORT: the address to accept clients on")
+        }
+        guard !upstream.isEmpty else {
+            throw ValidationError("missing --upstream HOST:PORT: where to relay clients to")
+        }
+        do {
+            let spec = RelaySpec(
+                name: name,
+                listen: try HostPort(parsing: listen),
+                upstreams: try upstream.map { text throws(AddressError) in try HostPort(parsing: text) },
+                egress: try EgressMode(parsing: egress),
+                onBusy: try BusyPolicy(parsing: onBusy),
+                connectTimeout: try Duration(parsing: connectTimeout),
+                idleTimeout: try Self.optionalDuration(idleTimeout),
+                maxConnections: maxConnections,
+                queueLimit: queueLimit,
+                bufferSize: bufferSize)
+            if let problem = spec.problems().first { throw ValidationError(problem) }
+            return spec
+        } catch let error as ValidationError {
+            throw error
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+
+    private static func optionalDuration(_ text: String) throws -> Duration? {
+        let duration = try Duration(parsing: text)
+        return duration == .zero ? nil : duration
+    }
+
+    func validate() throws {
+        _ = try relaySpec()
+        _ = try logSettings()
+    }
+
+    func logSettings() throws -> (level: Logging.Logger.Level, format: LogFormat) {
+        guard let level = Logging.Logger.Level(rawValue: logLevel) else {
+            throw ValidationError("invalid log level '\(logLevel)': expected trace, debug, info, notice, warning, error or critical")
+        }
+        guard let format = LogFormat(rawValue: logFormat) else {
+            throw ValidationError("invalid log format '\(logFormat)': expected text or json")
+        }
+        return (level, format)
+    }
+
+    func run() throws {
+        try Daemon(spec: try relaySpec(), log: try logSettings()).run()
+    }
+}
+
+import Logging

@@ -1,0 +1,82 @@
+import ArgumentParser
+import Glibc
+
+/// The process entry: parses the command line and maps every failure to its exit code.
+///
+/// Exit codes: 0 clean stop (and --help, --version); 1 runtime failure; 2 usage or configuration
+/// error, including a start-up refusal (address in use, permission denied, unresolvable upstream).
+/// ArgumentParser's own usage exit code (64) is replaced by 2, and its error is printed as one line.
+enum SamePortMain {
+    static func main() {
+        let command: ParsableCommand
+        do {
+            command = try SamePortCommand.parseAsRoot()
+        } catch {
+            exitForParseError(error)
+        }
+        do {
+            var command = command
+            try command.run()
+            exit(ExitCode.success.rawValue)
+        } catch let error as StartFailure {
+            printError(error.message)
+            exit(error.exitCode)
+        } catch {
+            exitForParseError(error)
+        }
+    }
+
+    private static func exitForParseError(_ error: Error) -> Never {
+        let code = SamePortCommand.exitCode(for: error)
+        if code == .success {
+            // --help and --version are "errors" that carry the text to print.
+            print(SamePortCommand.fullMessage(for: error))
+            exit(0)
+        }
+        let message = SamePortCommand.message(for: error)
+            .split(separator: "\n").first.map(String.init) ?? "invalid command line"
+        printError("usage error: \(message) (see 'sameport --help')")
+        exit(2)
+    }
+
+    static func printError(_ message: String) {
+        var line = "sameport: \(message)\n"
+        line.withUTF8 { buffer in
+            _ = write(2, buffer.baseAddress, buffer.count)
+        }
+    }
+}
+
+/// A failure that ends the process with a message and exit code.
+struct StartFailure: Error {
+    var message: String
+    var exitCode: Int32
+}
+
+/// `sameport`: the root command.
+struct SamePortCommand: ParsableCommand {
+    static let version = "0.1.0"
+
+    static let configuration = CommandConfiguration(
+        commandName: "sameport",
+        abstract: "A TCP relay that dials every upstream from the ip:port it listens on.",
+        discussion: """
+            sameport accepts clients on ip:P and opens each upstream connection from a socket bound \
+            to that same ip:P, so the upstream, and every firewall and NAT between, sees the relay's \
+            traffic leave from the port it listens on.
+
+            With the source pinned to ip:P, only one connection at a time can exist to a given \
+            upstream ip:port (a TCP connection is the 4-tuple of both ends). sameport books the pairs \
+            it has in use, spreads clients over the upstreams you give, and decides with --on-busy \
+            what happens when every upstream is taken.
+
+            EXIT STATUS
+              0  stopped cleanly (SIGTERM or SIGINT)
+              1  runtime failure after start-up
+              2  usage or configuration error, or a start-up refusal (address in use, permission denied)
+            """,
+        version: version,
+        subcommands: [RunCommand.self],
+        defaultSubcommand: RunCommand.self
+    )
+}
