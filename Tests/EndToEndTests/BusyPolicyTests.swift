@@ -1,0 +1,107 @@
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Testing
+
+/// The 4-tuple rule: from one ip:P only one connection to a given upstream ip:port can exist.
+///
+///   client A ──▶ relay ip:P ══(ip:P)══▶ upstream U   (A holds the only pair to U)
+///   client B ──▶ relay ip:P ── ? ──────▶ upstream U   (on-busy decides)
+@Suite("Busy upstream policies", .serialized)
+struct BusyPolicyTests {
+    /// Connects a client, exchanges one line through the relay, and keeps the connection open.
+    private func openEchoed(_ listen: Endpoint, _ text: String) throws -> TestSocket {
+        let client = try TestSocket.connect(to: listen)
+        try client.sendAll(Array(text.utf8))
+        let reply = try client.receive(exactly: text.utf8.count, timeout: .seconds(10))
+        #expect(reply.bytes == Array(text.utf8), "echo of \(text)")
+        return client
+    }
+
+    @Test("queue: the second client waits for the pair, then is served from the same ip:P")
+    func queue() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--connect-timeout", "10s"])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        let second = try TestSocket.connect(to: listen)
+        try second.sendAll(Array("second\n".utf8))
+        // While the first holds the only pair, the second gets nothing and the upstream sees nobody new.
+        let early = try second.receive(exactly: 7, timeout: .milliseconds(500))
+        #expect(early.end == .timeout && early.bytes.isEmpty)
+        #expect(upstream.peers.count == 1)
+        first.close()
+        let late = try second.receive(exactly: 7, timeout: .seconds(10))
+        #expect(late.bytes == Array("second\n".utf8))
+        #expect(upstream.peers == [listen, listen])
+        second.close()
+        let lines = try relay.waitForLines(containing: "connection ended", count: 2)
+        #expect(lines.allSatisfy { field("end", in: $0) == "completed" })
+    }
+
+    @Test("queue: a client waits no longer than the connect timeout, and the queue is bounded")
+    func queueLimits() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(
+            upstreams: [upstream.endpoint.description], ["--connect-timeout", "600ms", "--queue-limit", "1"])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        defer { first.close() }
+        let waiting = try TestSocket.connect(to: listen)
+        let overflow = try TestSocket.connect(to: listen)
+        #expect(try overflow.waitForEnd(timeout: .seconds(2)) == .eof)
+        let start = ContinuousClock.now
+        #expect(try waiting.waitForEnd(timeout: .seconds(3)) == .eof)
+        #expect(ContinuousClock.now - start < .seconds(2))
+        let lines = try relay.waitForLines(containing: "connection ended", count: 2)
+        #expect(lines.contains { field("end", in: $0) == "queue-full" })
+        #expect(lines.contains { field("end", in: $0) == "queue-timeout" })
+    }
+
+    @Test("reject: the second client is closed at once and the reason logged")
+    func reject() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--on-busy", "reject"])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        defer { first.close() }
+        let second = try TestSocket.connect(to: listen)
+        let start = ContinuousClock.now
+        #expect(try second.waitForEnd(timeout: .seconds(5)) == .eof)
+        #expect(ContinuousClock.now - start < .seconds(1))
+        let line = try relay.waitForLines(containing: "end=busy-rejected")[0]
+        #expect(line.contains("every upstream is in use"))
+        #expect(upstream.peers.count == 1)
+    }
+
+    @Test("ephemeral: the second client is served from another port, and that is logged")
+    func ephemeral() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--on-busy", "ephemeral"])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        let second = try openEchoed(listen, "second\n")
+        first.close()
+        second.close()
+        let peers = upstream.peers
+        #expect(peers.count == 2)
+        #expect(peers.first == listen)
+        #expect(peers.last?.address == listen.address)
+        #expect(peers.last?.port != listen.port)
+        #expect(try relay.waitForLines(containing: "ephemeral port").count == 1)
+    }
+
+    @Test("two upstreams: two clients run at once, both from the same ip:P")
+    func twoUpstreams() throws {
+        let one = try TestServer(handler: TestServer.echo)
+        let two = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(upstreams: [one.endpoint.description, two.endpoint.description])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        let second = try openEchoed(listen, "second\n")
+        #expect(one.peers == [listen])
+        #expect(two.peers == [listen])
+        first.close()
+        second.close()
+    }
+}

@@ -1,0 +1,100 @@
+import Foundation
+import Synchronization
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Testing
+
+/// Starts `sameport` listening on a free port of `host` with the given arguments, waits for its
+/// "listening on" line, and returns it with the listen endpoint. A port taken by someone else
+/// between choosing and binding is retried with another.
+func startRelay(
+    host: IPAddress = .loopbackV4, listenText: ((UInt16) -> String)? = nil,
+    upstreams: [String], _ extra: [String] = []
+) throws -> (relay: RelayProcess, listen: Endpoint) {
+    _ = ignoreSIGPIPE
+    var lastOutput = ""
+    for _ in 0..<5 {
+        let port = try freePort(host)
+        let listen = listenText?(port) ?? Endpoint(host, port).description
+        let relay = try RelayProcess(["--listen", listen] + upstreams.flatMap { ["--upstream", $0] } + extra)
+        do {
+            try relay.waitUntilListening()
+            return (relay, Endpoint(host, port))
+        } catch {
+            lastOutput = relay.output
+            relay.stop()
+            if !lastOutput.contains("already in use") { throw error }
+        }
+    }
+    throw TestError.failed("could not start the relay: \(lastOutput)")
+}
+
+/// The `key=value` field of a log line.
+func field(_ key: String, in line: String) -> String? {
+    line.split(separator: " ").first { $0.hasPrefix("\(key)=") }.map { String($0.dropFirst(key.count + 1)) }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so that a transfer can be checked end to end.
+func pattern(count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed | 1
+    var bytes = [UInt8](repeating: 0, count: count)
+    bytes.withUnsafeMutableBytes { raw in
+        let words = raw.bindMemory(to: UInt64.self)
+        for index in words.indices {
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
+            words[index] = state
+        }
+    }
+    return bytes
+}
+
+/// FNV-1a over 64-bit words: a fast checksum for large transfers.
+struct Checksum: Equatable, CustomStringConvertible {
+    private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
+    private(set) var count = 0
+    private var pending: [UInt8] = []
+
+    mutating func add(_ chunk: UnsafeRawBufferPointer) {
+        var offset = 0
+        while !pending.isEmpty, offset < chunk.count {
+            pending.append(chunk[offset])
+            offset += 1
+            if pending.count == 8 {
+                mix(pending.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+                pending = []
+            }
+        }
+        while offset + 8 <= chunk.count {
+            mix(chunk.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+            offset += 8
+        }
+        pending.append(contentsOf: chunk[offset...])
+        count += chunk.count
+    }
+
+    private mutating func mix(_ word: UInt64) {
+        value = (value ^ word) &* 0x100_0000_01b3
+    }
+
+    var description: String { "\(count) bytes, fnv \(String(value, radix: 16))" }
+}
+
+/// Runs `body` on a new thread; `join` waits for it with a deadline.
+final class Background: Sendable {
+    private let done = Atomic<Bool>(false)
+
+    init(_ body: @escaping @Sendable () -> Void) {
+        Thread { [self] in
+            body()
+            done.store(true, ordering: .sequentiallyConsistent)
+        }.start()
+    }
+
+    /// True if the body finished within `timeout`.
+    func join(timeout: Duration) -> Bool {
+        waitUntil(timeout: timeout) { done.load(ordering: .sequentiallyConsistent) }
+    }
+}

@@ -1,0 +1,135 @@
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Synchronization
+import Testing
+
+/// Bytes through the pump: volume, half-close, back-pressure.
+@Suite("Transfer", .serialized)
+struct TransferTests {
+    @Test("64 MiB each way at the same time through one connection, checksums equal")
+    func bothWaysAtOnce() throws {
+        let size = 64 << 20
+        let toUpstream = pattern(count: size, seed: 1)
+        let toClient = pattern(count: size, seed: 2)
+        let upstreamReceived = Mutex<Checksum?>(nil)
+        let upstream = try TestServer { socket in
+            let sender = Background { try? socket.sendAll(toClient, timeout: .seconds(120)); socket.shutdownWrite() }
+            var sum = Checksum()
+            _ = try? socket.receiveAll(timeout: .seconds(120)) { sum.add($0) }
+            _ = sender.join(timeout: .seconds(120))
+            upstreamReceived.withLock { $0 = sum }
+        }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        defer { relay.stop() }
+
+        let client = try TestSocket.connect(to: listen)
+        let sender = Background { try? client.sendAll(toUpstream, timeout: .seconds(120)); client.shutdownWrite() }
+        var clientReceived = Checksum()
+        let end = try client.receiveAll(timeout: .seconds(120)) { clientReceived.add($0) }
+        #expect(sender.join(timeout: .seconds(120)))
+        #expect(end == .eof)
+
+        var expectedToClient = Checksum(), expectedToUpstream = Checksum()
+        toClient.withUnsafeBytes { expectedToClient.add($0) }
+        toUpstream.withUnsafeBytes { expectedToUpstream.add($0) }
+        #expect(clientReceived == expectedToClient)
+        #expect(waitUntil(timeout: .seconds(30)) { upstreamReceived.withLock { $0 } != nil })
+        #expect(upstreamReceived.withLock { $0 } == expectedToUpstream)
+        let line = try relay.waitForLines(containing: "connection ended")[0]
+        #expect(field("bytes_to_upstream", in: line) == "\(size)")
+        #expect(field("bytes_to_client", in: line) == "\(size)")
+        #expect(field("end", in: line) == "completed")
+    }
+
+    @Test("Half-close client to upstream: request, SHUT_WR, a reply sent 2 s after EOF arrives whole")
+    func halfCloseFromClient() throws {
+        let reply = pattern(count: 1 << 20, seed: 3)
+        let request = Array("request: the client has finished sending\n".utf8)
+        let upstreamGot = Mutex<[UInt8]?>(nil)
+        let upstream = try TestServer { socket in
+            guard let (bytes, end) = try? socket.receiveToEnd(), end == .eof else { return }
+            upstreamGot.withLock { $0 = bytes }
+            usleep(2_000_000)  // the scenario itself: reply long after the client's EOF
+            try? socket.sendAll(reply)
+        }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        defer { relay.stop() }
+        let client = try TestSocket.connect(to: listen)
+        try client.sendAll(request)
+        client.shutdownWrite()
+        let (bytes, end) = try client.receiveToEnd(timeout: .seconds(15))
+        #expect(end == .eof)
+        #expect(bytes == reply)
+        #expect(upstreamGot.withLock { $0 } == request)
+        let line = try relay.waitForLines(containing: "connection ended")[0]
+        #expect(field("end", in: line) == "completed")
+    }
+
+    @Test("Half-close upstream to client: data, SHUT_WR, a reply sent 2 s after EOF arrives whole")
+    func halfCloseFromUpstream() throws {
+        let banner = pattern(count: 1 << 20, seed: 4)
+        let reply = pattern(count: 1 << 20, seed: 5)
+        let upstreamGot = Mutex<([UInt8], TestSocket.End)?>(nil)
+        let upstream = try TestServer { socket in
+            try? socket.sendAll(banner)
+            socket.shutdownWrite()
+            if let result = try? socket.receiveToEnd(timeout: .seconds(15)) {
+                upstreamGot.withLock { $0 = (result.bytes, result.end) }
+            }
+        }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        defer { relay.stop() }
+        let client = try TestSocket.connect(to: listen)
+        let (bytes, end) = try client.receiveToEnd(timeout: .seconds(15))
+        #expect(end == .eof)
+        #expect(bytes == banner)
+        usleep(2_000_000)  // the scenario itself: reply long after the upstream's EOF
+        try client.sendAll(reply)
+        client.shutdownWrite()
+        #expect(try client.waitForEnd(timeout: .seconds(15)) == .eof)
+        #expect(waitUntil(timeout: .seconds(10)) { upstreamGot.withLock { $0 } != nil })
+        let got = try #require(upstreamGot.withLock { $0 })
+        #expect(got.1 == .eof)
+        #expect(got.0 == reply)
+    }
+
+    @Test("Back-pressure: a client that stops reading does not grow the relay's memory")
+    func backPressure() throws {
+        let bufferSize = 64 * 1024
+        let attempted = 200 << 20
+        let sent = Mutex<Int?>(nil)
+        let upstream = try TestServer { socket in
+            // Offer 200 MiB; the relay must stop reading once the client's side is full.
+            let count = socket.sendUntilBlocked(total: attempted, timeout: .seconds(4))
+            sent.withLock { $0 = count }
+        }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--buffer-size", "\(bufferSize)"])
+        defer { relay.stop() }
+        // Warm up: one connection through, so threads and the allocator are in their steady state.
+        let warm = try TestSocket.connect(to: listen)
+        _ = try warm.receive(exactly: 1 << 20, timeout: .seconds(10))
+        warm.close()
+        try relay.waitForLines(containing: "connection ended")
+        #expect(waitUntil(timeout: .seconds(10)) { sent.withLock { $0 } != nil })
+        sent.withLock { $0 = nil }
+        let before = relay.residentKiB()
+
+        let client = try TestSocket.connect(to: listen)
+        #expect(waitUntil(timeout: .seconds(15)) { sent.withLock { $0 } != nil })
+        let after = relay.residentKiB()
+        let offered = try #require(sent.withLock { $0 })
+        // The kernel's socket buffers hold a few MiB; the rest stayed with the sender.
+        #expect(offered < 64 << 20, "the upstream could send \(offered) bytes to a client that reads nothing")
+        let growthKiB = after - before
+        let boundKiB = 2 * bufferSize / 1024 + 1024  // two buffers plus a small constant
+        #expect(growthKiB < boundKiB, "RSS grew \(growthKiB) KiB (before \(before), after \(after))")
+        print("back-pressure: offered \(attempted >> 20) MiB, accepted \(offered) bytes, relay RSS \(before) -> \(after) KiB")
+
+        // Every byte the upstream got rid of still reaches the client, in order.
+        let (bytes, end) = try client.receiveToEnd(timeout: .seconds(30))
+        #expect(end == .eof)
+        #expect(bytes.count == offered)
+        #expect(bytes.allSatisfy { $0 == 0x5a })
+    }
+}

@@ -1,0 +1,75 @@
+import SamePortCore
+import Testing
+
+@Suite("ConnectionEnd")
+struct ConnectionEndTests {
+    @Test(
+        "labels and causes",
+        arguments: [
+            (ConnectionEnd.completed, "completed", String?.none),
+            (.clientReset, "client-reset", nil),
+            (.upstreamReset, "upstream-reset", nil),
+            (.idleTimeout, "idle-timeout", nil),
+            (.connectFailed(cause: "connection refused"), "connect-failed", "connection refused"),
+            (.busyRejected, "busy-rejected", "every upstream is in use from this egress ip:port (on-busy reject)"),
+            (.queueTimeout, "queue-timeout", "no upstream became free within the connect timeout"),
+            (.queueFull, "queue-full", "the queue of clients waiting for a free upstream is full"),
+            (.shutdown, "shutdown", nil),
+            (.failed(cause: "broken pipe"), "error", "broken pipe"),
+        ]
+    )
+    func labelAndCause(end: ConnectionEnd, label: String, cause: String?) {
+        #expect(end.label == label)
+        #expect(end.cause == cause)
+    }
+
+    @Test("only an upstream reset resets the client")
+    func resetsClient() {
+        #expect(ConnectionEnd.upstreamReset.resetsClient)
+        let others: [ConnectionEnd] = [
+            .completed, .clientReset, .idleTimeout, .connectFailed(cause: "x"), .busyRejected, .queueTimeout,
+            .queueFull, .shutdown, .failed(cause: "y"),
+        ]
+        for end in others {
+            #expect(!end.resetsClient, "\(end)")
+        }
+    }
+
+    @Test("labels are distinct")
+    func distinctLabels() {
+        let all: [ConnectionEnd] = [
+            .completed, .clientReset, .upstreamReset, .idleTimeout, .connectFailed(cause: ""), .busyRejected,
+            .queueTimeout, .queueFull, .shutdown, .failed(cause: ""),
+        ]
+        #expect(Set(all.map(\.label)).count == all.count)
+    }
+}
+
+@Suite("Backoff")
+struct BackoffTests {
+    @Test("doubles from 5ms and caps at 250ms")
+    func defaults() {
+        var backoff = Backoff()
+        let delays = (0..<10).map { _ in backoff.nextDelay() }
+        #expect(
+            delays == [5, 10, 20, 40, 80, 160, 250, 250, 250, 250].map { Duration.milliseconds($0) }
+        )
+    }
+
+    @Test("custom initial and maximum")
+    func custom() {
+        var backoff = Backoff(initial: .milliseconds(100), maximum: .milliseconds(300))
+        let delays = (0..<4).map { _ in backoff.nextDelay() }
+        #expect(delays == [.milliseconds(100), .milliseconds(200), .milliseconds(300), .milliseconds(300)])
+    }
+
+    @Test("copies advance independently")
+    func valueSemantics() {
+        var original = Backoff()
+        #expect(original.nextDelay() == .milliseconds(5))
+        var copy = original
+        #expect(copy.nextDelay() == .milliseconds(10))
+        #expect(copy.nextDelay() == .milliseconds(20))
+        #expect(original.nextDelay() == .milliseconds(10))
+    }
+}

@@ -1,0 +1,90 @@
+import SamePortCore
+import Testing
+
+/// The error `EgressMode(parsing:)` throws for `text`, or nil if it parses.
+private func egressError(_ text: String) -> OptionError? {
+    do {
+        _ = try EgressMode(parsing: text)
+        return nil
+    } catch {
+        return error
+    }
+}
+
+/// The error `BusyPolicy(parsing:)` throws for `text`, or nil if it parses.
+private func busyPolicyError(_ text: String) -> OptionError? {
+    do {
+        _ = try BusyPolicy(parsing: text)
+        return nil
+    } catch {
+        return error
+    }
+}
+
+@Suite("EgressMode parsing")
+struct EgressModeTests {
+    @Test("the named modes")
+    func named() throws {
+        #expect(try EgressMode(parsing: "same-port") == .samePort)
+        #expect(try EgressMode(parsing: "ephemeral") == .ephemeral)
+        #expect(EgressMode.samePort.description == "same-port")
+        #expect(EgressMode.ephemeral.description == "ephemeral")
+    }
+
+    @Test("a fixed IPv4 egress")
+    func fixedIPv4() throws {
+        let mode = try EgressMode(parsing: "127.0.0.1:7000")
+        #expect(mode == .fixed(Endpoint(.loopbackV4, 7000)))
+        #expect(mode.description == "127.0.0.1:7000")
+    }
+
+    @Test("a fixed IPv6 egress")
+    func fixedIPv6() throws {
+        let mode = try EgressMode(parsing: "[::1]:7000")
+        #expect(mode == .fixed(Endpoint(.loopbackV6, 7000)))
+        #expect(mode.description == "[::1]:7000")
+    }
+
+    @Test("port 0 means that IP with a kernel-chosen port")
+    func fixedPortZero() throws {
+        #expect(try EgressMode(parsing: "10.0.0.1:0") == .fixed(Endpoint(.v4(0x0a00_0001), 0)))
+    }
+
+    @Test(
+        "wildcards, host names and junk are refused",
+        arguments: ["0.0.0.0:7000", "[::]:7000", "*:7000", "host.example:7000", "localhost:7000", "127.0.0.1", "",
+                    "same_port", "Same-Port", "EPHEMERAL", "::1:7000", "127.0.0.1:70000"]
+    )
+    func rejects(text: String) throws {
+        let error = try #require(egressError(text), "'\(text)' should not parse")
+        #expect(
+            error.message
+                == "invalid egress '\(text)': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000"
+        )
+        #expect(error.description == error.message)
+    }
+}
+
+@Suite("BusyPolicy parsing")
+struct BusyPolicyTests {
+    @Test("each policy by name", arguments: [("queue", BusyPolicy.queue), ("reject", .reject), ("ephemeral", .ephemeral)])
+    func parses(text: String, policy: BusyPolicy) throws {
+        #expect(try BusyPolicy(parsing: text) == policy)
+        #expect(policy.rawValue == text)
+    }
+
+    @Test("every case parses from its raw value")
+    func allCases() throws {
+        #expect(BusyPolicy.allCases.count == 3)
+        for policy in BusyPolicy.allCases {
+            #expect(try BusyPolicy(parsing: policy.rawValue) == policy)
+        }
+    }
+
+    @Test("unknown policies are refused", arguments: ["", "Queue", "wait", "drop", " queue", "reject "])
+    func rejects(text: String) throws {
+        let error = try #require(busyPolicyError(text), "'\(text)' should not parse")
+        #expect(error.message == "invalid on-busy policy '\(text)': expected queue, reject or ephemeral")
+        #expect(error.description == error.message)
+    }
+}
