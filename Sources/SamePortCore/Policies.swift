@@ -17,7 +17,7 @@ public enum EgressMode: Hashable, Sendable, CustomStringConvertible {
                   !endpoint.address.isUnspecified else {
                 throw OptionError("invalid egress '\(text)': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000")
             }
-            self = .fixed(endpoint)
+            self = .fixed(endpoint.unmapped)
         }
     }
 

@@ -162,7 +162,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         case .backingOff:
             attempt(address: 0)
         case .relaying:
-            checkIdle()
+            timerFiredWhileRelaying()
         case .starting, .ended:
             break
         }
@@ -187,7 +187,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             direction.to.onWritable = direction.pump
             direction.onEvent = { [unowned self] event in directionEvent(event) }
         }
-        if settings.idleTimeout != nil { checkIdle() }
+        scheduleTimer()
         clientToUpstream.pump()
         upstreamToClient.pump()
     }
@@ -195,8 +195,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private func directionEvent(_ event: Direction.Event) {
         switch event {
         case .finished:
-            if let directions, directions.clientToUpstream.isFinished, directions.upstreamToClient.isFinished {
+            guard let directions else { return }
+            if directions.clientToUpstream.isFinished, directions.upstreamToClient.isFinished {
                 finish(.completed)
+            } else {
+                scheduleTimer()
             }
         case .failed(let side, let error):
             switch error.errno {
@@ -208,15 +211,44 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         }
     }
 
-    private func checkIdle() {
-        guard let idleTimeout = settings.idleTimeout, idleTimeout > .zero, let directions else { return }
-        let last = max(directions.clientToUpstream.lastActivity, directions.upstreamToClient.lastActivity)
-        let deadline = DispatchTime(uptimeNanoseconds: last) + idleTimeout.dispatchInterval
-        if DispatchTime.now() >= deadline {
-            finish(.idleTimeout)
-        } else {
-            timer.schedule(deadline: deadline, leeway: .milliseconds(50))
+    /// How often a half-closed connection looks at its open direction without waiting for an event.
+    ///
+    /// Once we have sent FIN on one socket, the peer's FIN makes epoll report EPOLLHUP, and
+    /// libdispatch's handling of it (SR-9033; swift-corelibs-libdispatch #833) can lose the read
+    /// event carrying the last bytes and the EOF. Reading on a timer in that state bounds the damage
+    /// to this delay instead of a connection that never ends. Seen here before this poll existed:
+    /// the 1,000-connection test of Tests/EndToEndTests/ResourceTests.swift hung at connection 84
+    /// in one run and 331 in another, the upstream side's EOF never delivered.
+    private static let halfClosedPoll = DispatchTimeInterval.milliseconds(200)
+
+    private func timerFiredWhileRelaying() {
+        guard let directions else { return }
+        let halfClosed = directions.clientToUpstream.isFinished || directions.upstreamToClient.isFinished
+        for direction in [directions.clientToUpstream, directions.upstreamToClient] where halfClosed && !direction.isFinished {
+            let bytes = direction.bytes
+            direction.pump()
+            if direction.bytes != bytes || direction.isFinished {
+                settings.logger.debug("half-closed poll moved bytes the event loop did not report", metadata: [
+                    "relay": .string(settings.relayName), "client": .stringConvertible(clientEndpoint)])
+            }
         }
+        if case .relaying = state { scheduleTimer() }
+    }
+
+    /// Arms the connection timer for the next idle deadline or half-closed poll, whichever is first.
+    private func scheduleTimer() {
+        guard case .relaying = state, let directions else { return }
+        var deadline = DispatchTime.distantFuture
+        if let idleTimeout = settings.idleTimeout, idleTimeout > .zero {
+            let last = max(directions.clientToUpstream.lastActivity, directions.upstreamToClient.lastActivity)
+            let idleDeadline = DispatchTime(uptimeNanoseconds: last) + idleTimeout.dispatchInterval
+            if DispatchTime.now() >= idleDeadline { return finish(.idleTimeout) }
+            deadline = idleDeadline
+        }
+        if directions.clientToUpstream.isFinished != directions.upstreamToClient.isFinished {
+            deadline = min(deadline, .now() + Self.halfClosedPoll)
+        }
+        timer.schedule(deadline: deadline, leeway: .milliseconds(20))
     }
 
     // MARK: Ending

@@ -65,6 +65,9 @@ struct FailureTests {
         #expect(try client.receive(exactly: 6, timeout: .seconds(5)).bytes == Array("hello\n".utf8))
         client.close()
         #expect(upstream.peers == [Endpoint(.loopbackV4, port)])
+        let line = try relay.waitForLines(containing: "connection ended")[0]
+        #expect(field("upstream", in: line) == upstream.endpoint.description)
+        #expect(field("end", in: line) == "completed")
     }
 
     @Test("A reset from the upstream reaches the client as a reset")

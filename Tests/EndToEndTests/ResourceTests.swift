@@ -1,0 +1,96 @@
+import Foundation
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Synchronization
+import Testing
+
+/// File descriptors and libdispatch under many connections.
+@Suite("Resources", .serialized)
+struct ResourceTests {
+    /// One short exchange through the relay: send, read the echo, close.
+    private static func exchange(_ listen: Endpoint, _ payload: [UInt8], timeout: Duration = .seconds(30)) throws {
+        let client = try TestSocket.connect(to: listen, timeout: timeout)
+        defer { client.close() }
+        try client.sendAll(payload, timeout: timeout)
+        let reply = try client.receive(exactly: payload.count, timeout: timeout)
+        guard reply.bytes == payload else {
+            throw TestError.failed("echo mismatch: \(reply.bytes.count) bytes, end \(String(describing: reply.end))")
+        }
+    }
+
+    /// Waits for `count` connection-ended lines, then for the fd count to settle at `baseline`.
+    private func expectSettled(_ relay: RelayProcess, ended count: Int, baseline: Int) throws {
+        let lines = try relay.waitForLines(containing: "connection ended", count: count, timeout: .seconds(60))
+        #expect(lines.count == count)
+        #expect(lines.allSatisfy { field("end", in: $0) == "completed" }, "\(lines.filter { field("end", in: $0) != "completed" }.prefix(3))")
+        #expect(waitUntil(timeout: .seconds(10)) { relay.openFileDescriptors() == baseline },
+                "fds: \(relay.openFileDescriptors()) vs baseline \(baseline)")
+    }
+
+    @Test("Open fds return to the baseline after 1,000 sequential connections")
+    func sequential() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        defer { relay.stop() }
+        try Self.exchange(listen, Array("warm-up".utf8))
+        try relay.waitForLines(containing: "connection ended")
+        let baseline = relay.openFileDescriptors()
+        for index in 0..<1000 {
+            try Self.exchange(listen, Array("connection \(index)".utf8))
+        }
+        try expectSettled(relay, ended: 1001, baseline: baseline)
+    }
+
+    @Test("Open fds return to the baseline after 200 concurrent connections over 50 upstream ports")
+    func concurrent() throws {
+        let upstreams = try (0..<50).map { _ in try TestServer(handler: TestServer.echo) }
+        let (relay, listen) = try startRelay(
+            upstreams: upstreams.map(\.endpoint.description), ["--queue-limit", "200", "--connect-timeout", "30s"])
+        defer { relay.stop() }
+        try Self.exchange(listen, Array("warm-up".utf8))
+        try relay.waitForLines(containing: "connection ended")
+        let baseline = relay.openFileDescriptors()
+        // All 200 open at once: 50 are served, 150 queue for a free (ip:P, upstream) pair.
+        let clients = try (0..<200).map { _ in try TestSocket.connect(to: listen) }
+        for (index, client) in clients.enumerated() {
+            try client.sendAll(Array("client \(index)\n".utf8))
+        }
+        #expect(waitUntil(timeout: .seconds(10)) { upstreams.reduce(0) { $0 + $1.activeConnections } == 50 })
+        for (index, client) in clients.enumerated() {
+            let expected = Array("client \(index)\n".utf8)
+            #expect(try client.receive(exactly: expected.count, timeout: .seconds(30)).bytes == expected)
+            client.close()
+        }
+        try expectSettled(relay, ended: 201, baseline: baseline)
+        #expect(upstreams.allSatisfy { $0.peers.allSatisfy { $0 == listen } })
+    }
+
+    @Test("Churn: 5,000 short connections, 32 at a time, across 32 upstream ports")
+    func churn() throws {
+        let upstreams = try (0..<32).map { _ in try TestServer(handler: TestServer.echo) }
+        let (relay, listen) = try startRelay(
+            upstreams: upstreams.map(\.endpoint.description), ["--queue-limit", "64", "--connect-timeout", "30s"])
+        defer { relay.stop() }
+        try Self.exchange(listen, Array("warm-up".utf8))
+        try relay.waitForLines(containing: "connection ended")
+        let baseline = relay.openFileDescriptors()
+        let failures = Mutex<[String]>([])
+        let perWorker = 5000 / 32 + 1
+        let workers = (0..<32).map { worker in
+            Background {
+                for index in 0..<perWorker where worker * perWorker + index < 5000 {
+                    do {
+                        try Self.exchange(listen, Array("w\(worker) c\(index) ".utf8) + [UInt8](repeating: 0x41, count: 64))
+                    } catch {
+                        failures.withLock { $0.append("worker \(worker) connection \(index): \(error)") }
+                    }
+                }
+            }
+        }
+        #expect(workers.allSatisfy { $0.join(timeout: .seconds(300)) })
+        #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0.prefix(5) })")
+        #expect(relay.isRunning)
+        try expectSettled(relay, ended: 5001, baseline: baseline)
+    }
+}
