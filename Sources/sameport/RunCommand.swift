@@ -82,13 +82,14 @@ struct RunCommand: ParsableCommand {
         guard let listen else {
             throw ValidationError("missing --listen ADDR:PORT: the address to accept clients on")
         }
-        guard !upstream.isEmpty else {
-            throw ValidationError("missing --upstream HOST:PORT: where to relay clients to")
-        }
         do {
+            let listenAddress = try HostPort(parsing: listen)
+            guard !upstream.isEmpty else {
+                throw ValidationError("missing --upstream HOST:PORT: where to relay clients to")
+            }
             let spec = RelaySpec(
                 name: name,
-                listen: try HostPort(parsing: listen),
+                listen: listenAddress,
                 upstreams: try upstream.map { text throws(AddressError) in try HostPort(parsing: text) },
                 egress: try EgressMode(parsing: egress),
                 onBusy: try BusyPolicy(parsing: onBusy),
@@ -111,11 +112,6 @@ struct RunCommand: ParsableCommand {
         return duration == .zero ? nil : duration
     }
 
-    func validate() throws {
-        _ = try relaySpec()
-        _ = try logSettings()
-    }
-
     func logSettings() throws -> (level: Logging.Logger.Level, format: LogFormat) {
         guard let level = Logging.Logger.Level(rawValue: logLevel) else {
             throw ValidationError("invalid log level '\(logLevel)': expected trace, debug, info, notice, warning, error or critical")
@@ -126,6 +122,8 @@ struct RunCommand: ParsableCommand {
         return (level, format)
     }
 
+    /// Validation happens here rather than in `validate()`, so that ArgumentParser reports an
+    /// unknown option before a missing one.
     func run() throws {
         try Daemon(spec: try relaySpec(), log: try logSettings()).run()
     }

@@ -29,8 +29,13 @@ enum SamePortMain {
     private static func exitForParseError(_ error: Error) -> Never {
         let code = SamePortCommand.exitCode(for: error)
         if code == .success {
-            // --help and --version are "errors" that carry the text to print.
+            // --help and --version are "errors" that carry the text to print. `run` is the default
+            // subcommand, so the root's help goes on with run's options, as a man page would.
             print(SamePortCommand.fullMessage(for: error))
+            if ["--help", "-h", "help"].contains(CommandLine.arguments.dropFirst().first ?? ""),
+               CommandLine.arguments.count == 2 {
+                print("\n" + SamePortCommand.helpMessage(for: RunCommand.self))
+            }
             exit(0)
         }
         let message = SamePortCommand.message(for: error)

@@ -1,0 +1,146 @@
+import Foundation
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Testing
+
+/// What a user sees: help, version, one-line errors with exit codes, signals, log formats.
+@Suite("Command line", .serialized)
+struct CommandLineTests {
+    /// Runs sameport to completion; its exit status and output.
+    private func run(_ arguments: [String], prefix: [String] = [], executable: String = RelayProcess.binary) throws -> (status: Int32?, output: String) {
+        let process = try RelayProcess(arguments, prefix: prefix, executable: executable)
+        let status = process.waitForExit(timeout: .seconds(20))
+        if status == nil { process.stop(signal: SIGKILL) }
+        return (status, process.output)
+    }
+
+    @Test("Malformed input: exit 2 and one line that names the cause", arguments: [
+        (["--listen", "127.0.0.1", "--upstream", "127.0.0.1:9"],
+         "sameport: usage error: invalid address '127.0.0.1': the port is missing; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "300.1.1.1:80"],
+         "sameport: usage error: invalid address '300.1.1.1:80': '300.1.1.1' is neither an IP address nor a host name; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT (see 'sameport --help')"),
+        (["--listen", "::1:7000", "--upstream", "127.0.0.1:9"],
+         "sameport: usage error: invalid address '::1:7000': an IPv6 address needs brackets, as in [::1]:8080; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:70000", "--upstream", "127.0.0.1:9"],
+         "sameport: usage error: invalid address '127.0.0.1:70000': the port '70000' is not a number from 0 to 65535; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT (see 'sameport --help')"),
+        (["--listen", "relay.example:7000", "--upstream", "127.0.0.1:9"],
+         "sameport: usage error: invalid listen address 'relay.example:7000': listen on an IP address or *:PORT, not a host name (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000"],
+         "sameport: usage error: missing --upstream HOST:PORT: where to relay clients to (see 'sameport --help')"),
+        (["--upstream", "127.0.0.1:9"],
+         "sameport: usage error: missing --listen ADDR:PORT: the address to accept clients on (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--bogus"],
+         "sameport: usage error: Unknown option '--bogus' (see 'sameport --help')"),
+        (["run", "--bogus"],
+         "sameport: usage error: Unknown option '--bogus' (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--connect-timeout", "5parsecs"],
+         "sameport: usage error: invalid duration '5parsecs': expected a number with a unit: ms, s, m or h (for example 250ms, 5s, 10m) (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--egress", "nowhere"],
+         "sameport: usage error: invalid egress 'nowhere': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000 (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--on-busy", "maybe"],
+         "sameport: usage error: invalid on-busy policy 'maybe': expected queue, reject or ephemeral (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--max-connections", "0"],
+         "sameport: usage error: max connections must be from 1 to 1000000, not 0 (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--log-format", "xml"],
+         "sameport: usage error: invalid log format 'xml': expected text or json (see 'sameport --help')"),
+    ])
+    func malformed(arguments: [String], message: String) throws {
+        let (status, output) = try run(arguments)
+        #expect(status == 2)
+        #expect(output == message + "\n")
+    }
+
+    @Test("An unresolvable upstream is a configuration error, exit 2")
+    func unresolvable() throws {
+        let port = try freePort()
+        let (status, output) = try run(["--listen", "127.0.0.1:\(port)", "--upstream", "no-such-host.invalid:80"])
+        #expect(status == 2)
+        #expect(output.hasPrefix("sameport: configuration error: cannot resolve upstream 'no-such-host.invalid:80': "))
+        #expect(output.hasSuffix("; check the name or give an IP address\n"))
+    }
+
+    @Test("The listen port in use by another process: exit 2, cause and fix")
+    func portInUse() throws {
+        let other = try TestServer(handler: TestServer.hold)
+        let (status, output) = try run(["--listen", other.endpoint.description, "--upstream", "127.0.0.1:9"])
+        #expect(status == 2)
+        #expect(output == "sameport: cannot start: cannot listen on \(other.endpoint): Address already in use: another process is listening on port \(other.endpoint.port); stop it or choose another listen port\n")
+    }
+
+    @Test("The listen port in use by another sameport (SO_REUSEPORT on both): refused, not shared")
+    func portInUseBySameport() throws {
+        let (first, listen) = try startRelay(upstreams: ["127.0.0.1:9"])
+        defer { first.stop() }
+        let (status, output) = try run(["--listen", listen.description, "--upstream", "127.0.0.1:9"])
+        #expect(status == 2)
+        #expect(output.contains("cannot listen on \(listen): Address already in use"))
+    }
+
+    @Test("A port below 1024 without the privilege: exit 2 and the cure")
+    func lowPortWithoutPermission() throws {
+        // Run as nobody, from a copy of the binary that nobody may execute.
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("sameport-lowport-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let binary = directory.appendingPathComponent("sameport").path
+        try FileManager.default.copyItem(atPath: RelayProcess.binary, toPath: binary)
+        chmod(directory.path, 0o755)
+        chmod(binary, 0o755)
+        let (status, output) = try run(
+            ["--listen", "127.0.0.1:80", "--upstream", "127.0.0.1:9"],
+            prefix: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"],
+            executable: binary)
+        #expect(status == 2)
+        #expect(output == "sameport: cannot start: cannot listen on 127.0.0.1:80: Permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE (for the egress sockets too); grant it (setcap cap_net_bind_service=+ep, or AmbientCapabilities= under systemd) or listen on a port from 1024 up\n")
+    }
+
+    @Test("--help reads like a man page; --version prints the version")
+    func helpAndVersion() throws {
+        let (status, help) = try run(["--help"])
+        #expect(status == 0)
+        for needle in ["USAGE: sameport run", "--listen <addr:port>", "--upstream <host:port>", "--egress <mode>",
+                       "--on-busy <policy>", "--connect-timeout <duration>", "--idle-timeout <duration>",
+                       "--max-connections <n>", "--log-format <format>", "EXIT STATUS", "EXAMPLES", "4-tuple"] {
+            #expect(help.contains(needle), "help lacks \(needle)")
+        }
+        let (runStatus, runHelp) = try run(["run", "--help"])
+        #expect(runStatus == 0)
+        #expect(runHelp.contains("USAGE: sameport run"))
+        let (versionStatus, version) = try run(["--version"])
+        #expect(versionStatus == 0)
+        #expect(version == "0.1.0\n")
+    }
+
+    @Test("SIGTERM and SIGINT stop cleanly with exit 0; open connections end as shutdown", arguments: [SIGTERM, SIGINT])
+    func signals(signal: Int32) throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        let client = try TestSocket.connect(to: listen)
+        try client.sendAll(Array("x".utf8))
+        #expect(try client.receive(exactly: 1, timeout: .seconds(5)).bytes == Array("x".utf8))
+        #expect(relay.stop(signal: signal) == 0)
+        #expect(relay.output.contains("stopping on \(signal == SIGTERM ? "SIGTERM" : "SIGINT")"))
+        #expect(relay.lines(containing: "end=shutdown").count == 1)
+        #expect(try client.waitForEnd(timeout: .seconds(5)) == .eof)
+    }
+
+    @Test("--log-format json: one JSON object per line with the connection's fields")
+    func jsonLogs() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--log-format", "json"])
+        defer { relay.stop() }
+        let client = try TestSocket.connect(to: listen)
+        try client.sendAll(Array("json".utf8))
+        _ = try client.receive(exactly: 4, timeout: .seconds(5))
+        client.close()
+        let line = try relay.waitForLines(containing: "connection ended")[0]
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        #expect(object["msg"] as? String == "connection ended")
+        #expect(object["level"] as? String == "info")
+        #expect(object["egress"] as? String == listen.description)
+        #expect(object["bytes_to_upstream"] as? String == "4")
+        #expect(object["end"] as? String == "completed")
+        #expect(relay.output.split(separator: "\n").allSatisfy { $0.hasPrefix("{") && $0.hasSuffix("}") })
+    }
+}
