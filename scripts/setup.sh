@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what sameport's build, tests and demo need, then builds it.
+# Safe to run again: packages already present are not reinstalled.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(libsystemd-dev socat iproute2 util-linux procps)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    sudo_cmd=()
+    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+export PATH="/opt/swift/usr/bin:$PATH"
+command -v swift >/dev/null || { echo "setup: swift not found (expected at /opt/swift/usr/bin)" >&2; exit 1; }
+swift build "$@"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the whole test suite (unit, socket and end-to-end tests).
+# The end-to-end tests use loopback only; a few need root (run as nobody via setpriv, a private
+# mount namespace via unshare) and are written for CI, which runs as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh --build-tests
+export PATH="/opt/swift/usr/bin:$PATH"
+# Serial: the transfer and churn tests measure memory and descriptors of one relay at a time.
+swift test --skip-build --no-parallel
