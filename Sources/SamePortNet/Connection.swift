@@ -53,6 +53,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private var sawAddressNotAvailable = false
     private var retryDeadline: DispatchTime?
     private var backoff = Backoff()
+    private var watchdogInterval = Connection.watchdogFloor
+    private var progressAtLastWatch: UInt64 = 0
 
     init(
         client: Socket, clientEndpoint: Endpoint, acceptedAt: DispatchTime, binding: EgressBinding,
@@ -96,8 +98,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             let channel = SocketChannel(socket: socket, queue: queue)
             if connected { return didConnect(channel, address: address) }
             state = .connecting(channel: channel, address: index)
+            // Readable during connect means it finished too: refused (a hang-up) or data already.
             channel.onWritable = { [unowned self] in connectFinished() }
+            channel.onReadable = { [unowned self] in connectFinished() }
             channel.setWriting(true)
+            channel.setReading(true)
             timer.schedule(deadline: .now() + settings.connectTimeout.dispatchInterval, leeway: .milliseconds(10))
         } catch {
             socket.close()
@@ -110,6 +115,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private func connectFinished() {
         guard case .connecting(let channel, let index) = state else { return }
         channel.setWriting(false)
+        channel.setReading(false)
         timer.schedule(deadline: .distantFuture)
         let address = reservation.addresses[index]
         if let error = channel.socket.pendingError() {
@@ -156,6 +162,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private func timerFired() {
         switch state {
         case .connecting(let channel, let index):
+            // The completion event may have been lost (see the watchdog): a connected socket is
+            // connected, whatever the event loop said.
+            if channel.socket.pendingError() == nil, (try? channel.socket.peerEndpoint()) != nil {
+                return connectFinished()
+            }
             channel.close()
             failures.append("\(reservation.addresses[index]): connect timed out after \(settings.connectTimeout.shortDescription)")
             attempt(address: index + 1)
@@ -195,11 +206,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private func directionEvent(_ event: Direction.Event) {
         switch event {
         case .finished:
-            guard let directions else { return }
-            if directions.clientToUpstream.isFinished, directions.upstreamToClient.isFinished {
+            if let directions, directions.clientToUpstream.isFinished, directions.upstreamToClient.isFinished {
                 finish(.completed)
-            } else {
-                scheduleTimer()
             }
         case .failed(let side, let error):
             switch error.errno {
@@ -211,42 +219,51 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         }
     }
 
-    /// How often a half-closed connection looks at its open direction without waiting for an event.
+    /// Bounds of the stall watchdog's interval: short while bytes move, backing off when idle.
     ///
-    /// Once we have sent FIN on one socket, the peer's FIN makes epoll report EPOLLHUP, and
-    /// libdispatch's handling of it (SR-9033; swift-corelibs-libdispatch #833) can lose the read
-    /// event carrying the last bytes and the EOF. Reading on a timer in that state bounds the damage
-    /// to this delay instead of a connection that never ends. Seen here before this poll existed:
-    /// the 1,000-connection test of Tests/EndToEndTests/ResourceTests.swift hung at connection 84
-    /// in one run and 331 in another, the upstream side's EOF never delivered.
-    private static let halfClosedPoll = DispatchTimeInterval.milliseconds(200)
+    /// libdispatch on Linux can lose a read or write event: when one fd's read and write sources
+    /// share an epoll registration and the peer hangs up (SR-9033, swift-corelibs-libdispatch #833)
+    /// or both directions are busy. Seen here without this watchdog: one connection in a few
+    /// hundred of Tests/EndToEndTests/ResourceTests.swift never saw its upstream's EOF, and one
+    /// 64 MiB two-way transfer stalled for good. Re-driving both pumps from the connection's timer
+    /// turns a lost event into a delay of at most this interval; a pump with nothing to do costs
+    /// one read(2) that returns EAGAIN.
+    private static let watchdogFloor = Duration.milliseconds(250)
+    private static let watchdogCeiling = Duration.seconds(5)
 
     private func timerFiredWhileRelaying() {
         guard let directions else { return }
-        let halfClosed = directions.clientToUpstream.isFinished || directions.upstreamToClient.isFinished
-        for direction in [directions.clientToUpstream, directions.upstreamToClient] where halfClosed && !direction.isFinished {
-            let bytes = direction.bytes
+        let before = progress(directions)
+        for direction in [directions.clientToUpstream, directions.upstreamToClient] where !direction.isFinished {
             direction.pump()
-            if direction.bytes != bytes || direction.isFinished {
-                settings.logger.debug("half-closed poll moved bytes the event loop did not report", metadata: [
-                    "relay": .string(settings.relayName), "client": .stringConvertible(clientEndpoint)])
-            }
         }
-        if case .relaying = state { scheduleTimer() }
+        guard case .relaying = state else { return }
+        let after = progress(directions)
+        if after != before {
+            settings.logger.debug("the watchdog moved bytes: an event was late or lost", metadata: [
+                "relay": .string(settings.relayName), "client": .stringConvertible(clientEndpoint)])
+        }
+        watchdogInterval = after == progressAtLastWatch
+            ? min(watchdogInterval * 2, Self.watchdogCeiling) : Self.watchdogFloor
+        progressAtLastWatch = after
+        scheduleTimer()
     }
 
-    /// Arms the connection timer for the next idle deadline or half-closed poll, whichever is first.
+    /// Bytes moved plus finished directions: changes whenever a connection makes progress.
+    private func progress(_ directions: (clientToUpstream: Direction, upstreamToClient: Direction)) -> UInt64 {
+        directions.clientToUpstream.bytes &+ directions.upstreamToClient.bytes
+            &+ (directions.clientToUpstream.isFinished ? 1 : 0) &+ (directions.upstreamToClient.isFinished ? 1 : 0)
+    }
+
+    /// Arms the connection timer for the idle deadline or the watchdog, whichever comes first.
     private func scheduleTimer() {
         guard case .relaying = state, let directions else { return }
-        var deadline = DispatchTime.distantFuture
+        var deadline = DispatchTime.now() + watchdogInterval.dispatchInterval
         if let idleTimeout = settings.idleTimeout, idleTimeout > .zero {
             let last = max(directions.clientToUpstream.lastActivity, directions.upstreamToClient.lastActivity)
             let idleDeadline = DispatchTime(uptimeNanoseconds: last) + idleTimeout.dispatchInterval
             if DispatchTime.now() >= idleDeadline { return finish(.idleTimeout) }
-            deadline = idleDeadline
-        }
-        if directions.clientToUpstream.isFinished != directions.upstreamToClient.isFinished {
-            deadline = min(deadline, .now() + Self.halfClosedPoll)
+            deadline = min(deadline, idleDeadline)
         }
         timer.schedule(deadline: deadline, leeway: .milliseconds(20))
     }

@@ -4,30 +4,37 @@ import Glibc
 /// A connected socket with the one read source and one write source it keeps for its whole life.
 ///
 /// Design note (libdispatch on Linux, see kernel-facts.md):
+/// - Both sources are activated (registered with epoll) as soon as the channel exists, and stay
+///   registered until `close`. libdispatch handles EPOLLHUP (a reset, or FIN both ways) by removing
+///   the fd from epoll; a source registered after that fails to register without a word
+///   (swift-corelibs-libdispatch #833) and never fires, so a reset that arrives before a lazily
+///   activated source would be lost. Sources registered before the hang-up all receive it.
+/// - Wanting events is separate from being registered: a source that fires while its side is not
+///   wanted suspends itself, and `setReading`/`setWriting` resume and suspend it, balanced.
 /// - Sources are one-shot epoll registrations re-armed after each handler; a handler that does not
 ///   drain the socket fires again at once, so back-pressure suspends the source instead.
 /// - A suspended source's cancel handler runs only after `resume()`, and releasing a suspended
-///   source crashes: `isReading`/`isWriting` track the suspension so that `close` can resume first.
+///   source crashes: `close` resumes first.
 /// - The fd is closed only from the cancel handler of the last source to be cancelled: closing any
 ///   earlier races with the event loop ("Do not close random Unix descriptors").
-/// - Creating and cancelling sources quickly on recycled fd numbers trips open libdispatch bugs
-///   (swift-corelibs-libdispatch #833, #949); one pair of sources per fd for its whole life keeps
-///   that churn to the minimum.
 ///
 /// Concurrency: every method is called on `queue`, and both sources deliver to it.
 final class SocketChannel: @unchecked Sendable {  // confined to `queue`
     let socket: Socket
     let queue: DispatchQueue
-    /// Called on `queue` when the socket is readable (or has EOF or an error pending).
+    /// Called on `queue` when the socket is readable (or has EOF or an error pending), while wanted.
     var onReadable: (() -> Void)?
-    /// Called on `queue` when the socket is writable (or a connect finished).
+    /// Called on `queue` when the socket is writable (or a connect finished), while wanted.
     var onWritable: (() -> Void)?
 
     private let readSource: DispatchSourceRead
     private let writeSource: DispatchSourceWrite
-    /// New sources are inactive, which counts as suspended: the first resume activates them.
+    /// Whether the owner wants read or write events.
     private(set) var isReading = false
     private(set) var isWriting = false
+    /// Whether each source is resumed (it is, right after activation).
+    private var readResumed = true
+    private var writeResumed = true
     private(set) var isClosed = false
     private var pendingCancels = 2
 
@@ -37,10 +44,12 @@ final class SocketChannel: @unchecked Sendable {  // confined to `queue`
         readSource = DispatchSource.makeReadSource(fileDescriptor: socket.fd, queue: queue)
         writeSource = DispatchSource.makeWriteSource(fileDescriptor: socket.fd, queue: queue)
         readSource.setEventHandler { [unowned self] in
-            if !isClosed { onReadable?() }
+            guard !isClosed else { return }
+            if isReading { onReadable?() } else { suspendRead() }
         }
         writeSource.setEventHandler { [unowned self] in
-            if !isClosed { onWritable?() }
+            guard !isClosed else { return }
+            if isWriting { onWritable?() } else { suspendWrite() }
         }
         // Both cancel handlers run on the serial `queue`; the second one to run closes the fd.
         // They hold the channel strongly, so it lives until the fd is closed.
@@ -54,20 +63,44 @@ final class SocketChannel: @unchecked Sendable {  // confined to `queue`
         }
         readSource.setCancelHandler(handler: finish)
         writeSource.setCancelHandler(handler: finish)
+        readSource.activate()
+        writeSource.activate()
     }
 
-    /// Resumes or suspends the read source, keeping suspend and resume balanced.
+    /// Asks for read events or stops them; the source stays registered either way.
     func setReading(_ reading: Bool) {
-        guard reading != isReading, !isClosed else { return }
+        guard !isClosed else { return }
         isReading = reading
-        if reading { readSource.resume() } else { readSource.suspend() }
+        if reading, !readResumed {
+            readResumed = true
+            readSource.resume()
+        } else if !reading {
+            suspendRead()
+        }
     }
 
-    /// Resumes or suspends the write source, keeping suspend and resume balanced.
+    /// Asks for write events or stops them; the source stays registered either way.
     func setWriting(_ writing: Bool) {
-        guard writing != isWriting, !isClosed else { return }
+        guard !isClosed else { return }
         isWriting = writing
-        if writing { writeSource.resume() } else { writeSource.suspend() }
+        if writing, !writeResumed {
+            writeResumed = true
+            writeSource.resume()
+        } else if !writing {
+            suspendWrite()
+        }
+    }
+
+    private func suspendRead() {
+        guard readResumed else { return }
+        readResumed = false
+        readSource.suspend()
+    }
+
+    private func suspendWrite() {
+        guard writeResumed else { return }
+        writeResumed = false
+        writeSource.suspend()
     }
 
     /// Cancels both sources; the fd is closed once both cancel handlers have run.
@@ -77,10 +110,12 @@ final class SocketChannel: @unchecked Sendable {  // confined to `queue`
         guard !isClosed else { return }
         if reset { socket.setResetOnClose() }
         isClosed = true
-        // A suspended (or never activated) source must be resumed before cancel, or its cancel
-        // handler never runs and the fd leaks. The event handlers check `isClosed`.
-        if !isReading { readSource.resume() }
-        if !isWriting { writeSource.resume() }
+        // A suspended source must be resumed before cancel, or its cancel handler never runs and
+        // the fd leaks. The event handlers check `isClosed`.
+        if !readResumed { readSource.resume() }
+        if !writeResumed { writeSource.resume() }
+        readResumed = true
+        writeResumed = true
         readSource.cancel()
         writeSource.cancel()
     }
