@@ -22,7 +22,7 @@ public struct RelaySpec: Sendable, Equatable {
     public static let defaultConnectTimeout = Duration.seconds(5)
     public static let defaultMaxConnections = 1024
     public static let defaultQueueLimit = 128
-    public static let defaultBufferSize = 64 * 1024
+    public static let defaultBufferSize = 128 * 1024
 
     public init(
         name: String = "main",
