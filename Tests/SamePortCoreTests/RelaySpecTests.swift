@@ -32,7 +32,7 @@ struct RelaySpecTests {
         #expect(spec.idleTimeout == nil)
         #expect(spec.maxConnections == 1024)
         #expect(spec.queueLimit == 128)
-        #expect(spec.bufferSize == 65536)
+        #expect(spec.bufferSize == 131_072)
     }
 
     @Test("valid variations have no problems")
