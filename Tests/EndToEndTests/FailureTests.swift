@@ -43,6 +43,28 @@ struct FailureTests {
         #expect(line.contains("connect timed out after 1s"))
     }
 
+    /// In a namespace of the test's own, 127.0.0.99 has an `unreachable` route:
+    ///
+    ///   client ──▶ relay 127.0.0.1:P ──✗ 127.0.0.99:9 (EHOSTUNREACH)
+    @Test("Unreachable upstream: the client is closed at once, the log names the cause")
+    func unreachable() throws {
+        let namespace = try NetworkNamespace()
+        defer { namespace.remove() }
+        try namespace.run(["ip", "route", "add", "unreachable", "127.0.0.99/32", "table", "local"])
+        let relay = try RelayProcess(
+            ["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.99:9", "--connect-timeout", "3s"],
+            prefix: namespace.prefix)
+        defer { relay.stop() }
+        try relay.waitUntilListening()
+        let client = try namespace.withThread { try TestSocket.connect(to: Endpoint(.loopbackV4, 7000)) }
+        let start = ContinuousClock.now
+        #expect(try client.waitForEnd(timeout: .seconds(5)) == .eof)
+        #expect(ContinuousClock.now - start < .seconds(1))
+        let line = try relay.waitForLines(containing: "connection ended")[0]
+        #expect(field("end", in: line) == "connect-failed")
+        #expect(line.contains("127.0.0.99:9: connect: No route to host (errno 113)"))
+    }
+
     @Test("Every address of the upstream is tried in order")
     func fallsThroughAddresses() throws {
         // The name resolves to 127.0.0.1 first (glibc sorts the address sharing the longest prefix
