@@ -21,6 +21,7 @@ struct BusyPolicyTests {
     @Test("queue: the second client waits for the pair, then is served from the same ip:P")
     func queue() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--connect-timeout", "10s"])
         defer { relay.stop() }
         let first = try openEchoed(listen, "first\n")
@@ -42,6 +43,7 @@ struct BusyPolicyTests {
     @Test("queue: a client waits no longer than the connect timeout, and the queue is bounded")
     func queueLimits() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(
             upstreams: [upstream.endpoint.description], ["--connect-timeout", "600ms", "--queue-limit", "1"])
         defer { relay.stop() }
@@ -61,6 +63,7 @@ struct BusyPolicyTests {
     @Test("reject: the second client is closed at once and the reason logged")
     func reject() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--on-busy", "reject"])
         defer { relay.stop() }
         let first = try openEchoed(listen, "first\n")
@@ -77,6 +80,7 @@ struct BusyPolicyTests {
     @Test("ephemeral: the second client is served from another port, and that is logged")
     func ephemeral() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--on-busy", "ephemeral"])
         defer { relay.stop() }
         let first = try openEchoed(listen, "first\n")
@@ -94,7 +98,9 @@ struct BusyPolicyTests {
     @Test("two upstreams: two clients run at once, both from the same ip:P")
     func twoUpstreams() throws {
         let one = try TestServer(handler: TestServer.echo)
+        defer { one.stop() }
         let two = try TestServer(handler: TestServer.echo)
+        defer { two.stop() }
         let (relay, listen) = try startRelay(upstreams: [one.endpoint.description, two.endpoint.description])
         defer { relay.stop() }
         let first = try openEchoed(listen, "first\n")

@@ -63,6 +63,7 @@ struct CommandLineTests {
     @Test("The listen port in use by another process: exit 2, cause and fix")
     func portInUse() throws {
         let other = try TestServer(handler: TestServer.hold)
+        defer { other.stop() }
         let (status, output) = try run(["--listen", other.endpoint.description, "--upstream", "127.0.0.1:9"])
         #expect(status == 2)
         #expect(output == "sameport: cannot start: cannot listen on \(other.endpoint): Address already in use: another process is listening on port \(other.endpoint.port); stop it or choose another listen port\n")
@@ -115,6 +116,7 @@ struct CommandLineTests {
     @Test("SIGTERM and SIGINT stop cleanly with exit 0; open connections end as shutdown", arguments: [SIGTERM, SIGINT])
     func signals(signal: Int32) throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
         let client = try TestSocket.connect(to: listen)
         try client.sendAll(Array("x".utf8))
@@ -128,6 +130,7 @@ struct CommandLineTests {
     @Test("--log-format json: one JSON object per line with the connection's fields")
     func jsonLogs() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--log-format", "json"])
         defer { relay.stop() }
         let client = try TestSocket.connect(to: listen)

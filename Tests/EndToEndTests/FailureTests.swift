@@ -70,6 +70,7 @@ struct FailureTests {
         // The name resolves to 127.0.0.1 first (glibc sorts the address sharing the longest prefix
         // with the source first), where nothing listens, then to 127.0.0.2, where the upstream is.
         let upstream = try TestServer(Endpoint(IPAddress("127.0.0.2")!, 0), handler: TestServer.echo)
+        defer { upstream.stop() }
         let refused = Endpoint(.loopbackV4, upstream.endpoint.port)
         let hosts = FileManager.default.temporaryDirectory.appendingPathComponent("sameport-hosts-\(getpid())")
         try "127.0.0.2 two.sameport.test\n127.0.0.1 two.sameport.test\n".write(to: hosts, atomically: true, encoding: .utf8)
@@ -98,6 +99,7 @@ struct FailureTests {
             _ = try? socket.receive(exactly: 4, timeout: .seconds(5))
             socket.reset()
         }
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
         defer { relay.stop() }
         let client = try TestSocket.connect(to: listen)
@@ -115,6 +117,7 @@ struct FailureTests {
             let end = try? socket.waitForEnd(timeout: .seconds(5))
             seen.withLock { $0 = end }
         }
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
         defer { relay.stop() }
         let client = try TestSocket.connect(to: listen)
@@ -131,7 +134,9 @@ struct FailureTests {
     func idleTimeout() throws {
         // Two upstreams, so that both clients are served at once from the one ip:P.
         let one = try TestServer(handler: TestServer.echo)
+        defer { one.stop() }
         let two = try TestServer(handler: TestServer.echo)
+        defer { two.stop() }
         let (relay, listen) = try startRelay(
             upstreams: [one.endpoint.description, two.endpoint.description], ["--idle-timeout", "600ms"])
         defer { relay.stop() }

@@ -23,6 +23,7 @@ struct FixedSourcePortTests {
     @Test("IPv4: the upstream's getpeername() is the relay's listen ip:P")
     func ipv4() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
         defer { relay.stop() }
         #expect(try peerSeen(through: listen, upstream: upstream) == listen)
@@ -38,6 +39,7 @@ struct FixedSourcePortTests {
     @Test("IPv6: the upstream's getpeername() is the relay's listen [ip]:P")
     func ipv6() throws {
         let upstream = try TestServer(Endpoint(.loopbackV6, 0), handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(host: .loopbackV6, upstreams: [upstream.endpoint.description])
         defer { relay.stop() }
         #expect(try peerSeen(through: listen, upstream: upstream) == listen)
@@ -49,6 +51,7 @@ struct FixedSourcePortTests {
     func wildcard() throws {
         // One dual-stack upstream, reachable as 127.0.0.1 and ::1 under one name.
         let upstream = try TestServer(Endpoint(.anyV6, 0), dualStack: true, handler: TestServer.echo)
+        defer { upstream.stop() }
         let port = upstream.endpoint.port
         let (relay, listen) = try startRelay(
             listenText: { "*:\($0)" }, upstreams: ["127.0.0.1:\(port)", "[::1]:\(port)"])
@@ -62,6 +65,7 @@ struct FixedSourcePortTests {
     @Test("--egress IP:PORT dials from that ip:port")
     func explicitEgress() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let egress = Endpoint(IPAddress("127.0.0.3")!, try freePort())
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--egress", egress.description])
         defer { relay.stop() }
@@ -71,6 +75,7 @@ struct FixedSourcePortTests {
     @Test("--egress ephemeral dials from the reached IP with a kernel-chosen port")
     func ephemeralEgress() throws {
         let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--egress", "ephemeral"])
         defer { relay.stop() }
         let peer = try #require(try peerSeen(through: listen, upstream: upstream))

@@ -28,14 +28,22 @@ struct ResourceTests {
                 "fds: \(relay.openFileDescriptors()) vs baseline \(baseline)")
     }
 
-    @Test("Open fds return to the baseline after 1,000 sequential connections")
-    func sequential() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
-        defer { relay.stop() }
+    /// Starts echo upstreams and a relay to them, runs one connection through so that threads and
+    /// the allocator are warm, and returns the relay's fd count at that point.
+    private func warmRelay(upstreamCount: Int, _ extra: [String] = []) throws
+        -> (relay: RelayProcess, listen: Endpoint, upstreams: [TestServer], baseline: Int)
+    {
+        let upstreams = try (0..<upstreamCount).map { _ in try TestServer(handler: TestServer.echo) }
+        let (relay, listen) = try startRelay(upstreams: upstreams.map(\.endpoint.description), extra)
         try Self.exchange(listen, Array("warm-up".utf8))
         try relay.waitForLines(containing: "connection ended")
-        let baseline = relay.openFileDescriptors()
+        return (relay, listen, upstreams, relay.openFileDescriptors())
+    }
+
+    @Test("Open fds return to the baseline after 1,000 sequential connections")
+    func sequential() throws {
+        let (relay, listen, upstreams, baseline) = try warmRelay(upstreamCount: 1)
+        defer { relay.stop(); upstreams.forEach { $0.stop() } }
         for index in 0..<1000 {
             try Self.exchange(listen, Array("connection \(index)".utf8))
         }
@@ -44,13 +52,9 @@ struct ResourceTests {
 
     @Test("Open fds return to the baseline after 200 concurrent connections over 50 upstream ports")
     func concurrent() throws {
-        let upstreams = try (0..<50).map { _ in try TestServer(handler: TestServer.echo) }
-        let (relay, listen) = try startRelay(
-            upstreams: upstreams.map(\.endpoint.description), ["--queue-limit", "200", "--connect-timeout", "30s"])
-        defer { relay.stop() }
-        try Self.exchange(listen, Array("warm-up".utf8))
-        try relay.waitForLines(containing: "connection ended")
-        let baseline = relay.openFileDescriptors()
+        let (relay, listen, upstreams, baseline) = try warmRelay(
+            upstreamCount: 50, ["--queue-limit", "200", "--connect-timeout", "30s"])
+        defer { relay.stop(); upstreams.forEach { $0.stop() } }
         // All 200 open at once: 50 are served, 150 queue for a free (ip:P, upstream) pair.
         let clients = try (0..<200).map { _ in try TestSocket.connect(to: listen) }
         for (index, client) in clients.enumerated() {
@@ -68,13 +72,9 @@ struct ResourceTests {
 
     @Test("Churn: 5,000 short connections, 32 at a time, across 32 upstream ports")
     func churn() throws {
-        let upstreams = try (0..<32).map { _ in try TestServer(handler: TestServer.echo) }
-        let (relay, listen) = try startRelay(
-            upstreams: upstreams.map(\.endpoint.description), ["--queue-limit", "64", "--connect-timeout", "30s"])
-        defer { relay.stop() }
-        try Self.exchange(listen, Array("warm-up".utf8))
-        try relay.waitForLines(containing: "connection ended")
-        let baseline = relay.openFileDescriptors()
+        let (relay, listen, upstreams, baseline) = try warmRelay(
+            upstreamCount: 32, ["--queue-limit", "64", "--connect-timeout", "30s"])
+        defer { relay.stop(); upstreams.forEach { $0.stop() } }
         let failures = Mutex<[String]>([])
         let perWorker = 5000 / 32 + 1
         let workers = (0..<32).map { worker in

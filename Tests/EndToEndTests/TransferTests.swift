@@ -20,6 +20,7 @@ struct TransferTests {
             _ = sender.join(timeout: .seconds(120))
             upstreamReceived.withLock { $0 = sum }
         }
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
         defer { relay.stop() }
 
@@ -53,6 +54,7 @@ struct TransferTests {
             usleep(2_000_000)  // the scenario itself: reply long after the client's EOF
             try? socket.sendAll(reply)
         }
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
         defer { relay.stop() }
         let client = try TestSocket.connect(to: listen)
@@ -78,6 +80,7 @@ struct TransferTests {
                 upstreamGot.withLock { $0 = (result.bytes, result.end) }
             }
         }
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
         defer { relay.stop() }
         let client = try TestSocket.connect(to: listen)
@@ -104,6 +107,7 @@ struct TransferTests {
             let count = socket.sendUntilBlocked(total: attempted, timeout: .seconds(4))
             sent.withLock { $0 = count }
         }
+        defer { upstream.stop() }
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--buffer-size", "\(bufferSize)"])
         defer { relay.stop() }
         // Warm up: one connection through, so threads and the allocator are in their steady state.

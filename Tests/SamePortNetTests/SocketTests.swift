@@ -50,7 +50,9 @@ struct SocketTests {
         let (listening, egress) = try listener(reusePort: true)
         defer { listening.close() }
         let upstreamA = try TestServer(handler: TestServer.hold)
+        defer { upstreamA.stop() }
         let upstreamB = try TestServer(handler: TestServer.hold)
+        defer { upstreamB.stop() }
         let first = try EgressBinding.fixed(egress).makeSocket()
         defer { first.close() }
         _ = try first.connect(to: upstreamA.endpoint)
@@ -68,6 +70,7 @@ struct SocketTests {
     @Test("Ephemeral egress keeps the IP and lets the kernel choose the port at connect")
     func ephemeralBinding() throws {
         let upstream = try TestServer(handler: TestServer.hold)
+        defer { upstream.stop() }
         let socket = try EgressBinding.ephemeral(IPAddress("127.0.0.4")!).makeSocket()
         defer { socket.close() }
         #expect(try socket.option(level: Int32(IPPROTO_IP), name: IP_BIND_ADDRESS_NO_PORT) == 1)

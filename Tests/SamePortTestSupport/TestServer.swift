@@ -8,10 +8,10 @@ import Synchronization
 public final class TestServer: Sendable {
     public let endpoint: Endpoint
     private let listener: TestSocket
-    private let stopping = Atomic<Bool>(false)
-    private let peerList = Mutex<[Endpoint]>([])
-    private let active = Atomic<Int>(0)
-    private let acceptThreadDone = Atomic<Bool>(false)
+    private let stopping = Flag()
+    private let peerList = Locked<[Endpoint]>([])
+    private let active = Counter()
+    private let acceptThreadDone = Flag()
 
     /// Listens on `endpoint` (port 0 for any free port); `dualStack` for `[::]` accepting IPv4 too.
     public init(
@@ -26,20 +26,22 @@ public final class TestServer: Sendable {
         listener = socket
         guard let bound = socket.localEndpoint else { throw TestError.failed("getsockname") }
         self.endpoint = bound
-        let thread = Thread { [self] in
-            defer { acceptThreadDone.store(true, ordering: .sequentiallyConsistent) }
-            while !stopping.load(ordering: .sequentiallyConsistent) {
+        // The thread holds the pieces it needs, not the server, so that dropping the server
+        // (or calling stop) ends it.
+        let thread = Thread { [listener, stopping, peerList, active, acceptThreadDone] in
+            defer { acceptThreadDone.set() }
+            while !stopping.value {
                 guard (try? listener.poll(Int16(POLLIN), timeout: .milliseconds(50))) == true else { continue }
                 let fd = Glibc.accept(listener.fd, nil, nil)
                 guard fd >= 0 else { continue }
                 let client = TestSocket(fd: fd)
                 _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
                 if let peer = client.peerEndpoint { peerList.withLock { $0.append(peer) } }
-                active.add(1, ordering: .sequentiallyConsistent)
-                Thread { [self] in
+                active.add(1)
+                Thread {
                     handler(client)
                     client.close()
-                    active.subtract(1, ordering: .sequentiallyConsistent)
+                    active.add(-1)
                 }.start()
             }
         }
@@ -50,13 +52,13 @@ public final class TestServer: Sendable {
     public var peers: [Endpoint] { peerList.withLock { $0 } }
 
     /// Connections whose handler is still running.
-    public var activeConnections: Int { active.load(ordering: .sequentiallyConsistent) }
+    public var activeConnections: Int { active.value }
 
     /// Stops accepting, waits for the accept thread, and closes the listener.
     public func stop() {
-        stopping.store(true, ordering: .sequentiallyConsistent)
+        stopping.set()
         let deadline = ContinuousClock.now + .seconds(5)
-        while !acceptThreadDone.load(ordering: .sequentiallyConsistent), ContinuousClock.now < deadline {
+        while !acceptThreadDone.value, ContinuousClock.now < deadline {
             usleep(1000)
         }
         listener.close()
@@ -102,3 +104,26 @@ public func waitUntil(timeout: Duration, _ condition: () throws -> Bool) rethrow
 public let ignoreSIGPIPE: Void = {
     signal(SIGPIPE, SIG_IGN)
 }()
+
+/// A flag shared between threads (Atomic and Mutex are not copyable, so they cannot be captured).
+public final class Flag: Sendable {
+    private let storage = Atomic<Bool>(false)
+    public init() {}
+    public var value: Bool { storage.load(ordering: .sequentiallyConsistent) }
+    public func set() { storage.store(true, ordering: .sequentiallyConsistent) }
+}
+
+/// A counter shared between threads.
+public final class Counter: Sendable {
+    private let storage = Atomic<Int>(0)
+    public init() {}
+    public var value: Int { storage.load(ordering: .sequentiallyConsistent) }
+    public func add(_ delta: Int) { storage.add(delta, ordering: .sequentiallyConsistent) }
+}
+
+/// A value behind a lock, shared between threads.
+public final class Locked<Value: Sendable>: Sendable {
+    private let storage: Mutex<Value>
+    public init(_ value: Value) { storage = Mutex(value) }
+    public func withLock<R: Sendable>(_ body: (inout sending Value) -> R) -> R { storage.withLock { body(&$0) } }
+}
