@@ -43,16 +43,18 @@ public struct UpstreamSelector: Sendable {
     /// The number of booked (egress, upstream) pairs.
     public var pairsInUse: Int { inUse.count }
 
-    /// Books a free upstream for a connection from `egress` whose local address is `localAddress`.
+    /// Books a free upstream for a connection from `egress`.
     ///
     /// - Parameters:
     ///   - egress: the fixed egress ip:P, or nil when the kernel chooses the port.
     ///   - isIPv6: the family of the egress socket; only upstream addresses of it can be dialled.
-    public mutating func reserve(egress: Endpoint?, isIPv6: Bool) -> Outcome {
+    ///   - excluding: upstreams not to hand out (those a connection already failed to reach).
+    public mutating func reserve(egress: Endpoint?, isIPv6: Bool, excluding: Set<Int> = []) -> Outcome {
         let egress = egress?.unmapped
         var sawFamily = false
         for step in 0..<upstreams.count {
             let index = (cursor + step) % upstreams.count
+            if excluding.contains(index) { continue }
             let addresses = upstreams[index].filter { $0.address.isIPv6 == isIPv6 }
             guard !addresses.isEmpty else { continue }
             sawFamily = true

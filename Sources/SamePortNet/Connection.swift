@@ -33,9 +33,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     }
 
     let queue: DispatchQueue
-    let reservation: UpstreamSelector.Reservation
     /// Called on `queue` once, after the connection ended and its line was logged.
     var onEnd: ((ConnectionEnd) -> Void)?
+    /// Called on `queue` when every address of the reserved upstream failed: the relay frees that
+    /// reservation and answers, on `queue`, with another free upstream not yet tried, or nil.
+    var onUpstreamFailed: ((_ tried: Set<Int>, _ answer: @escaping @Sendable (UpstreamSelector.Reservation?) -> Void) -> Void)?
 
     private let settings: Settings
     private let client: SocketChannel
@@ -44,6 +46,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private let acceptedAt: DispatchTime
     private let timer: DispatchSourceTimer
     private var state = State.starting
+    private var reservation: UpstreamSelector.Reservation
+    private var triedUpstreams: Set<Int>
     private var upstream: SocketChannel?
     private var egressEndpoint: Endpoint?
     private var upstreamEndpoint: Endpoint?
@@ -66,6 +70,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         self.acceptedAt = acceptedAt
         self.binding = binding
         self.reservation = reservation
+        triedUpstreams = [reservation.upstreamIndex]
         self.settings = settings
         timer = DispatchSource.makeTimerSource(queue: queue)
         timer.setEventHandler { [unowned self] in timerFired() }
@@ -91,7 +96,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         do {
             socket = try binding.makeSocket()
         } catch {
-            return finish(.connectFailed(cause: "cannot bind egress \(binding): \(error)\(Self.bindHint(error))"))
+            return finish(.connectFailed(cause: "egress \(binding): \(error)\(Self.egressHint(error))"))
         }
         do {
             let connected = try socket.connect(to: address)
@@ -140,16 +145,30 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
                 return
             }
         }
-        let hint = sawAddressNotAvailable
-            ? " (the 4-tuple from \(binding) is held: TIME_WAIT or another process; add upstreams or use --on-busy ephemeral)"
-            : ""
-        finish(.connectFailed(cause: failures.joined(separator: "; ") + hint))
+        if sawAddressNotAvailable {
+            failures.append("the 4-tuple from \(binding) stayed held (TIME_WAIT or another process); add upstreams or use --on-busy ephemeral")
+            return finish(.connectFailed(cause: failures.joined(separator: "; ")))
+        }
+        guard let onUpstreamFailed else { return finish(.connectFailed(cause: failures.joined(separator: "; "))) }
+        // Fail over: another upstream that is free from this egress, if there is one.
+        state = .backingOff
+        onUpstreamFailed(triedUpstreams) { [self] next in
+            queue.async { [self] in
+                guard case .backingOff = state else { return }
+                guard let next else { return finish(.connectFailed(cause: failures.joined(separator: "; "))) }
+                reservation = next
+                triedUpstreams.insert(next.upstreamIndex)
+                backoff = Backoff()
+                retryDeadline = nil
+                attempt(address: 0)
+            }
+        }
     }
 
-    private static func bindHint(_ error: SystemError) -> String {
+    private static func egressHint(_ error: SystemError) -> String {
         switch error.errno {
         case .addressInUse:
-            return " (the listening socket must have SO_REUSEPORT and belong to the same user)"
+            return " (another socket holds this address without SO_REUSEPORT, or belongs to another user)"
         case .permissionDenied:
             return " (ports below 1024 need CAP_NET_BIND_SERVICE for the egress socket too)"
         case .addressNotAvailable:
@@ -162,13 +181,16 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private func timerFired() {
         switch state {
         case .connecting(let channel, let index):
-            // The completion event may have been lost (see the watchdog): a connected socket is
-            // connected, whatever the event loop said.
-            if channel.socket.pendingError() == nil, (try? channel.socket.peerEndpoint()) != nil {
-                return connectFinished()
+            // The completion event may have been lost (see the watchdog): a socket that has
+            // connected, or failed, says so itself.
+            let error = channel.socket.pendingError()
+            if error == nil, (try? channel.socket.peerEndpoint()) != nil {
+                return didConnect(channel, address: reservation.addresses[index])
             }
             channel.close()
-            failures.append("\(reservation.addresses[index]): connect timed out after \(settings.connectTimeout.shortDescription)")
+            let cause = error.map { "\(SystemError("connect", $0))" }
+                ?? "connect timed out after \(settings.connectTimeout.shortDescription)"
+            failures.append("\(reservation.addresses[index]): \(cause)")
             attempt(address: index + 1)
         case .backingOff:
             attempt(address: 0)
@@ -182,6 +204,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     // MARK: Relaying
 
     private func didConnect(_ channel: SocketChannel, address: Endpoint) {
+        channel.setWriting(false)
+        channel.setReading(false)
         state = .relaying
         upstream = channel
         upstreamEndpoint = address
@@ -211,7 +235,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             }
         case .failed(let side, let error):
             switch error.errno {
-            case .connectionReset, .brokenPipe, .timedOut:
+            case .connectionReset, .brokenPipe:
                 finish(side == .client ? .clientReset : .upstreamReset)
             default:
                 finish(.failed(cause: "\(side): \(error)"))
@@ -260,6 +284,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         guard case .relaying = state, let directions else { return }
         var deadline = DispatchTime.now() + watchdogInterval.dispatchInterval
         if let idleTimeout = settings.idleTimeout, idleTimeout > .zero {
+            directions.clientToUpstream.noteKernelProgress()
+            directions.upstreamToClient.noteKernelProgress()
             let last = max(directions.clientToUpstream.lastActivity, directions.upstreamToClient.lastActivity)
             let idleDeadline = DispatchTime(uptimeNanoseconds: last) + idleTimeout.dispatchInterval
             if DispatchTime.now() >= idleDeadline { return finish(.idleTimeout) }
@@ -287,11 +313,13 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             upstream?.close(reset: true)
             client.close(reset: true)
         default:
-            upstream?.close()
-            client.close()
+            // Bytes read but not yet delivered are lost: the receiver gets a reset, so that a cut
+            // stream never looks complete. Otherwise FIN.
+            upstream?.close(reset: directions?.clientToUpstream.hasPendingBytes ?? false)
+            client.close(reset: directions?.upstreamToClient.hasPendingBytes ?? false)
         }
         ConnectionLog(
-            relay: settings.relayName, client: clientEndpoint,
+            relay: settings.relayName, client: clientEndpoint.description,
             egress: egressEndpoint.map(\.description) ?? binding.description,
             upstream: upstreamEndpoint.map(\.description)
                 ?? reservation.addresses.map(\.description).joined(separator: ","),
@@ -301,6 +329,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         ).log(to: settings.logger)
         directions?.clientToUpstream.onEvent = nil
         directions?.upstreamToClient.onEvent = nil
+        onUpstreamFailed = nil
         onEnd?(end)
         onEnd = nil
     }

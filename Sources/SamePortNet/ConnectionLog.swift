@@ -8,7 +8,7 @@ import SamePortCore
 /// plus `cause="..."` when the end has one.
 struct ConnectionLog {
     var relay: String
-    var client: Endpoint
+    var client: String
     var egress: String
     var upstream: String
     var bytesToUpstream: UInt64
@@ -19,7 +19,7 @@ struct ConnectionLog {
     func log(to logger: Logger) {
         var metadata: Logger.Metadata = [
             "relay": .string(relay),
-            "client": .stringConvertible(client),
+            "client": .string(client),
             "egress": .string(egress),
             "upstream": .string(upstream),
             "bytes_to_upstream": .stringConvertible(bytesToUpstream),

@@ -33,12 +33,17 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
     let fromSide: Side
     /// Called on the connection's queue when the direction finishes or fails.
     var onEvent: ((Event) -> Void)?
-    /// Bytes read from `from` (and so written, or being written, to `to`).
+    /// Bytes written to `to`: delivered to the receiving socket.
     private(set) var bytes: UInt64 = 0
-    /// When bytes last arrived, in DispatchTime uptime nanoseconds.
+    /// When bytes last moved either way through this direction, in DispatchTime uptime
+    /// nanoseconds. Writes count too: a slow reader being fed is not idle.
     private(set) var lastActivity: UInt64
     private(set) var isFinished = false
+    /// True when bytes were read but not yet delivered: closing now would lose them.
+    var hasPendingBytes: Bool { start < end }
 
+    /// The receiving socket's send queue when last looked at, for `noteKernelProgress`.
+    private var unsentAtLastLook = -1
     private let capacity: Int
     private var buffer: UnsafeMutableRawBufferPointer?
     private var start = 0
@@ -75,6 +80,8 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
                 switch result {
                 case .processed(let written):
                     start += written
+                    bytes += UInt64(written)
+                    lastActivity = DispatchTime.now().uptimeNanoseconds
                 case .wouldBlock:
                     from.setReading(false)
                     to.setWriting(true)
@@ -91,7 +98,9 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
                 return
             }
             if reads == Self.readsPerWakeup {
-                from.setReading(true)  // level-triggered: fires again while data is waiting
+                // Yield the thread, and come back without waiting for an event: the source may
+                // not fire again when all that is left is EOF.
+                from.queue.async { [self] in pump() }
                 return
             }
             reads += 1
@@ -107,12 +116,24 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
                 from.setReading(false)
             case .processed(let count):
                 end = count
-                bytes += UInt64(count)
                 lastActivity = DispatchTime.now().uptimeNanoseconds
             case .wouldBlock:
                 from.setReading(true)
                 return
             }
+        }
+    }
+
+    /// Counts the kernel delivering what this direction already wrote as activity.
+    ///
+    /// While the receiver reads slowly, the relay waits for the socket to become writable, which
+    /// the kernel reports only once much of its send queue is free; the bytes still move. A send
+    /// queue that shrank (or grew) since the last look is progress; one that stayed put is not.
+    func noteKernelProgress() {
+        let unsent = to.socket.unsentBytes()
+        if unsent != unsentAtLastLook {
+            if unsentAtLastLook > 0 || unsent > 0 { lastActivity = DispatchTime.now().uptimeNanoseconds }
+            unsentAtLastLook = unsent
         }
     }
 

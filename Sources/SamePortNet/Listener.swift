@@ -5,9 +5,13 @@ import SamePortCore
 /// A start-up failure: one line that names the cause and the fix.
 public struct StartupError: Error, Equatable, Sendable, CustomStringConvertible {
     public var message: String
+    /// True when trying again later may succeed (a resolver that does not answer yet): a runtime
+    /// failure rather than a configuration error.
+    public var isTemporary: Bool
 
-    public init(_ message: String) {
+    public init(_ message: String, isTemporary: Bool = false) {
         self.message = message
+        self.isTemporary = isTemporary
     }
 
     public var description: String { message }
@@ -129,8 +133,9 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
                 onAccept?(client)
             } catch {
                 switch error.errno {
-                case .connectionAborted, .notPermitted, .networkUnreachable, .hostUnreachable, .timedOut:
-                    continue  // that client is gone (or was refused by a filter); serve the next
+                case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
+                    onFatalError?(error)  // the listening socket itself is broken
+                    return
                 case .tooManyOpenFiles, .fileTableOverflow, .noBufferSpace, .outOfMemory:
                     // Out of descriptors or memory: pause instead of spinning on a readable socket.
                     isBackingOff = true
@@ -142,8 +147,10 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
                     onTemporaryFailure?(error)
                     return
                 default:
-                    onFatalError?(error)
-                    return
+                    // accept(2): pending network errors of the new connection (ECONNABORTED, EPROTO,
+                    // ENETDOWN, EHOSTUNREACH, ...) and refusals by a security module (EPERM, EACCES)
+                    // concern that client only: serve the next.
+                    continue
                 }
             }
         }

@@ -21,12 +21,13 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     private let logger: Logger
     private var selector: UpstreamSelector
     private var waiting: WaitQueue<Waiter>
-    private var connections: [ObjectIdentifier: Connection] = [:]
+    /// Open connections, with the upstream each has booked (none while it fails over).
+    private var connections: [ObjectIdentifier: (connection: Connection, reservation: UpstreamSelector.Reservation?)] = [:]
     private var listener: Listener?
     private var isStopping = false
     private var stopCompletion: (@Sendable () -> Void)?
-    /// Connections served since start, for status lines.
-    public private(set) var servedCount: UInt64 = 0
+    /// Connections served since start, for status lines; read it through `counts()`.
+    private var servedCount: UInt64 = 0
 
     /// A client that found every upstream in use and is waiting for one.
     private struct Waiter {
@@ -68,6 +69,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         }
         do {
             try probeEgress(listener.endpoint)
+            try checkFamilies(listener.endpoint)
         } catch {
             listener.close()
             throw error
@@ -114,6 +116,22 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         }
     }
 
+    /// Refuses a relay whose egress can only be IPv4 (or IPv6) while no upstream has an address of
+    /// that family: every client would fail. A wildcard listener can take either family.
+    private func checkFamilies(_ listenEndpoint: Endpoint) throws(StartupError) {
+        let egressAddress: IPAddress
+        switch spec.egress {
+        case .fixed(let endpoint): egressAddress = endpoint.address
+        case .samePort, .ephemeral:
+            guard !listenEndpoint.address.isUnspecified else { return }
+            egressAddress = listenEndpoint.address.unmapped
+        }
+        let family = egressAddress.isIPv6 ? "IPv6" : "IPv4"
+        guard selector.upstreams.contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
+            throw StartupError("relay \(spec.name): no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
+        }
+    }
+
     /// Stops accepting, closes waiting clients, ends every connection, then calls `completion`.
     public func stop(completion: @escaping @Sendable () -> Void) {
         queue.async { [self] in
@@ -124,7 +142,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             for waiter in waiting.removeAll() {
                 endWaiter(waiter, .shutdown)
             }
-            for connection in connections.values {
+            for (connection, _) in connections.values {
                 connection.stop()
             }
             finishStopIfDone()
@@ -142,6 +160,10 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         let acceptedAt = DispatchTime.now()
         guard let local = try? client.localEndpoint(), let peer = try? client.peerEndpoint() else {
             client.close()  // reset before we looked at it
+            ConnectionLog(
+                relay: spec.name, client: "-", egress: "-", upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
+                duration: acceptedAt.elapsed, end: .clientReset
+            ).log(to: logger)
             return
         }
         let egressAddress = local.address.unmapped
@@ -160,7 +182,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             case .ephemeral:
                 logger.notice("every upstream is in use from \(binding): dialling from an ephemeral port", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint)])
                 var fallback = waiter
-                fallback.binding = .ephemeral(egressAddress)
+                if case .fixed(let endpoint) = binding { fallback.binding = .ephemeral(endpoint.address) }
                 if !serve(fallback) { endWaiter(waiter, .connectFailed(cause: "no upstream address")) }
             case .queue:
                 enqueue(waiter)
@@ -192,9 +214,14 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                     bufferSize: spec.bufferSize, logger: logger),
                 queue: DispatchQueue(label: "sameport.connection", target: workQueue))
             let id = ObjectIdentifier(connection)
-            connections[id] = connection
+            connections[id] = (connection, reservation)
             connection.onEnd = { [unowned self] _ in
                 queue.async { self.connectionEnded(id) }
+            }
+            let booked = booked
+            let isIPv6 = waiter.binding.isIPv6
+            connection.onUpstreamFailed = { [unowned self] tried, answer in
+                queue.async { self.replaceUpstream(of: id, egress: booked, isIPv6: isIPv6, tried: tried, answer: answer) }
             }
             connection.start()
             return true
@@ -221,18 +248,46 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         waiter.timer?.cancel()
         waiter.client.close()
         ConnectionLog(
-            relay: spec.name, client: waiter.clientEndpoint, egress: waiter.binding.description,
+            relay: spec.name, client: waiter.clientEndpoint.description, egress: waiter.binding.description,
             upstream: "-", bytesToUpstream: 0, bytesToClient: 0, duration: waiter.acceptedAt.elapsed, end: end
         ).log(to: logger)
     }
 
+    /// Frees the upstream a connection could not reach and books another free one it has not tried.
+    private func replaceUpstream(
+        of id: ObjectIdentifier, egress: Endpoint?, isIPv6: Bool, tried: Set<Int>,
+        answer: @Sendable (UpstreamSelector.Reservation?) -> Void
+    ) {
+        guard let entry = connections[id], !isStopping else { return answer(nil) }
+        if let reservation = entry.reservation { selector.release(reservation) }
+        guard case .reserved(let next) = selector.reserve(egress: egress, isIPv6: isIPv6, excluding: tried) else {
+            connections[id] = (entry.connection, nil)
+            serveWaiters()
+            return answer(nil)
+        }
+        connections[id] = (entry.connection, next)
+        serveWaiters()
+        answer(next)
+    }
+
     private func connectionEnded(_ id: ObjectIdentifier) {
-        guard let connection = connections.removeValue(forKey: id) else { return }
+        guard let entry = connections.removeValue(forKey: id) else { return }
         servedCount += 1
-        selector.release(connection.reservation)
-        waiting.serve { serve($0) }
+        if let reservation = entry.reservation { selector.release(reservation) }
+        serveWaiters()
         updateAccepting()
         finishStopIfDone()
+    }
+
+    /// Serves queued clients, oldest first, while upstreams are free; drops those that reset.
+    private func serveWaiters() {
+        waiting.serve { waiter in
+            if waiter.client.peerHasReset() {
+                endWaiter(waiter, .clientReset)
+                return true
+            }
+            return serve(waiter)
+        }
     }
 
     /// At the connection limit the listener stops taking clients; the kernel's backlog holds them.

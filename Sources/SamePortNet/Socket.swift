@@ -113,6 +113,19 @@ public struct Socket: Hashable, Sendable {
         try nonBlockingCall("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL)) }
     }
 
+    /// The bytes still in the socket's send queue (SIOCOUTQ), or -1 if the kernel will not say.
+    func unsentBytes() -> Int {
+        Int(sameport_unsent_bytes(fd))
+    }
+
+    /// True when the peer has reset the connection (a peek with recv(2) MSG_PEEK fails with
+    /// ECONNRESET). A clean EOF is not a reset: a client may half-close and still await a reply.
+    func peerHasReset() -> Bool {
+        var byte: UInt8 = 0
+        let result = Glibc.recv(fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+        return result < 0 && (errno == ECONNRESET || errno == EPIPE)
+    }
+
     /// shutdown(2) with SHUT_WR: sends FIN after the queued bytes. Errors are ignored: the peer
     /// may already be gone, and the connection's end is decided by the reads.
     func shutdownWrite() {

@@ -27,6 +27,10 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     public static let networkUnreachable = Errno(rawValue: ENETUNREACH)
     public static let hostUnreachable = Errno(rawValue: EHOSTUNREACH)
     public static let addressFamilyNotSupported = Errno(rawValue: EAFNOSUPPORT)
+    public static let badDescriptor = Errno(rawValue: EBADF)
+    public static let invalidArgument = Errno(rawValue: EINVAL)
+    public static let notASocket = Errno(rawValue: ENOTSOCK)
+    public static let badAddress = Errno(rawValue: EFAULT)
 
     /// The C library's text for this errno, as strerror(3) gives it.
     public var description: String { String(cString: strerror(rawValue)) }

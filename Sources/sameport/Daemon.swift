@@ -21,6 +21,8 @@ struct Daemon {
         let upstreams: [[Endpoint]]
         do {
             upstreams = try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }
+        } catch where error.isTemporary {
+            throw StartFailure(message: "runtime failure: \(error.message)", exitCode: 1)
         } catch {
             throw StartFailure(message: "configuration error: \(error.message)", exitCode: 2)
         }

@@ -110,4 +110,55 @@ struct BusyPolicyTests {
         first.close()
         second.close()
     }
+
+    @Test("ephemeral fallback keeps the IP of --egress IP:PORT")
+    func ephemeralKeepsFixedEgressIP() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let egress = Endpoint(IPAddress("127.0.0.3")!, try freePort())
+        let (relay, listen) = try startRelay(
+            upstreams: [upstream.endpoint.description], ["--egress", egress.description, "--on-busy", "ephemeral"])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        let second = try openEchoed(listen, "second\n")
+        first.close()
+        second.close()
+        #expect(upstream.peers.first == egress)
+        #expect(upstream.peers.last?.address == egress.address)
+        #expect(upstream.peers.last?.port != egress.port)
+    }
+
+    @Test("queue: a client that resets while queued is dropped, not dialled")
+    func queuedClientResets() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--connect-timeout", "10s"])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        let quitter = try TestSocket.connect(to: listen)
+        quitter.reset()
+        first.close()
+        let line = try relay.waitForLines(containing: "end=client-reset")[0]
+        #expect(field("upstream", in: line) == "-")
+        let third = try openEchoed(listen, "third\n")
+        third.close()
+        #expect(upstream.peers.count == 2, "the upstream saw \(upstream.peers.count) connections")
+    }
+
+    @Test("failover: an upstream that refuses is passed over for the next free one")
+    func failover() throws {
+        let live = try TestServer(handler: TestServer.echo)
+        defer { live.stop() }
+        let dead = Endpoint(.loopbackV4, try freePort())
+        let (relay, listen) = try startRelay(upstreams: [dead.description, live.endpoint.description])
+        defer { relay.stop() }
+        for index in 0..<6 {
+            let client = try openEchoed(listen, "client \(index)\n")
+            client.close()
+            try relay.waitForLines(containing: "connection ended", count: index + 1)
+        }
+        let lines = relay.lines(containing: "connection ended")
+        #expect(lines.allSatisfy { field("end", in: $0) == "completed" && field("upstream", in: $0) == live.endpoint.description })
+        #expect(live.peers == Array(repeating: listen, count: 6))
+    }
 }

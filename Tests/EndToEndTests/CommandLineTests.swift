@@ -60,6 +60,14 @@ struct CommandLineTests {
         #expect(output.hasSuffix("; check the name or give an IP address\n"))
     }
 
+    @Test("An IPv4 listener with only IPv6 upstreams is refused at start-up")
+    func familyMismatch() throws {
+        let port = try freePort()
+        let (status, output) = try run(["--listen", "127.0.0.1:\(port)", "--upstream", "[::1]:9"])
+        #expect(status == 2)
+        #expect(output == "sameport: cannot start: relay main: no upstream has an IPv4 address to dial from 127.0.0.1; give an IPv4 upstream, or listen on an address of the upstreams' family\n")
+    }
+
     @Test("The listen port in use by another process: exit 2, cause and fix")
     func portInUse() throws {
         let other = try TestServer(handler: TestServer.hold)

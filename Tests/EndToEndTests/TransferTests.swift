@@ -136,4 +136,51 @@ struct TransferTests {
         #expect(bytes.count == offered)
         #expect(bytes.allSatisfy { $0 == 0x5a })
     }
+
+    @Test("Stopping mid-transfer resets the client: a cut stream never looks complete")
+    func stopMidTransferResets() throws {
+        let upstream = try TestServer { socket in
+            _ = socket.sendUntilBlocked(total: 64 << 20, timeout: .seconds(5))
+        }
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        let client = try TestSocket.connect(to: listen)
+        // The client reads nothing, so the relay holds bytes it has not delivered.
+        #expect(waitUntil(timeout: .seconds(10)) { upstream.activeConnections == 1 })
+        usleep(300_000)  // let the relay fill its buffer: the scenario, not a synchronisation
+        #expect(relay.stop() == 0)
+        #expect(try client.waitForEnd(timeout: .seconds(10)) == .reset)
+        #expect(field("end", in: relay.lines(containing: "connection ended").first ?? "") == "shutdown")
+    }
+
+    @Test("A slow reader being fed is not idle: the idle timeout counts writes too")
+    func slowReaderIsNotIdle() throws {
+        let payload = pattern(count: 8 << 20, seed: 6)
+        let upstream = try TestServer { socket in
+            try? socket.sendAll(payload, timeout: .seconds(60))
+        }
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--idle-timeout", "1s"])
+        defer { relay.stop() }
+        let client = try TestSocket.tcp(ipv6: false)
+        client.setOption(SOL_SOCKET, SO_RCVBUF, 16 * 1024)
+        let connected = try TestSocket.connect(to: listen, using: client)
+        // 80 KB/s for 3 s: bytes keep reaching the client, but the relay's 128 KiB buffer takes
+        // 1.6 s to drain (it reads nothing from the upstream meanwhile), and the kernel reports the
+        // socket writable only once much of its send queue is free.
+        var received: [UInt8] = []
+        let slowUntil = ContinuousClock.now + .seconds(3)
+        while ContinuousClock.now < slowUntil {
+            let chunk = try connected.receive(exactly: 8192, timeout: .seconds(5))
+            received += chunk.bytes
+            #expect(chunk.end == nil, "the stream ended while the client was still reading")
+            if chunk.end != nil { return }
+            usleep(100_000)
+        }
+        #expect(relay.lines(containing: "connection ended").isEmpty)
+        let (rest, end) = try connected.receiveToEnd(timeout: .seconds(30))
+        received += rest
+        #expect(end == .eof)
+        #expect(received == payload)
+    }
 }

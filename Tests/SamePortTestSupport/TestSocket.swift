@@ -28,7 +28,13 @@ public final class TestSocket: @unchecked Sendable {  // used by one thread at a
     public static func connect(
         to endpoint: Endpoint, from source: Endpoint? = nil, timeout: Duration = .seconds(5)
     ) throws -> TestSocket {
-        let socket = try tcp(ipv6: endpoint.address.isIPv6)
+        try connect(to: endpoint, from: source, timeout: timeout, using: tcp(ipv6: endpoint.address.isIPv6))
+    }
+
+    /// Connects `socket` (already made, options set) to `endpoint`.
+    public static func connect(
+        to endpoint: Endpoint, from source: Endpoint? = nil, timeout: Duration = .seconds(5), using socket: TestSocket
+    ) throws -> TestSocket {
         if let source {
             socket.setOption(SOL_SOCKET, SO_REUSEADDR, 1)
             try socket.bind(source)

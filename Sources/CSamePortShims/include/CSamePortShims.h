@@ -11,4 +11,9 @@
 /// client already non-blocking and close-on-exec in one call instead of three.
 int sameport_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags);
 
+/// ioctl(SIOCOUTQ): the bytes a socket still holds unsent or unacknowledged, or -1. ioctl is
+/// variadic, so Swift cannot call it. The idle timeout uses it to see a slow reader consuming
+/// what the relay already handed to the kernel.
+int sameport_unsent_bytes(int fd);
+
 #endif
