@@ -42,7 +42,8 @@ public enum ConnectionEnd: Hashable, Sendable {
         switch self {
         case .connectFailed(let cause), .failed(let cause): return cause
         case .busyRejected: return "every upstream is in use from this egress ip:port (on-busy reject)"
-        case .queueTimeout: return "no upstream became free within the connect timeout"
+        case .queueTimeout:
+            return "no upstream became free within the connect timeout (one connection per upstream from one ip:port: add upstreams, or use --on-busy ephemeral)"
         case .queueFull: return "the queue of clients waiting for a free upstream is full"
         default: return nil
         }

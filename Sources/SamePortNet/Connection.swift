@@ -210,6 +210,9 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         upstream = channel
         upstreamEndpoint = address
         egressEndpoint = try? channel.socket.localEndpoint()
+        settings.logger.debug("connected", metadata: [
+            "relay": .string(settings.relayName), "client": .stringConvertible(clientEndpoint),
+            "egress": .string(egressEndpoint.map(\.description) ?? "-"), "upstream": .stringConvertible(address)])
         // A relay forwards what it reads as soon as it reads it: Nagle would only add delay.
         for socket in [client.socket, channel.socket] {
             try? socket.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)

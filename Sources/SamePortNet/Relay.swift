@@ -175,6 +175,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         }
         let waiter = Waiter(
             client: client, clientEndpoint: peer.unmapped, binding: binding, acceptedAt: acceptedAt)
+        logger.debug("accepted", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint), "egress": .stringConvertible(binding)])
         if !serve(waiter) {
             switch spec.onBusy {
             case .reject:
@@ -230,6 +231,9 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
 
     private func enqueue(_ waiter: Waiter) {
         guard !waiting.isFull else { return endWaiter(waiter, .queueFull) }
+        logger.debug("queued: every upstream is in use from this egress", metadata: [
+            "relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint),
+            "egress": .stringConvertible(waiter.binding), "waiting": .stringConvertible(waiting.count + 1)])
         var waiter = waiter
         let timer = DispatchSource.makeTimerSource(queue: queue)
         waiter.timer = timer

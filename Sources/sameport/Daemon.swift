@@ -59,6 +59,14 @@ struct Daemon {
             source.activate()
             return source
         }
-        withExtendedLifetime(signals) { dispatchMain() }
+        // SIGHUP would end the process by default; a relay from command-line flags has nothing to
+        // re-read, so say so and keep serving.
+        signal(SIGHUP, SIG_IGN)
+        let hangup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .main)
+        hangup.setEventHandler {
+            logger.notice("SIGHUP: nothing to reload for a relay configured on the command line; still serving")
+        }
+        hangup.activate()
+        withExtendedLifetime((signals, hangup)) { dispatchMain() }
     }
 }

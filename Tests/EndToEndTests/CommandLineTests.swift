@@ -135,6 +135,20 @@ struct CommandLineTests {
         #expect(try client.waitForEnd(timeout: .seconds(5)) == .eof)
     }
 
+    @Test("SIGHUP does not stop a relay run from flags")
+    func hangup() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        defer { relay.stop() }
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "SIGHUP: nothing to reload")
+        let client = try TestSocket.connect(to: listen)
+        try client.sendAll(Array("still here".utf8))
+        #expect(try client.receive(exactly: 10, timeout: .seconds(5)).bytes == Array("still here".utf8))
+        #expect(relay.isRunning)
+    }
+
     @Test("--log-format json: one JSON object per line with the connection's fields")
     func jsonLogs() throws {
         let upstream = try TestServer(handler: TestServer.echo)

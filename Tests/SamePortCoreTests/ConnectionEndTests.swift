@@ -12,7 +12,7 @@ struct ConnectionEndTests {
             (.idleTimeout, "idle-timeout", nil),
             (.connectFailed(cause: "connection refused"), "connect-failed", "connection refused"),
             (.busyRejected, "busy-rejected", "every upstream is in use from this egress ip:port (on-busy reject)"),
-            (.queueTimeout, "queue-timeout", "no upstream became free within the connect timeout"),
+            (.queueTimeout, "queue-timeout", "no upstream became free within the connect timeout (one connection per upstream from one ip:port: add upstreams, or use --on-busy ephemeral)"),
             (.queueFull, "queue-full", "the queue of clients waiting for a free upstream is full"),
             (.shutdown, "shutdown", nil),
             (.failed(cause: "broken pipe"), "error", "broken pipe"),
