@@ -26,6 +26,7 @@ struct ResourceTests {
         #expect(lines.allSatisfy { field("end", in: $0) == "completed" }, "\(lines.filter { field("end", in: $0) != "completed" }.prefix(3))")
         #expect(waitUntil(timeout: .seconds(10)) { relay.openFileDescriptors() == baseline },
                 "fds: \(relay.openFileDescriptors()) vs baseline \(baseline)")
+        print("resources: \(count) connections ended; relay fds \(relay.openFileDescriptors()) (baseline \(baseline)), RSS \(relay.residentKiB()) KiB")
     }
 
     /// Starts echo upstreams and a relay to them, runs one connection through so that threads and
