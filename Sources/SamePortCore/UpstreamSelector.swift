@@ -35,6 +35,9 @@ public struct UpstreamSelector: Sendable {
     public let upstreams: [[Endpoint]]
     private var inUse: Set<Pair> = []
     private var cursor = 0
+    /// Upstreams that failed to connect, with the time (in the caller's nanosecond clock) until
+    /// which they are passed over.
+    private var downUntil: [Int: UInt64] = [:]
 
     public init(upstreams: [[Endpoint]]) {
         self.upstreams = upstreams.map { $0.map(\.unmapped) }
@@ -49,7 +52,25 @@ public struct UpstreamSelector: Sendable {
     ///   - egress: the fixed egress ip:P, or nil when the kernel chooses the port.
     ///   - isIPv6: the family of the egress socket; only upstream addresses of it can be dialled.
     ///   - excluding: upstreams not to hand out (those a connection already failed to reach).
-    public mutating func reserve(egress: Endpoint?, isIPv6: Bool, excluding: Set<Int> = []) -> Outcome {
+    ///   - now: the current time, in the same nanosecond clock as `markDown`; an upstream marked
+    ///     down is handed out only when no other candidate exists, busy or free.
+    public mutating func reserve(egress: Endpoint?, isIPv6: Bool, excluding: Set<Int> = [], now: UInt64 = 0) -> Outcome {
+        let down = Set(downUntil.filter { $0.value > now }.keys)
+        downUntil = downUntil.filter { $0.value > now }
+        let healthy = reserve(egress: egress, isIPv6: isIPv6, excluding: excluding.union(down))
+        // A healthy upstream that is only busy is worth waiting for; a down one is tried only when
+        // no healthy candidate exists at all.
+        guard case .noAddressOfFamily = healthy, !down.isEmpty else { return healthy }
+        return reserve(egress: egress, isIPv6: isIPv6, excluding: excluding)
+    }
+
+    /// Passes over `index` until `until` (nanoseconds, the clock `reserve` is given), unless no
+    /// other upstream can be had: an upstream that refused or timed out is likely to again.
+    public mutating func markDown(_ index: Int, until: UInt64) {
+        downUntil[index] = until
+    }
+
+    private mutating func reserve(egress: Endpoint?, isIPv6: Bool, excluding: Set<Int>) -> Outcome {
         let egress = egress?.unmapped
         var sawFamily = false
         for step in 0..<upstreams.count {

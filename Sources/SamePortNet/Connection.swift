@@ -28,6 +28,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         case starting
         case connecting(channel: SocketChannel, address: Int)
         case backingOff
+        /// Waiting for the relay to hand over another upstream (bounded by the connect timeout).
+        case awaitingUpstream
         case relaying
         case ended
     }
@@ -35,9 +37,20 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     let queue: DispatchQueue
     /// Called on `queue` once, after the connection ended and its line was logged.
     var onEnd: ((ConnectionEnd) -> Void)?
+    /// The relay's answer when a connection asks for another upstream.
+    enum Failover: Sendable {
+        /// Try this upstream next.
+        case reserved(UpstreamSelector.Reservation)
+        /// Every upstream has been tried.
+        case noneLeft
+        /// The relay is stopping.
+        case stopping
+    }
+
     /// Called on `queue` when every address of the reserved upstream failed: the relay frees that
-    /// reservation and answers, on `queue`, with another free upstream not yet tried, or nil.
-    var onUpstreamFailed: ((_ tried: Set<Int>, _ answer: @escaping @Sendable (UpstreamSelector.Reservation?) -> Void) -> Void)?
+    /// reservation and answers once (from any queue) with another upstream not yet tried, as soon
+    /// as one is free, or says that none is left.
+    var onUpstreamFailed: ((_ tried: Set<Int>, _ answer: @escaping @Sendable (Failover) -> Void) -> Void)?
 
     private let settings: Settings
     private let client: SocketChannel
@@ -150,17 +163,26 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             return finish(.connectFailed(cause: failures.joined(separator: "; ")))
         }
         guard let onUpstreamFailed else { return finish(.connectFailed(cause: failures.joined(separator: "; "))) }
-        // Fail over: another upstream that is free from this egress, if there is one.
-        state = .backingOff
-        onUpstreamFailed(triedUpstreams) { [self] next in
+        // Fail over to another upstream: at once if one is free, else when one frees up, within
+        // the connect timeout.
+        state = .awaitingUpstream
+        timer.schedule(deadline: .now() + settings.connectTimeout.dispatchInterval, leeway: .milliseconds(10))
+        onUpstreamFailed(triedUpstreams) { [self] answer in
             queue.async { [self] in
-                guard case .backingOff = state else { return }
-                guard let next else { return finish(.connectFailed(cause: failures.joined(separator: "; "))) }
-                reservation = next
-                triedUpstreams.insert(next.upstreamIndex)
-                backoff = Backoff()
-                retryDeadline = nil
-                attempt(address: 0)
+                guard case .awaitingUpstream = state else { return }
+                switch answer {
+                case .reserved(let next):
+                    timer.schedule(deadline: .distantFuture)
+                    reservation = next
+                    triedUpstreams.insert(next.upstreamIndex)
+                    backoff = Backoff()
+                    retryDeadline = nil
+                    attempt(address: 0)
+                case .noneLeft:
+                    finish(.connectFailed(cause: failures.joined(separator: "; ")))
+                case .stopping:
+                    finish(.shutdown)
+                }
             }
         }
     }
@@ -194,6 +216,9 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             attempt(address: index + 1)
         case .backingOff:
             attempt(address: 0)
+        case .awaitingUpstream:
+            failures.append("no other upstream became free within \(settings.connectTimeout.shortDescription)")
+            finish(.connectFailed(cause: failures.joined(separator: "; ")))
         case .relaying:
             timerFiredWhileRelaying()
         case .starting, .ended:
@@ -315,11 +340,14 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         case .failed:
             upstream?.close(reset: true)
             client.close(reset: true)
+        case .completed:
+            upstream?.close()
+            client.close()
         default:
-            // Bytes read but not yet delivered are lost: the receiver gets a reset, so that a cut
-            // stream never looks complete. Otherwise FIN.
-            upstream?.close(reset: directions?.clientToUpstream.hasPendingBytes ?? false)
-            client.close(reset: directions?.upstreamToClient.hasPendingBytes ?? false)
+            // Cut short (idle timeout, stop, no upstream): a direction that has not seen its EOF
+            // ends with a reset to its receiver, so that a cut stream never looks complete.
+            upstream?.close(reset: directions.map { !$0.clientToUpstream.isFinished } ?? false)
+            client.close(reset: directions.map { !$0.upstreamToClient.isFinished } ?? false)
         }
         ConnectionLog(
             relay: settings.relayName, client: clientEndpoint.description,

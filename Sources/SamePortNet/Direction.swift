@@ -39,8 +39,6 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
     /// nanoseconds. Writes count too: a slow reader being fed is not idle.
     private(set) var lastActivity: UInt64
     private(set) var isFinished = false
-    /// True when bytes were read but not yet delivered: closing now would lose them.
-    var hasPendingBytes: Bool { start < end }
 
     /// The receiving socket's send queue when last looked at, for `noteKernelProgress`.
     private var unsentAtLastLook = -1

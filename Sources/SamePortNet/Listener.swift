@@ -136,8 +136,12 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
                 case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
                     onFatalError?(error)  // the listening socket itself is broken
                     return
-                case .tooManyOpenFiles, .fileTableOverflow, .noBufferSpace, .outOfMemory:
-                    // Out of descriptors or memory: pause instead of spinning on a readable socket.
+                case .connectionAborted, .protocolError, .protocolNotAvailable, .hostDown, .noNetwork,
+                     .hostUnreachable, .operationNotSupported, .networkUnreachable, .networkDown, .timedOut:
+                    continue  // accept(2): a pending network error of that one connection; serve the next
+                default:
+                    // Out of descriptors or memory, or refused by a security module (EPERM, EACCES,
+                    // which recur on every retry): pause instead of spinning on a readable socket.
                     isBackingOff = true
                     updateSource()
                     queue.asyncAfter(deadline: .now() + .milliseconds(100)) { [self] in
@@ -146,11 +150,6 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
                     }
                     onTemporaryFailure?(error)
                     return
-                default:
-                    // accept(2): pending network errors of the new connection (ECONNABORTED, EPROTO,
-                    // ENETDOWN, EHOSTUNREACH, ...) and refusals by a security module (EPERM, EACCES)
-                    // concern that client only: serve the next.
-                    continue
                 }
             }
         }

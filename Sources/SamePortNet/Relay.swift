@@ -29,6 +29,20 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     /// Connections served since start, for status lines; read it through `counts()`.
     private var servedCount: UInt64 = 0
 
+    /// A connection whose upstream failed, waiting for another one to free up.
+    private struct Failover {
+        var id: ObjectIdentifier
+        var egress: Endpoint?
+        var isIPv6: Bool
+        var tried: Set<Int>
+        var answer: @Sendable (Connection.Failover) -> Void
+    }
+    /// Connections failing over, served before queued clients: they were accepted earlier.
+    private var failingOver: [Failover] = []
+
+    /// How long an upstream that refused or timed out is passed over (nginx's fail_timeout).
+    private static let downTime = Duration.seconds(10)
+
     /// A client that found every upstream in use and is waiting for one.
     private struct Waiter {
         var client: Socket
@@ -142,6 +156,10 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             for waiter in waiting.removeAll() {
                 endWaiter(waiter, .shutdown)
             }
+            for failover in failingOver {
+                failover.answer(.stopping)
+            }
+            failingOver.removeAll()
             for (connection, _) in connections.values {
                 connection.stop()
             }
@@ -198,7 +216,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     private func serve(_ waiter: Waiter) -> Bool {
         let booked: Endpoint?
         if case .fixed(let endpoint) = waiter.binding { booked = endpoint } else { booked = nil }
-        switch selector.reserve(egress: booked, isIPv6: waiter.binding.isIPv6) {
+        switch selector.reserve(egress: booked, isIPv6: waiter.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds) {
         case .busy:
             return false
         case .noAddressOfFamily:
@@ -257,21 +275,25 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         ).log(to: logger)
     }
 
-    /// Frees the upstream a connection could not reach and books another free one it has not tried.
+    /// Frees the upstream a connection could not reach, passes it over for a while, and hands the
+    /// connection another upstream it has not tried: at once if one is free, later if one is busy.
     private func replaceUpstream(
         of id: ObjectIdentifier, egress: Endpoint?, isIPv6: Bool, tried: Set<Int>,
-        answer: @Sendable (UpstreamSelector.Reservation?) -> Void
+        answer: @escaping @Sendable (Connection.Failover) -> Void
     ) {
-        guard let entry = connections[id], !isStopping else { return answer(nil) }
-        if let reservation = entry.reservation { selector.release(reservation) }
-        guard case .reserved(let next) = selector.reserve(egress: egress, isIPv6: isIPv6, excluding: tried) else {
-            connections[id] = (entry.connection, nil)
-            serveWaiters()
-            return answer(nil)
+        guard let entry = connections[id] else { return answer(.noneLeft) }
+        guard !isStopping else { return answer(.stopping) }
+        if let reservation = entry.reservation {
+            selector.release(reservation)
+            selector.markDown(reservation.upstreamIndex, until: DispatchTime.now().uptimeNanoseconds + UInt64(Self.downTime.components.seconds) * 1_000_000_000)
+            if selector.upstreams.count > 1 {
+                logger.warning("upstream \(spec.upstreams[reservation.upstreamIndex]) failed to connect: passed over for \(Self.downTime.shortDescription)", metadata: ["relay": .string(spec.name)])
+            }
         }
-        connections[id] = (entry.connection, next)
+        connections[id] = (entry.connection, nil)
+        failingOver.append(Failover(id: id, egress: egress, isIPv6: isIPv6, tried: tried, answer: answer))
         serveWaiters()
-        answer(next)
+        updateAccepting()
     }
 
     private func connectionEnded(_ id: ObjectIdentifier) {
@@ -283,8 +305,24 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         finishStopIfDone()
     }
 
-    /// Serves queued clients, oldest first, while upstreams are free; drops those that reset.
+    /// Serves connections failing over, then queued clients, oldest first, while upstreams are
+    /// free; drops queued clients that reset.
     private func serveWaiters() {
+        let now = DispatchTime.now().uptimeNanoseconds
+        failingOver.removeAll { failover in
+            guard let entry = connections[failover.id] else { return true }  // ended meanwhile
+            switch selector.reserve(egress: failover.egress, isIPv6: failover.isIPv6, excluding: failover.tried, now: now) {
+            case .reserved(let next):
+                connections[failover.id] = (entry.connection, next)
+                failover.answer(.reserved(next))
+                return true
+            case .noAddressOfFamily:
+                failover.answer(.noneLeft)
+                return true
+            case .busy:
+                return false
+            }
+        }
         waiting.serve { waiter in
             if waiter.client.peerHasReset() {
                 endWaiter(waiter, .clientReset)

@@ -31,6 +31,12 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     public static let invalidArgument = Errno(rawValue: EINVAL)
     public static let notASocket = Errno(rawValue: ENOTSOCK)
     public static let badAddress = Errno(rawValue: EFAULT)
+    public static let protocolError = Errno(rawValue: EPROTO)
+    public static let protocolNotAvailable = Errno(rawValue: ENOPROTOOPT)
+    public static let hostDown = Errno(rawValue: EHOSTDOWN)
+    public static let noNetwork = Errno(rawValue: ENONET)
+    public static let operationNotSupported = Errno(rawValue: EOPNOTSUPP)
+    public static let networkDown = Errno(rawValue: ENETDOWN)
 
     /// The C library's text for this errno, as strerror(3) gives it.
     public var description: String { String(cString: strerror(rawValue)) }

@@ -161,4 +161,32 @@ struct BusyPolicyTests {
         #expect(lines.allSatisfy { field("end", in: $0) == "completed" && field("upstream", in: $0) == live.endpoint.description })
         #expect(live.peers == Array(repeating: listen, count: 6))
     }
+
+    /// Two upstreams, both busy; one then stops listening. A third client is handed that one,
+    /// is refused, and must wait for the other to free up rather than fail at once.
+    @Test("failover waits for a busy upstream instead of failing at once")
+    func failoverWaitsForBusyUpstream() throws {
+        let one = try TestServer(handler: TestServer.echo)
+        defer { one.stop() }
+        let two = try TestServer(handler: TestServer.echo)
+        defer { two.stop() }
+        let (relay, listen) = try startRelay(
+            upstreams: [one.endpoint.description, two.endpoint.description], ["--connect-timeout", "10s"])
+        defer { relay.stop() }
+        let first = try openEchoed(listen, "first\n")
+        let second = try openEchoed(listen, "second\n")
+        one.stop()  // refuses from now on
+        let onFirst = one.peers.count == 1
+        (onFirst ? first : second).close()
+        try relay.waitForLines(containing: "connection ended")
+        let third = try TestSocket.connect(to: listen)
+        try third.sendAll(Array("third\n".utf8))
+        try relay.waitForLines(containing: "failed to connect: passed over")
+        #expect(relay.lines(containing: "connection ended").count == 1, "the third client failed instead of waiting")
+        (onFirst ? second : first).close()
+        #expect(try third.receive(exactly: 6, timeout: .seconds(10)).bytes == Array("third\n".utf8))
+        third.close()
+        let lines = try relay.waitForLines(containing: "connection ended", count: 3)
+        #expect(lines.allSatisfy { field("end", in: $0) == "completed" }, "\(lines)")
+    }
 }

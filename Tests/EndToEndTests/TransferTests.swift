@@ -153,6 +153,24 @@ struct TransferTests {
         #expect(field("end", in: relay.lines(containing: "connection ended").first ?? "") == "shutdown")
     }
 
+    @Test("Stopping while the client sends resets the upstream: its stream was cut, not ended")
+    func stopWhileClientSends() throws {
+        let seen = Locked<TestSocket.End?>(nil)
+        let upstream = try TestServer { socket in
+            let end = try? socket.waitForEnd(timeout: .seconds(20))
+            seen.withLock { $0 = end }
+        }
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        let client = try TestSocket.connect(to: listen)
+        let sender = Background { _ = client.sendUntilBlocked(total: 1 << 34, timeout: .seconds(3)) }
+        usleep(500_000)  // the scenario: a transfer under way
+        #expect(relay.stop() == 0)
+        #expect(waitUntil(timeout: .seconds(10)) { seen.withLock { $0 } != nil })
+        #expect(seen.withLock { $0 } == .reset)
+        #expect(sender.join(timeout: .seconds(10)))
+    }
+
     @Test("A slow reader being fed is not idle: the idle timeout counts writes too")
     func slowReaderIsNotIdle() throws {
         let payload = pattern(count: 8 << 20, seed: 6)

@@ -259,4 +259,32 @@ struct UpstreamSelectorTests {
         _ = try reservation(selector.reserve(egress: plainEgress, isIPv6: false))
         #expect(selector.pairsInUse == 1)
     }
+
+    @Test("an upstream marked down is passed over until its time is up")
+    func markedDown() throws {
+        let egress = try ep("127.0.0.1:7000")
+        var selector = UpstreamSelector(upstreams: [[try ep("127.0.0.1:9001")], [try ep("127.0.0.1:9002")]])
+        selector.markDown(0, until: 1_000)
+        // While down, only the other one is handed out, round after round.
+        for _ in 0..<3 {
+            let booked = try reservation(selector.reserve(egress: egress, isIPv6: false, now: 500))
+            #expect(booked.upstreamIndex == 1)
+            selector.release(booked)
+        }
+        // A healthy upstream that is only busy is waited for rather than the down one tried.
+        let held = try reservation(selector.reserve(egress: egress, isIPv6: false, now: 500))
+        #expect(selector.reserve(egress: egress, isIPv6: false, now: 500) == .busy)
+        // The down one is tried when it is the only candidate left.
+        let last = try reservation(selector.reserve(egress: egress, isIPv6: false, excluding: [1], now: 500))
+        #expect(last.upstreamIndex == 0)
+        selector.release(last)
+        selector.release(held)
+        // After its time, it is back in the rotation.
+        let indices = try (0..<2).map { _ in
+            let booked = try reservation(selector.reserve(egress: egress, isIPv6: false, now: 2_000))
+            selector.release(booked)
+            return booked.upstreamIndex
+        }
+        #expect(Set(indices) == [0, 1])
+    }
 }
