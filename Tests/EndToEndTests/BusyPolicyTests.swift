@@ -20,10 +20,8 @@ struct BusyPolicyTests {
 
     @Test("queue: the second client waits for the pair, then is served from the same ip:P")
     func queue() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--connect-timeout", "10s"])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay(["--connect-timeout", "10s"])
+        defer { relay.stop(); upstream.stop() }
         let first = try openEchoed(listen, "first\n")
         let second = try TestSocket.connect(to: listen)
         try second.sendAll(Array("second\n".utf8))
@@ -42,11 +40,8 @@ struct BusyPolicyTests {
 
     @Test("queue: a client waits no longer than the connect timeout, and the queue is bounded")
     func queueLimits() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(
-            upstreams: [upstream.endpoint.description], ["--connect-timeout", "600ms", "--queue-limit", "1"])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay(["--connect-timeout", "600ms", "--queue-limit", "1"])
+        defer { relay.stop(); upstream.stop() }
         let first = try openEchoed(listen, "first\n")
         defer { first.close() }
         let waiting = try TestSocket.connect(to: listen)
@@ -62,10 +57,8 @@ struct BusyPolicyTests {
 
     @Test("reject: the second client is closed at once and the reason logged")
     func reject() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--on-busy", "reject"])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay(["--on-busy", "reject"])
+        defer { relay.stop(); upstream.stop() }
         let first = try openEchoed(listen, "first\n")
         defer { first.close() }
         let second = try TestSocket.connect(to: listen)
@@ -79,10 +72,8 @@ struct BusyPolicyTests {
 
     @Test("ephemeral: the second client is served from another port, and that is logged")
     func ephemeral() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--on-busy", "ephemeral"])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay(["--on-busy", "ephemeral"])
+        defer { relay.stop(); upstream.stop() }
         let first = try openEchoed(listen, "first\n")
         let second = try openEchoed(listen, "second\n")
         first.close()
@@ -130,10 +121,8 @@ struct BusyPolicyTests {
 
     @Test("queue: a client that resets while queued is dropped, not dialled")
     func queuedClientResets() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--connect-timeout", "10s"])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay(["--connect-timeout", "10s"])
+        defer { relay.stop(); upstream.stop() }
         let first = try openEchoed(listen, "first\n")
         let quitter = try TestSocket.connect(to: listen)
         quitter.reset()

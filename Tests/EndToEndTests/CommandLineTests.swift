@@ -137,10 +137,8 @@ struct CommandLineTests {
 
     @Test("SIGHUP does not stop a relay run from flags")
     func hangup() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay()
+        defer { relay.stop(); upstream.stop() }
         kill(relay.pid, SIGHUP)
         try relay.waitForLines(containing: "SIGHUP: nothing to reload")
         let client = try TestSocket.connect(to: listen)
@@ -151,10 +149,8 @@ struct CommandLineTests {
 
     @Test("--log-format json: one JSON object per line with the connection's fields")
     func jsonLogs() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--log-format", "json"])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay(["--log-format", "json"])
+        defer { relay.stop(); upstream.stop() }
         let client = try TestSocket.connect(to: listen)
         try client.sendAll(Array("json".utf8))
         _ = try client.receive(exactly: 4, timeout: .seconds(5))

@@ -22,10 +22,8 @@ struct FixedSourcePortTests {
 
     @Test("IPv4: the upstream's getpeername() is the relay's listen ip:P")
     func ipv4() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay()
+        defer { relay.stop(); upstream.stop() }
         #expect(try peerSeen(through: listen, upstream: upstream) == listen)
         #expect(try peerSeen(through: listen, upstream: upstream) == listen)
         let line = try relay.waitForLines(containing: "connection ended", count: 2)[0]
@@ -74,10 +72,8 @@ struct FixedSourcePortTests {
 
     @Test("--egress ephemeral dials from the reached IP with a kernel-chosen port")
     func ephemeralEgress() throws {
-        let upstream = try TestServer(handler: TestServer.echo)
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--egress", "ephemeral"])
-        defer { relay.stop() }
+        let (upstream, relay, listen) = try startEchoRelay(["--egress", "ephemeral"])
+        defer { relay.stop(); upstream.stop() }
         let peer = try #require(try peerSeen(through: listen, upstream: upstream))
         #expect(peer.address == listen.address)
         #expect(peer.port != listen.port)

@@ -30,6 +30,18 @@ func startRelay(
     throw TestError.failed("could not start the relay: \(lastOutput)")
 }
 
+/// An echo upstream on 127.0.0.1 and a relay to it, with `extra` flags; the caller stops both.
+func startEchoRelay(_ extra: [String] = []) throws -> (upstream: TestServer, relay: RelayProcess, listen: Endpoint) {
+    let upstream = try TestServer(handler: TestServer.echo)
+    do {
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], extra)
+        return (upstream, relay, listen)
+    } catch {
+        upstream.stop()
+        throw error
+    }
+}
+
 /// The `key=value` field of a log line.
 func field(_ key: String, in line: String) -> String? {
     line.split(separator: " ").first { $0.hasPrefix("\(key)=") }.map { String($0.dropFirst(key.count + 1)) }
