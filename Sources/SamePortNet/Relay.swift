@@ -26,8 +26,6 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     private var listener: Listener?
     private var isStopping = false
     private var stopCompletion: (@Sendable () -> Void)?
-    /// Connections served since start, for status lines; read it through `counts()`.
-    private var servedCount: UInt64 = 0
 
     /// A connection whose upstream failed, waiting for another one to free up.
     private struct Failover {
@@ -167,11 +165,6 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         }
     }
 
-    /// Open connections and waiting clients, read on the relay's queue.
-    public func counts() -> (open: Int, waiting: Int, served: UInt64) {
-        queue.sync { (connections.count, waiting.count, servedCount) }
-    }
-
     // MARK: Accepting
 
     private func accepted(_ client: Socket) {
@@ -298,7 +291,6 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
 
     private func connectionEnded(_ id: ObjectIdentifier) {
         guard let entry = connections.removeValue(forKey: id) else { return }
-        servedCount += 1
         if let reservation = entry.reservation { selector.release(reservation) }
         serveWaiters()
         updateAccepting()
