@@ -37,6 +37,9 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
         return false
     }
 
+    /// "IPv4" or "IPv6", for messages.
+    public var familyName: String { isIPv6 ? "IPv6" : "IPv4" }
+
     /// True for 0.0.0.0 and ::.
     public var isUnspecified: Bool { self == .anyV4 || self == .anyV6 }
 

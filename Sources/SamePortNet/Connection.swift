@@ -109,7 +109,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         do {
             socket = try binding.makeSocket()
         } catch {
-            return finish(.connectFailed(cause: "egress \(binding): \(error)\(Self.egressHint(error))"))
+            let hint = EgressBinding.hint(for: error.errno).map { " (\($0))" } ?? ""
+            return finish(.connectFailed(cause: "egress \(binding): \(error)\(hint)"))
         }
         do {
             let connected = try socket.connect(to: address)
@@ -117,11 +118,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             if connected { return didConnect(channel, address: address) }
             state = .connecting(channel: channel, address: index)
             // Readable during connect means it finished too: refused (a hang-up) or data already.
-            channel.onWritable = { [unowned self] in connectFinished() }
-            channel.onReadable = { [unowned self] in connectFinished() }
+            channel.onWritable = { [unowned self] in concludeConnect(deadlinePassed: false) }
+            channel.onReadable = { [unowned self] in concludeConnect(deadlinePassed: false) }
             channel.setWriting(true)
             channel.setReading(true)
-            timer.schedule(deadline: .now() + settings.connectTimeout.dispatchInterval, leeway: .milliseconds(10))
+            armTimer(after: settings.connectTimeout)
         } catch {
             socket.close()
             if error.errno == .addressNotAvailable { sawAddressNotAvailable = true }
@@ -130,43 +131,44 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         }
     }
 
-    private func connectFinished() {
+    /// Decides how a connect in progress ended: on its event, or at the connect deadline. A socket
+    /// says itself whether it connected or failed, also when its completion event was lost (see
+    /// the watchdog).
+    private func concludeConnect(deadlinePassed: Bool) {
         guard case .connecting(let channel, let index) = state else { return }
-        channel.setWriting(false)
-        channel.setReading(false)
-        timer.schedule(deadline: .distantFuture)
         let address = reservation.addresses[index]
-        if let error = channel.socket.pendingError() {
-            channel.close()
-            failures.append("\(address): \(SystemError("connect", error))")
-            return attempt(address: index + 1)
+        let error = channel.socket.pendingError()
+        if error == nil, !deadlinePassed || (try? channel.socket.peerEndpoint()) != nil {
+            timer.schedule(deadline: .distantFuture)
+            return didConnect(channel, address: address)
         }
-        didConnect(channel, address: address)
+        channel.close()
+        let cause = error.map { "\(SystemError("connect", $0))" }
+            ?? "connect timed out after \(settings.connectTimeout.shortDescription)"
+        failures.append("\(address): \(cause)")
+        attempt(address: index + 1)
     }
 
+    /// Every address of the upstream failed: retry a held 4-tuple, fail over, or give up.
     private func roundFailed() {
         let now = DispatchTime.now()
         if sawAddressNotAvailable {
             let deadline = retryDeadline ?? now + settings.connectTimeout.dispatchInterval
             retryDeadline = deadline
-            if now < deadline {
-                state = .backingOff
-                failures.removeAll()
-                sawAddressNotAvailable = false
-                let delay = min(now + backoff.nextDelay().dispatchInterval, deadline)
-                timer.schedule(deadline: delay, leeway: .milliseconds(1))
-                return
+            guard now < deadline else {
+                return failDial("the 4-tuple from \(binding) stayed held (TIME_WAIT or another process); add upstreams or use --on-busy ephemeral")
             }
+            state = .backingOff
+            failures.removeAll()
+            sawAddressNotAvailable = false
+            timer.schedule(deadline: min(now + backoff.nextDelay().dispatchInterval, deadline), leeway: .milliseconds(1))
+            return
         }
-        if sawAddressNotAvailable {
-            failures.append("the 4-tuple from \(binding) stayed held (TIME_WAIT or another process); add upstreams or use --on-busy ephemeral")
-            return finish(.connectFailed(cause: failures.joined(separator: "; ")))
-        }
-        guard let onUpstreamFailed else { return finish(.connectFailed(cause: failures.joined(separator: "; "))) }
+        guard let onUpstreamFailed else { return failDial() }
         // Fail over to another upstream: at once if one is free, else when one frees up, within
         // the connect timeout.
         state = .awaitingUpstream
-        timer.schedule(deadline: .now() + settings.connectTimeout.dispatchInterval, leeway: .milliseconds(10))
+        armTimer(after: settings.connectTimeout)
         onUpstreamFailed(triedUpstreams) { [self] answer in
             queue.async { [self] in
                 guard case .awaitingUpstream = state else { return }
@@ -179,7 +181,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
                     retryDeadline = nil
                     attempt(address: 0)
                 case .noneLeft:
-                    finish(.connectFailed(cause: failures.joined(separator: "; ")))
+                    failDial()
                 case .stopping:
                     finish(.shutdown)
                 }
@@ -187,38 +189,23 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         }
     }
 
-    private static func egressHint(_ error: SystemError) -> String {
-        switch error.errno {
-        case .addressInUse:
-            return " (another socket holds this address without SO_REUSEPORT, or belongs to another user)"
-        case .permissionDenied:
-            return " (ports below 1024 need CAP_NET_BIND_SERVICE for the egress socket too)"
-        case .addressNotAvailable:
-            return " (the egress IP is not an address of this host)"
-        default:
-            return ""
-        }
+    /// Ends a connection that never reached an upstream, naming every cause.
+    private func failDial(_ last: String? = nil) {
+        finish(.connectFailed(cause: (failures + (last.map { [$0] } ?? [])).joined(separator: "; ")))
+    }
+
+    private func armTimer(after duration: Duration) {
+        timer.schedule(deadline: .now() + duration.dispatchInterval, leeway: .milliseconds(10))
     }
 
     private func timerFired() {
         switch state {
-        case .connecting(let channel, let index):
-            // The completion event may have been lost (see the watchdog): a socket that has
-            // connected, or failed, says so itself.
-            let error = channel.socket.pendingError()
-            if error == nil, (try? channel.socket.peerEndpoint()) != nil {
-                return didConnect(channel, address: reservation.addresses[index])
-            }
-            channel.close()
-            let cause = error.map { "\(SystemError("connect", $0))" }
-                ?? "connect timed out after \(settings.connectTimeout.shortDescription)"
-            failures.append("\(reservation.addresses[index]): \(cause)")
-            attempt(address: index + 1)
+        case .connecting:
+            concludeConnect(deadlinePassed: true)
         case .backingOff:
             attempt(address: 0)
         case .awaitingUpstream:
-            failures.append("no other upstream became free within \(settings.connectTimeout.shortDescription)")
-            finish(.connectFailed(cause: failures.joined(separator: "; ")))
+            failDial("no other upstream became free within \(settings.connectTimeout.shortDescription)")
         case .relaying:
             timerFiredWhileRelaying()
         case .starting, .ended:
@@ -329,7 +316,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         if case .connecting(let channel, _) = state { channel.close() }
         state = .ended
         timer.cancel()
-        // A reset on one side becomes a reset on the other; everything else closes with FIN.
+        // A reset on one side becomes a reset on the other; a clean end closes with FIN.
         switch end {
         case .clientReset:
             client.close()

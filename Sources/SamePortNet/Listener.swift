@@ -45,20 +45,35 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
     /// SO_REUSEPORT would let a second process bind the same port and silently share clients, so
     /// an exclusive probe (SO_REUSEADDR only) runs first and refuses a port someone else holds.
     static func open(_ endpoint: Endpoint, dualStack: Bool, queue: DispatchQueue) throws(StartupError) -> Listener {
-        let what = "cannot listen on \(endpoint)"
-        do throws(SystemError) {
-            let probe = try makeSocket(endpoint, dualStack: dualStack, reusePort: false)
-            probe.close()
-            let socket = try makeSocket(endpoint, dualStack: dualStack, reusePort: true)
-            do throws(SystemError) {
-                try socket.listen(backlog: backlog)
-                return Listener(socket: socket, endpoint: try socket.localEndpoint(), queue: queue)
-            } catch {
-                socket.close()
-                throw error
-            }
+        do {
+            return try bind(endpoint, dualStack: dualStack, queue: queue)
         } catch {
-            throw StartupError("\(what): \(error.errno)\(hint(for: error.errno, endpoint: endpoint))")
+            throw StartupError("cannot listen on \(endpoint): \(error.errno)\(hint(for: error.errno, endpoint: endpoint))")
+        }
+    }
+
+    /// Listens on every local address: one dual-stack [::]:port socket, or 0.0.0.0:port on a
+    /// host without IPv6.
+    static func openWildcard(port: UInt16, queue: DispatchQueue) throws(StartupError) -> Listener {
+        do {
+            return try bind(Endpoint(.anyV6, port), dualStack: true, queue: queue)
+        } catch where error.errno == .addressFamilyNotSupported {
+            return try open(Endpoint(.anyV4, port), dualStack: false, queue: queue)
+        } catch {
+            throw StartupError("cannot listen on *:\(port): \(error.errno)\(hint(for: error.errno, endpoint: Endpoint(.anyV6, port)))")
+        }
+    }
+
+    private static func bind(_ endpoint: Endpoint, dualStack: Bool, queue: DispatchQueue) throws(SystemError) -> Listener {
+        let probe = try makeSocket(endpoint, dualStack: dualStack, reusePort: false)
+        probe.close()
+        let socket = try makeSocket(endpoint, dualStack: dualStack, reusePort: true)
+        do throws(SystemError) {
+            try socket.listen(backlog: backlog)
+            return Listener(socket: socket, endpoint: try socket.localEndpoint(), queue: queue)
+        } catch {
+            socket.close()
+            throw error
         }
     }
 
@@ -90,7 +105,7 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
         case .addressNotAvailable:
             return ": \(endpoint.address) is not an address of this host; listen on one of its addresses or on *:\(endpoint.port)"
         case .addressFamilyNotSupported:
-            return ": this host has no \(endpoint.address.isIPv6 ? "IPv6" : "IPv4") support"
+            return ": this host has no \(endpoint.address.familyName) support"
         default:
             return ""
         }

@@ -69,11 +69,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         let listener: Listener
         switch spec.listen.host {
         case .any:
-            do {
-                listener = try Listener.open(Endpoint(.anyV6, spec.listen.port), dualStack: true, queue: queue)
-            } catch where error.message.contains("\(Errno.addressFamilyNotSupported)") {
-                listener = try Listener.open(Endpoint(.anyV4, spec.listen.port), dualStack: false, queue: queue)
-            }
+            listener = try Listener.openWildcard(port: spec.listen.port, queue: queue)
         case .ip(let address):
             listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, queue: queue)
         case .name:
@@ -104,26 +100,11 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     /// user owns the listener, SO_REUSEPORT off, a foreign egress IP) is a start-up error, not a
     /// failure on every client later.
     private func probeEgress(_ listenEndpoint: Endpoint) throws(StartupError) {
-        let binding: EgressBinding
-        switch spec.egress {
-        case .samePort: binding = .fixed(listenEndpoint)
-        case .ephemeral: return
-        case .fixed(let endpoint): binding = endpoint.port == 0 ? .ephemeral(endpoint.address) : .fixed(endpoint)
-        }
+        let binding = EgressBinding(mode: spec.egress, local: listenEndpoint)
         do {
             try binding.makeSocket().close()
         } catch {
-            let hint: String
-            switch error.errno {
-            case .addressInUse:
-                hint = "the listening socket must have SO_REUSEPORT and belong to this user"
-            case .addressNotAvailable:
-                hint = "the egress IP is not an address of this host"
-            case .permissionDenied:
-                hint = "ports below 1024 need CAP_NET_BIND_SERVICE"
-            default:
-                hint = "check --egress"
-            }
+            let hint = EgressBinding.hint(for: error.errno) ?? "check --egress"
             throw StartupError("relay \(spec.name): the egress cannot bind \(binding): \(error.errno): \(hint)")
         }
     }
@@ -131,14 +112,9 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     /// Refuses a relay whose egress can only be IPv4 (or IPv6) while no upstream has an address of
     /// that family: every client would fail. A wildcard listener can take either family.
     private func checkFamilies(_ listenEndpoint: Endpoint) throws(StartupError) {
-        let egressAddress: IPAddress
-        switch spec.egress {
-        case .fixed(let endpoint): egressAddress = endpoint.address
-        case .samePort, .ephemeral:
-            guard !listenEndpoint.address.isUnspecified else { return }
-            egressAddress = listenEndpoint.address.unmapped
-        }
-        let family = egressAddress.isIPv6 ? "IPv6" : "IPv4"
+        let egressAddress = EgressBinding(mode: spec.egress, local: listenEndpoint).address
+        guard !egressAddress.isUnspecified else { return }
+        let family = egressAddress.familyName
         guard selector.upstreams.contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
             throw StartupError("relay \(spec.name): no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
         }
@@ -177,13 +153,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             ).log(to: logger)
             return
         }
-        let egressAddress = local.address.unmapped
-        let binding: EgressBinding
-        switch spec.egress {
-        case .samePort: binding = .fixed(Endpoint(egressAddress, local.port))
-        case .ephemeral: binding = .ephemeral(egressAddress)
-        case .fixed(let endpoint): binding = endpoint.port == 0 ? .ephemeral(endpoint.address) : .fixed(endpoint)
-        }
+        let binding = EgressBinding(mode: spec.egress, local: local)
         let waiter = Waiter(
             client: client, clientEndpoint: peer.unmapped, binding: binding, acceptedAt: acceptedAt)
         logger.debug("accepted", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint), "egress": .stringConvertible(binding)])
@@ -194,7 +164,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             case .ephemeral:
                 logger.notice("every upstream is in use from \(binding): dialling from an ephemeral port", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint)])
                 var fallback = waiter
-                if case .fixed(let endpoint) = binding { fallback.binding = .ephemeral(endpoint.address) }
+                fallback.binding = .ephemeral(binding.address)
                 if !serve(fallback) { endWaiter(waiter, .connectFailed(cause: "no upstream address")) }
             case .queue:
                 enqueue(waiter)
@@ -207,14 +177,12 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     ///
     /// - Returns: false when every upstream is in use from that egress.
     private func serve(_ waiter: Waiter) -> Bool {
-        let booked: Endpoint?
-        if case .fixed(let endpoint) = waiter.binding { booked = endpoint } else { booked = nil }
+        let booked = waiter.binding.bookedEndpoint
         switch selector.reserve(egress: booked, isIPv6: waiter.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds) {
         case .busy:
             return false
         case .noAddressOfFamily:
-            let family = waiter.binding.isIPv6 ? "IPv6" : "IPv4"
-            endWaiter(waiter, .connectFailed(cause: "no upstream has an \(family) address to dial from \(waiter.binding)"))
+            endWaiter(waiter, .connectFailed(cause: "no upstream has an \(waiter.binding.address.familyName) address to dial from \(waiter.binding)"))
             return true
         case .reserved(let reservation):
             waiter.timer?.cancel()
@@ -230,7 +198,6 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             connection.onEnd = { [unowned self] _ in
                 queue.async { self.connectionEnded(id) }
             }
-            let booked = booked
             let isIPv6 = waiter.binding.isIPv6
             connection.onUpstreamFailed = { [unowned self] tried, answer in
                 queue.async { self.replaceUpstream(of: id, egress: booked, isIPv6: isIPv6, tried: tried, answer: answer) }
@@ -278,7 +245,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         guard !isStopping else { return answer(.stopping) }
         if let reservation = entry.reservation {
             selector.release(reservation)
-            selector.markDown(reservation.upstreamIndex, until: DispatchTime.now().uptimeNanoseconds + UInt64(Self.downTime.components.seconds) * 1_000_000_000)
+            selector.markDown(reservation.upstreamIndex, until: (DispatchTime.now() + Self.downTime.dispatchInterval).uptimeNanoseconds)
             if selector.upstreams.count > 1 {
                 logger.warning("upstream \(spec.upstreams[reservation.upstreamIndex]) failed to connect: passed over for \(Self.downTime.shortDescription)", metadata: ["relay": .string(spec.name)])
             }

@@ -44,29 +44,34 @@ struct Daemon {
             "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
             metadata: ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)])
 
-        let signals = [SIGTERM, SIGINT].map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
-            source.setEventHandler {
-                logger.info("stopping on \(number == SIGTERM ? "SIGTERM" : "SIGINT")")
-                relay.stop {
-                    logger.info("stopped")
-                    exit(0)
-                }
-                // Every connection is closed by stop(); should one hang, do not hang with it.
-                DispatchQueue.main.asyncAfter(deadline: .now() + .seconds(5)) { exit(0) }
+        let stop: @Sendable (String) -> Void = { name in
+            logger.info("stopping on \(name)")
+            relay.stop {
+                logger.info("stopped")
+                exit(0)
             }
-            source.activate()
-            return source
+            // Every connection is closed by stop(); should one hang, do not hang with it.
+            DispatchQueue.main.asyncAfter(deadline: .now() + .seconds(5)) { exit(0) }
         }
-        // SIGHUP would end the process by default; a relay from command-line flags has nothing to
-        // re-read, so say so and keep serving.
-        signal(SIGHUP, SIG_IGN)
-        let hangup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .main)
-        hangup.setEventHandler {
-            logger.notice("SIGHUP: nothing to reload for a relay configured on the command line; still serving")
-        }
-        hangup.activate()
-        withExtendedLifetime((signals, hangup)) { dispatchMain() }
+        let sources = [
+            Self.onSignal(SIGTERM, "SIGTERM", stop), Self.onSignal(SIGINT, "SIGINT", stop),
+            // SIGHUP would end the process by default; a relay from command-line flags has nothing
+            // to re-read, so say so and keep serving.
+            Self.onSignal(SIGHUP, "SIGHUP") { _ in
+                logger.notice("SIGHUP: nothing to reload for a relay configured on the command line; still serving")
+            },
+        ]
+        withExtendedLifetime(sources) { dispatchMain() }
+    }
+
+    /// Handles `number` on the main queue instead of its default action.
+    private static func onSignal(
+        _ number: Int32, _ name: String, _ handler: @escaping @Sendable (String) -> Void
+    ) -> DispatchSourceSignal {
+        signal(number, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
+        source.setEventHandler { handler(name) }
+        source.activate()
+        return source
     }
 }
