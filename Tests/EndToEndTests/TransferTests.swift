@@ -201,4 +201,31 @@ struct TransferTests {
         #expect(end == .eof)
         #expect(received == payload)
     }
+
+    @Test("Bytes the kernel is still delivering to a slow reader count as activity")
+    func kernelDeliveryIsNotIdle() throws {
+        // 2 MiB fits in the kernel's socket buffers at once: the relay has nothing left to read
+        // or write while the client drains them, slowly, for longer than the idle timeout. The
+        // upstream stays open, so only the send queue shrinking shows the connection is alive.
+        let payload = pattern(count: 2 << 20, seed: 7)
+        let upstream = try TestServer { socket in
+            try? socket.sendAll(payload, timeout: .seconds(30))
+            _ = try? socket.waitForEnd(timeout: .seconds(30))
+        }
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--idle-timeout", "500ms"])
+        defer { relay.stop() }
+        let client = try TestSocket.tcp(ipv6: false)
+        client.setOption(SOL_SOCKET, SO_RCVBUF, 16 * 1024)
+        let connected = try TestSocket.connect(to: listen, using: client)
+        var received: [UInt8] = []
+        while received.count < payload.count {
+            let chunk = try connected.receive(exactly: min(64 * 1024, payload.count - received.count), timeout: .seconds(5))
+            received += chunk.bytes
+            #expect(chunk.end == nil, "cut after \(received.count) of \(payload.count) bytes")
+            if chunk.end != nil { return }
+            usleep(50_000)
+        }
+        #expect(received == payload)
+    }
 }
