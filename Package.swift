@@ -10,6 +10,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/LebJe/TOMLKit", exact: "0.6.0"),
     ],
     targets: [
         // What Glibc hides from Swift (splice, pipe2, accept4, ...), compiled with _GNU_SOURCE.
@@ -20,6 +21,12 @@ let package = Package(
         // Pure Swift: endpoints, options, policies, bookkeeping. No syscalls.
         .target(name: "SamePortCore"),
         // The only module that talks to the kernel: sockets, listener, dialer, pump, relay.
+        // The configuration file: TOML read with TOMLKit, validated into RelaySpecs, every
+        // problem reported as FILE:LINE:COLUMN.
+        .target(
+            name: "SamePortConfig",
+            dependencies: ["SamePortCore", .product(name: "TOMLKit", package: "TOMLKit")]
+        ),
         .target(
             name: "SamePortNet",
             dependencies: [
@@ -32,6 +39,7 @@ let package = Package(
             name: "sameport",
             dependencies: [
                 "SamePortCore",
+                "SamePortConfig",
                 "SamePortNet",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -44,6 +52,7 @@ let package = Package(
             path: "Tests/SamePortTestSupport"
         ),
         .testTarget(name: "SamePortCoreTests", dependencies: ["SamePortCore"]),
+        .testTarget(name: "SamePortConfigTests", dependencies: ["SamePortConfig", "SamePortCore"]),
         .testTarget(
             name: "SamePortNetTests",
             dependencies: ["SamePortNet", "SamePortCore", "SamePortTestSupport"]

@@ -16,6 +16,8 @@ public enum ConnectionEnd: Hashable, Sendable {
     case queueTimeout
     /// The wait queue was full.
     case queueFull
+    /// The client's address is denied, or not allowed, by the relay's allow/deny lists.
+    case refused(cause: String)
     /// The relay was stopping.
     case shutdown
     /// A socket error other than a reset; `cause` names it.
@@ -32,6 +34,7 @@ public enum ConnectionEnd: Hashable, Sendable {
         case .busyRejected: return "busy-rejected"
         case .queueTimeout: return "queue-timeout"
         case .queueFull: return "queue-full"
+        case .refused: return "refused"
         case .shutdown: return "shutdown"
         case .failed: return "error"
         }
@@ -40,7 +43,7 @@ public enum ConnectionEnd: Hashable, Sendable {
     /// The cause behind a failure, when there is one.
     public var cause: String? {
         switch self {
-        case .connectFailed(let cause), .failed(let cause): return cause
+        case .connectFailed(let cause), .failed(let cause), .refused(let cause): return cause
         case .busyRejected: return "every upstream is in use from this egress ip:port (on-busy reject)"
         case .queueTimeout:
             return "no upstream became free within the connect timeout (one connection per upstream from one ip:port: add upstreams, or use --on-busy ephemeral)"

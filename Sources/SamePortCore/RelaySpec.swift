@@ -18,6 +18,8 @@ public struct RelaySpec: Sendable, Equatable {
     public var queueLimit: Int
     /// Bytes buffered per direction of a connection (the back-pressure bound).
     public var bufferSize: Int
+    /// Which clients are served; a refused client is closed at once and logged.
+    public var access: ClientAccess
 
     public static let defaultConnectTimeout = Duration.seconds(5)
     public static let defaultMaxConnections = 1024
@@ -34,7 +36,8 @@ public struct RelaySpec: Sendable, Equatable {
         idleTimeout: Duration? = nil,
         maxConnections: Int = RelaySpec.defaultMaxConnections,
         queueLimit: Int = RelaySpec.defaultQueueLimit,
-        bufferSize: Int = RelaySpec.defaultBufferSize
+        bufferSize: Int = RelaySpec.defaultBufferSize,
+        access: ClientAccess = ClientAccess()
     ) {
         self.name = name
         self.listen = listen
@@ -46,48 +49,67 @@ public struct RelaySpec: Sendable, Equatable {
         self.maxConnections = maxConnections
         self.queueLimit = queueLimit
         self.bufferSize = bufferSize
+        self.access = access
     }
 
     /// Every problem with this spec, each a message that names the value and the fix; empty if valid.
     public func problems() -> [String] {
-        var problems: [String] = []
+        fieldProblems().map(\.message)
+    }
+
+    /// A problem with one field of a spec: the configuration file reports it at that field's key.
+    public struct Problem: Equatable, Sendable {
+        public enum Field: Equatable, Sendable {
+            case name, listen, upstream(index: Int), egress, connectTimeout, idleTimeout
+            case maxConnections, queueLimit, bufferSize
+        }
+        public var field: Field
+        public var message: String
+    }
+
+    /// Every problem with this spec, with the field it is about.
+    public func fieldProblems() -> [Problem] {
+        var problems: [Problem] = []
+        func add(_ field: Problem.Field, _ message: String) {
+            problems.append(Problem(field: field, message: message))
+        }
         if name.isEmpty || !name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isASCIIDigit || "-_.".contains($0)) }) {
-            problems.append("invalid relay name '\(name)': use letters, digits, '-', '_' or '.'")
+            add(.name, "invalid relay name '\(name)': use letters, digits, '-', '_' or '.'")
         }
         if case .name = listen.host {
-            problems.append("invalid listen address '\(listen)': listen on an IP address or *:PORT, not a host name")
+            add(.listen, "invalid listen address '\(listen)': listen on an IP address or *:PORT, not a host name")
         }
         if listen.port == 0 {
-            problems.append("invalid listen address '\(listen)': the port must be from 1 to 65535")
+            add(.listen, "invalid listen address '\(listen)': the port must be from 1 to 65535")
         }
         if upstreams.isEmpty {
-            problems.append("no upstream: give at least one --upstream HOST:PORT")
+            add(.upstream(index: 0), "no upstream: give at least one --upstream HOST:PORT")
         }
-        for upstream in upstreams {
+        for (index, upstream) in upstreams.enumerated() {
             if upstream.host == .any {
-                problems.append("invalid upstream '\(upstream)': '*' is for listening; name the upstream's host")
+                add(.upstream(index: index), "invalid upstream '\(upstream)': '*' is for listening; name the upstream's host")
             } else if upstream.port == 0 {
-                problems.append("invalid upstream '\(upstream)': the port must be from 1 to 65535")
+                add(.upstream(index: index), "invalid upstream '\(upstream)': the port must be from 1 to 65535")
             }
         }
         if let listenEndpoint = listen.endpoint, case .fixed(let egress) = egress,
            egress.address.isIPv6 != listenEndpoint.address.unmapped.isIPv6, !listenEndpoint.address.isUnspecified {
-            problems.append("egress \(egress) and listen \(listen) are of different address families")
+            add(.egress, "egress \(egress) and listen \(listen) are of different address families")
         }
         if connectTimeout <= .zero {
-            problems.append("the connect timeout must be above 0 (for example 5s)")
+            add(.connectTimeout, "the connect timeout must be above 0 (for example 5s)")
         }
         if let idleTimeout, idleTimeout < .zero {
-            problems.append("the idle timeout cannot be negative (0 turns it off)")
+            add(.idleTimeout, "the idle timeout cannot be negative (0 turns it off)")
         }
         if !(1...1_000_000).contains(maxConnections) {
-            problems.append("max connections must be from 1 to 1000000, not \(maxConnections)")
+            add(.maxConnections, "max connections must be from 1 to 1000000, not \(maxConnections)")
         }
         if !(0...1_000_000).contains(queueLimit) {
-            problems.append("the queue limit must be from 0 to 1000000, not \(queueLimit)")
+            add(.queueLimit, "the queue limit must be from 0 to 1000000, not \(queueLimit)")
         }
         if !(4096...(16 << 20)).contains(bufferSize) {
-            problems.append("the buffer size must be from 4096 to 16777216 bytes, not \(bufferSize)")
+            add(.bufferSize, "the buffer size must be from 4096 to 16777216 bytes, not \(bufferSize)")
         }
         return problems
     }

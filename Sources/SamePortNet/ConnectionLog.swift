@@ -31,6 +31,7 @@ struct ConnectionLog {
         let level: Logger.Level
         switch end {
         case .completed, .clientReset, .upstreamReset, .idleTimeout, .shutdown: level = .info
+        case .refused: level = .notice
         default: level = .warning
         }
         logger.log(level: level, "connection ended", metadata: metadata)

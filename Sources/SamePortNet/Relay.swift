@@ -64,8 +64,9 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         waiting = WaitQueue(limit: spec.queueLimit)
     }
 
-    /// Binds the listener and proves that the egress can bind next to it, then starts accepting.
-    public func start() throws(StartupError) {
+    /// Binds the listener and proves that the egress can bind next to it; accepts no client yet,
+    /// so that a daemon with several relays starts all of them or none (see `startAccepting()`).
+    public func open() throws(StartupError) {
         let listener: Listener
         switch spec.listen.host {
         case .any:
@@ -84,7 +85,12 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         }
         listenEndpoint = listener.endpoint
         self.listener = listener
+    }
+
+    /// Starts taking clients on the listener `open()` bound.
+    public func startAccepting() {
         queue.sync {
+            guard let listener else { return }
             listener.onAccept = { [unowned self] in accepted($0) }
             listener.onTemporaryFailure = { [unowned self] error in
                 logger.warning("accept paused for 100ms", metadata: ["relay": .string(spec.name), "cause": .stringConvertible(error)])
@@ -93,6 +99,14 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                 onFatalError?("relay \(spec.name): accept on \(listener.endpoint) failed: \(error)")
             }
             listener.setAccepting(true)
+        }
+    }
+
+    /// Closes the listener of a relay that was opened but will not run (another relay failed).
+    public func close() {
+        queue.sync {
+            listener?.close()
+            listener = nil
         }
     }
 
@@ -156,6 +170,11 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         let binding = EgressBinding(mode: spec.egress, local: local)
         let waiter = Waiter(
             client: client, clientEndpoint: peer.unmapped, binding: binding, acceptedAt: acceptedAt)
+        if let refusal = spec.access.refusal(of: waiter.clientEndpoint.address) {
+            // A reset, not a FIN: the client learns at once, and no TIME_WAIT is left here.
+            client.setResetOnClose()
+            return endWaiter(waiter, .refused(cause: refusal))
+        }
         logger.debug("accepted", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint), "egress": .stringConvertible(binding)])
         if !serve(waiter) {
             switch spec.onBusy {

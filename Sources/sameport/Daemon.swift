@@ -6,10 +6,13 @@ import SamePortNet
 
 /// The daemon's lifetime: resolve, bind, serve until a signal, stop.
 struct Daemon {
-    var spec: RelaySpec
+    var relays: [RelaySpec]
+    /// Where the relays came from: the file's path, or nil for command-line flags.
+    var configPath: String?
     var log: (level: Logger.Level, format: LogFormat)
 
-    /// Starts the relay and never returns: the process exits from a signal or a fatal error.
+    /// Starts every relay and never returns: the process exits from a signal or a fatal error.
+    /// Either every relay starts or none does: every failure is listed, and the process exits.
     func run() throws -> Never {
         let format = log.format
         let level = log.level
@@ -18,35 +21,55 @@ struct Daemon {
         ProcessLimits.ignoreSIGPIPE()
         ProcessLimits.raiseOpenFileLimit()
 
-        let upstreams: [[Endpoint]]
-        do {
-            upstreams = try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }
-        } catch where error.isTemporary {
-            throw StartFailure(message: "runtime failure: \(error.message)", exitCode: 1)
-        } catch {
-            throw StartFailure(message: "configuration error: \(error.message)", exitCode: 2)
+        // From a file, every message names its relay; from flags there is only the one.
+        let label: (RelaySpec) -> String = { configPath == nil ? "" : "relay \($0.name): " }
+        var failures: [(message: String, isTemporary: Bool)] = []
+        var resolved: [(spec: RelaySpec, upstreams: [[Endpoint]])] = []
+        for spec in relays {
+            do {
+                resolved.append((spec, try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }))
+            } catch {
+                let kind = error.isTemporary ? "runtime failure" : "configuration error"
+                failures.append(("\(kind): \(label(spec))\(error.message)", error.isTemporary))
+            }
         }
-        let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
-        relay.onFatalError = { message in
-            logger.critical("\(message)")
-            exit(1)
+        var opened: [Relay] = []
+        if failures.isEmpty {
+            for (spec, upstreams) in resolved {
+                let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
+                do {
+                    try relay.open()
+                    opened.append(relay)
+                } catch {
+                    failures.append(("cannot start: \(label(spec))\(error.message)", false))
+                }
+            }
         }
-        do {
-            try relay.start()
-        } catch {
-            throw StartFailure(message: "cannot start: \(error.message)", exitCode: 2)
+        guard failures.isEmpty else {
+            for relay in opened { relay.close() }
+            throw StartFailure(
+                messages: failures.map(\.message),
+                exitCode: failures.allSatisfy(\.isTemporary) ? 1 : 2)
         }
-        let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
-            addresses.count == 1 && name.endpoint != nil
-                ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
-        }.joined(separator: ", ")
-        logger.info(
-            "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
-            metadata: ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)])
+        for (relay, (spec, upstreams)) in zip(opened, resolved) {
+            relay.onFatalError = { message in
+                logger.critical("\(message)")
+                exit(1)
+            }
+            relay.startAccepting()
+            let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
+                addresses.count == 1 && name.endpoint != nil
+                    ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
+            }.joined(separator: ", ")
+            logger.info(
+                "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
+                metadata: ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)])
+        }
+        let group = RelayGroup(relays: opened)
 
         let stop: @Sendable (String) -> Void = { name in
             logger.info("stopping on \(name)")
-            relay.stop {
+            group.stop {
                 logger.info("stopped")
                 exit(0)
             }
@@ -55,10 +78,14 @@ struct Daemon {
         }
         let sources = [
             Self.onSignal(SIGTERM, "SIGTERM", stop), Self.onSignal(SIGINT, "SIGINT", stop),
-            // SIGHUP would end the process by default; a relay from command-line flags has nothing
-            // to re-read, so say so and keep serving.
+            // SIGHUP would end the process by default. Reloading the file comes with the systemd
+            // integration; until then, say so and keep serving.
             Self.onSignal(SIGHUP, "SIGHUP") { _ in
-                logger.notice("SIGHUP: nothing to reload for a relay configured on the command line; still serving")
+                if configPath == nil {
+                    logger.notice("SIGHUP: nothing to reload for a relay configured on the command line; still serving")
+                } else {
+                    logger.notice("SIGHUP: reloading the configuration file is not supported yet; restart to apply changes; still serving")
+                }
             },
         ]
         withExtendedLifetime(sources) { dispatchMain() }
@@ -73,5 +100,24 @@ struct Daemon {
         source.setEventHandler { handler(name) }
         source.activate()
         return source
+    }
+}
+
+/// The daemon's relays, stopped together.
+private final class RelayGroup: Sendable {
+    let relays: [Relay]
+
+    init(relays: [Relay]) {
+        self.relays = relays
+    }
+
+    /// Stops every relay; `completion` runs once all of them have stopped.
+    func stop(completion: @escaping @Sendable () -> Void) {
+        let group = DispatchGroup()
+        for relay in relays {
+            group.enter()
+            relay.stop { group.leave() }
+        }
+        group.notify(queue: .main, execute: completion)
     }
 }

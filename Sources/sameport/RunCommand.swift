@@ -1,12 +1,16 @@
 import ArgumentParser
 import SamePortCore
 
-/// `sameport run`: one relay from command-line flags.
+/// `sameport run`: every relay of a configuration file, or one relay from command-line flags.
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
         abstract: "Run a relay (the default subcommand).",
         discussion: """
+            Runs every relay of --config FILE, or one relay described by the flags below (the two \
+            cannot be mixed). Either every relay starts or none does: each failure is listed, and \
+            the exit status is 2.
+
             Accepts TCP clients on --listen and relays each to an upstream, dialling from the \
             listening ip:port (or as --egress says). Bytes are relayed both ways with bounded \
             buffers; a half-close on one side is passed on to the other once pending bytes are \
@@ -31,15 +35,24 @@ struct RunCommand: ParsableCommand {
               reject      the client is closed at once, and the reason logged
               ephemeral   the client is served from an ephemeral source port, and that is logged
 
+            CLIENT ACCESS (--allow, --deny)
+              CIDR blocks such as 10.0.0.0/8, fd00::/8 or a single address; repeat for several. A \
+            client in a deny block, or in no allow block when any is given, is reset at once and \
+            logged with end=refused. Deny wins.
+
             Durations are written 250ms, 5s, 10m or 1h. A port below 1024 needs root or \
             CAP_NET_BIND_SERVICE, for the egress sockets as well as the listener.
 
             EXAMPLES
+              sameport run --config /etc/sameport/sameport.toml
               sameport --listen 127.0.0.1:7000 --upstream 127.0.0.1:9000
               sameport --listen '*:7000' --upstream partner.example:443 --upstream partner.example:8443
               sameport run --listen '[::1]:7000' --upstream '[::1]:9000' --on-busy reject --log-format json
             """
     )
+
+    @Option(help: ArgumentHelp("Run the relays of this TOML file (see 'sameport check').", valueName: "file"))
+    var config: String?
 
     @Option(help: ArgumentHelp("Accept clients on this address: IP:PORT, [IPv6]:PORT or *:PORT.", valueName: "addr:port"))
     var listen: String?
@@ -47,29 +60,35 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Relay to this upstream; repeat for several (tried round-robin, one per free 4-tuple).", valueName: "host:port"))
     var upstream: [String] = []
 
-    @Option(help: ArgumentHelp("Where upstream connections come from: same-port, ephemeral, or IP:PORT.", valueName: "mode"))
-    var egress: String = "same-port"
+    @Option(help: ArgumentHelp("Where upstream connections come from: same-port (default), ephemeral, or IP:PORT.", valueName: "mode"))
+    var egress: String?
 
-    @Option(name: .customLong("on-busy"), help: ArgumentHelp("When every upstream is in use from the egress: queue, reject or ephemeral.", valueName: "policy"))
-    var onBusy: String = "queue"
+    @Option(name: .customLong("on-busy"), help: ArgumentHelp("When every upstream is in use from the egress: queue (default), reject or ephemeral.", valueName: "policy"))
+    var onBusy: String?
 
-    @Option(help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait.", valueName: "duration"))
-    var connectTimeout: String = "5s"
+    @Option(help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait (default 5s).", valueName: "duration"))
+    var connectTimeout: String?
 
-    @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 turns it off.", valueName: "duration"))
-    var idleTimeout: String = "0"
+    @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off.", valueName: "duration"))
+    var idleTimeout: String?
 
-    @Option(help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog.", valueName: "n"))
-    var maxConnections: Int = RelaySpec.defaultMaxConnections
+    @Option(help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog (default \(RelaySpec.defaultMaxConnections)).", valueName: "n"))
+    var maxConnections: Int?
 
-    @Option(help: ArgumentHelp("Clients waiting for a free upstream at most (with --on-busy queue).", valueName: "n"))
-    var queueLimit: Int = RelaySpec.defaultQueueLimit
+    @Option(help: ArgumentHelp("Clients waiting for a free upstream at most, with --on-busy queue (default \(RelaySpec.defaultQueueLimit)).", valueName: "n"))
+    var queueLimit: Int?
 
-    @Option(help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216.", valueName: "bytes"))
-    var bufferSize: Int = RelaySpec.defaultBufferSize
+    @Option(help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216 (default \(RelaySpec.defaultBufferSize)).", valueName: "bytes"))
+    var bufferSize: Int?
 
-    @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name).", valueName: "name"))
-    var name: String = "main"
+    @Option(help: ArgumentHelp("Serve only clients in this CIDR block; repeat for several.", valueName: "cidr"))
+    var allow: [String] = []
+
+    @Option(help: ArgumentHelp("Refuse clients in this CIDR block; repeat for several. Deny wins over allow.", valueName: "cidr"))
+    var deny: [String] = []
+
+    @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name; default main).", valueName: "name"))
+    var name: String?
 
     @Option(help: ArgumentHelp("Least severe level logged: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     var logLevel: String = "info"
@@ -77,10 +96,22 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Log lines as text or json.", valueName: "format"))
     var logFormat: String = "text"
 
+    /// The relay flags given, by name: they describe a relay, and so cannot go with --config.
+    private var relayFlagsGiven: [String] {
+        let given: [(String, Bool)] = [
+            ("--listen", listen != nil), ("--upstream", !upstream.isEmpty), ("--egress", egress != nil),
+            ("--on-busy", onBusy != nil), ("--connect-timeout", connectTimeout != nil),
+            ("--idle-timeout", idleTimeout != nil), ("--max-connections", maxConnections != nil),
+            ("--queue-limit", queueLimit != nil), ("--buffer-size", bufferSize != nil),
+            ("--allow", !allow.isEmpty), ("--deny", !deny.isEmpty), ("--name", name != nil),
+        ]
+        return given.filter(\.1).map(\.0)
+    }
+
     /// The relay spec the flags describe, or a usage error that names the bad value.
     func relaySpec() throws -> RelaySpec {
         guard let listen else {
-            throw ValidationError("missing --listen ADDR:PORT: the address to accept clients on")
+            throw ValidationError("missing --listen ADDR:PORT (or --config FILE): the address to accept clients on")
         }
         do {
             let listenAddress = try HostPort(parsing: listen)
@@ -88,16 +119,20 @@ struct RunCommand: ParsableCommand {
                 throw ValidationError("missing --upstream HOST:PORT: where to relay clients to")
             }
             let spec = RelaySpec(
-                name: name,
+                name: name ?? "main",
                 listen: listenAddress,
                 upstreams: try upstream.map { text throws(AddressError) in try HostPort(parsing: text) },
-                egress: try EgressMode(parsing: egress),
-                onBusy: try BusyPolicy(parsing: onBusy),
-                connectTimeout: try Duration(parsing: connectTimeout),
-                idleTimeout: try Self.optionalDuration(idleTimeout),
-                maxConnections: maxConnections,
-                queueLimit: queueLimit,
-                bufferSize: bufferSize)
+                egress: try EgressMode(parsing: egress ?? "same-port"),
+                onBusy: try BusyPolicy(parsing: onBusy ?? "queue"),
+                connectTimeout: try connectTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
+                    ?? RelaySpec.defaultConnectTimeout,
+                idleTimeout: try Self.optionalDuration(idleTimeout ?? "0"),
+                maxConnections: maxConnections ?? RelaySpec.defaultMaxConnections,
+                queueLimit: queueLimit ?? RelaySpec.defaultQueueLimit,
+                bufferSize: bufferSize ?? RelaySpec.defaultBufferSize,
+                access: ClientAccess(
+                    allow: try allow.map { text throws(OptionError) in try CIDR(parsing: text) },
+                    deny: try deny.map { text throws(OptionError) in try CIDR(parsing: text) }))
             if let problem = spec.problems().first { throw ValidationError(problem) }
             return spec
         } catch let error as ValidationError {
@@ -125,7 +160,15 @@ struct RunCommand: ParsableCommand {
     /// Validation happens here rather than in `validate()`, so that ArgumentParser reports an
     /// unknown option before a missing one.
     func run() throws {
-        try Daemon(spec: try relaySpec(), log: try logSettings()).run()
+        let log = try logSettings()
+        if let config {
+            let given = relayFlagsGiven
+            guard given.isEmpty else {
+                throw ValidationError("--config cannot be mixed with \(given.joined(separator: ", ")): put the relay's settings in \(config), or drop --config")
+            }
+            try Daemon(relays: try ConfigFile.load(config), configPath: config, log: log).run()
+        }
+        try Daemon(relays: [try relaySpec()], configPath: nil, log: log).run()
     }
 }
 

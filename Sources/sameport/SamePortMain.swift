@@ -19,7 +19,8 @@ enum SamePortMain {
             try command.run()
             exit(ExitCode.success.rawValue)
         } catch let error as StartFailure {
-            printError(error.message)
+            for line in error.details { printLine(line) }
+            for message in error.messages { printError(message) }
             exit(error.exitCode)
         } catch {
             exitForParseError(error)
@@ -45,17 +46,34 @@ enum SamePortMain {
     }
 
     static func printError(_ message: String) {
-        var line = "sameport: \(message)\n"
+        printLine("sameport: \(message)")
+    }
+
+    /// One line to stderr, in one write(2).
+    static func printLine(_ text: String) {
+        var line = text + "\n"
         line.withUTF8 { buffer in
             _ = write(2, buffer.baseAddress, buffer.count)
         }
     }
 }
 
-/// A failure that ends the process with a message and exit code.
+/// A failure that ends the process with one line per cause and an exit code.
 struct StartFailure: Error {
-    var message: String
+    var messages: [String]
     var exitCode: Int32
+    /// Lines printed as they are before the messages: `FILE:LINE:COLUMN: problem`.
+    var details: [String] = []
+
+    init(messages: [String], exitCode: Int32, details: [String] = []) {
+        self.messages = messages
+        self.exitCode = exitCode
+        self.details = details
+    }
+
+    init(message: String, exitCode: Int32) {
+        self.init(messages: [message], exitCode: exitCode)
+    }
 }
 
 /// `sameport`: the root command.
@@ -81,7 +99,7 @@ struct SamePortCommand: ParsableCommand {
               2  usage or configuration error, or a start-up refusal (address in use, permission denied)
             """,
         version: version,
-        subcommands: [RunCommand.self],
+        subcommands: [RunCommand.self, CheckCommand.self],
         defaultSubcommand: RunCommand.self
     )
 }

@@ -1,0 +1,499 @@
+import SamePortCore
+import TOMLKit
+
+/// A configuration file, read and validated: the relays it describes.
+///
+/// The format (README.md, "The configuration file"):
+///
+///     [defaults]                 # optional; every relay inherits these keys
+///     connect_timeout = "5s"
+///
+///     [[relay]]                  # one table per relay
+///     name = "partner"
+///     listen = "127.0.0.1:7000"
+///     upstream = ["partner.example:443"]
+///
+/// A relay's own keys override the defaults; `allow` and `deny` replace the default lists rather
+/// than extend them.
+public struct Configuration: Sendable, Equatable {
+    public var relays: [RelaySpec]
+
+    /// Parses and validates `text`, read from `path` (used in the problems' positions).
+    ///
+    /// - Throws: every problem found, in file order.
+    public init(text: String, path: String) throws(ConfigurationError) {
+        var reader = Reader(path: path, text: text)
+        let relays = reader.read()
+        guard reader.problems.isEmpty else {
+            throw ConfigurationError(problems: reader.sortedProblems())
+        }
+        self.relays = relays
+    }
+}
+
+/// One problem in a configuration file, printed as `FILE:LINE:COLUMN: message`.
+public struct ConfigurationProblem: Hashable, Sendable, CustomStringConvertible {
+    public var path: String
+    public var position: SourcePosition
+    public var message: String
+
+    public var description: String { "\(path):\(position): \(message)" }
+}
+
+/// Every problem found in a configuration file.
+public struct ConfigurationError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var problems: [ConfigurationProblem]
+
+    public init(problems: [ConfigurationProblem]) {
+        self.problems = problems
+    }
+
+    /// One problem per line.
+    public var description: String { problems.map(\.description).joined(separator: "\n") }
+}
+
+/// The keys a `[[relay]]` table may have, in the order the documentation lists them.
+public enum RelayKey: String, CaseIterable, Sendable {
+    case name, listen, upstream, egress
+    case onBusy = "on_busy"
+    case connectTimeout = "connect_timeout"
+    case idleTimeout = "idle_timeout"
+    case maxConnections = "max_connections"
+    case queueLimit = "queue_limit"
+    case bufferSize = "buffer_size"
+    case allow, deny
+
+    /// Keys that name one relay and so cannot be defaults.
+    var isPerRelay: Bool { self == .name || self == .listen }
+}
+
+/// Reads the parsed document into specs, collecting every problem on the way.
+private struct Reader {
+    let path: String
+    let text: String
+    var problems: Set<ConfigurationProblem> = []
+    private var locator: SourceLocator
+
+    init(path: String, text: String) {
+        self.path = path
+        self.text = text
+        locator = SourceLocator(text)
+    }
+
+    func sortedProblems() -> [ConfigurationProblem] {
+        problems.sorted { ($0.position, $0.message) < ($1.position, $1.message) }
+    }
+
+    mutating func report(_ message: String, at position: SourcePosition?) {
+        problems.insert(ConfigurationProblem(path: path, position: position ?? .start, message: message))
+    }
+
+    mutating func read() -> [RelaySpec] {
+        let document: TOMLTable
+        do {
+            document = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            let begin = error.source.begin
+            report(
+                "syntax error: \(error.description)",
+                at: SourcePosition(line: max(begin.line, 1), column: max(begin.column, 1)))
+            return []
+        } catch {
+            report("syntax error: \(error)", at: .start)
+            return []
+        }
+
+        var defaults = Fields()
+        for key in document.keys.sorted() {
+            guard let value = document[key] else { continue }
+            let position = locator.root?.keys[key]?.position ?? tablePosition(key)
+            switch key {
+            case "defaults":
+                guard let table = value.table else {
+                    report("'defaults' must be a table: write [defaults] above its keys", at: position)
+                    continue
+                }
+                defaults = readFields(table, where: locator.table("defaults"), context: "[defaults]", isDefaults: true)
+            case "relay":
+                continue
+            default:
+                if RelayKey(rawValue: key) != nil {
+                    report("'\(key)' must be inside a [[relay]] table (or [defaults])", at: position)
+                } else {
+                    let what = value.type == .table ? "table [\(key)]" : value.type == .array ? "array '\(key)'" : "key '\(key)'"
+                    let hint = Self.suggestion(for: key, among: ["defaults", "relay"])
+                    report("unknown \(what) at the top level\(hint.isEmpty ? "; the file has [defaults] and [[relay]] tables" : hint)", at: position)
+                }
+            }
+        }
+
+        guard let relayValue = document["relay"] else {
+            report("no [[relay]] table: define at least one relay, with listen and upstream", at: .start)
+            return []
+        }
+        guard let relayTables = relayValue.array?.map({ $0.table }) else {
+            report("'relay' must be an array of tables: write [[relay]] (two brackets) above each relay", at: tablePosition("relay"))
+            return []
+        }
+        var specs: [RelaySpec] = []
+        var comparable: [(RelaySpec, RelayPlace)] = []
+        for (index, table) in relayTables.enumerated() {
+            let place = RelayPlace(
+                index: index,
+                located: locator.arrayElement("relay", index: index),
+                fallback: locator.root?.keys["relay"]?.elements[safe: index] ?? tablePosition("relay"))
+            guard let table else {
+                report("relay #\(index + 1) must be a table of keys", at: place.position)
+                continue
+            }
+            let fields = readFields(table, where: place.located, context: "[[relay]]", isDefaults: false)
+            let (spec, isValid) = makeSpec(fields, defaults: defaults, place: place, relayCount: relayTables.count)
+            if isValid { specs.append(spec) }
+            // Names and listen addresses are compared across relays even when other keys are wrong.
+            if fields.name != nil || relayTables.count == 1, fields.listen != nil {
+                comparable.append((spec, place))
+            }
+        }
+        checkAcrossRelays(comparable)
+        return specs
+    }
+
+    /// Where a relay table is: its `[[relay]]` header, or the element of an inline array.
+    struct RelayPlace {
+        var index: Int
+        var located: SourceLocator.Table?
+        var fallback: SourcePosition?
+
+        var position: SourcePosition? { located?.position ?? fallback }
+
+        func keyPosition(_ key: RelayKey) -> SourcePosition? {
+            located?.keys[key.rawValue]?.position ?? position
+        }
+    }
+
+    /// A value read from the file, with the position to report its problems at.
+    struct Located<Value> {
+        var value: Value
+        var position: SourcePosition?
+        /// For a list, where each element is.
+        var elements: [SourcePosition] = []
+
+        func position(ofElement index: Int) -> SourcePosition? {
+            elements[safe: index] ?? position
+        }
+    }
+
+    /// The keys of one table that parsed; a key whose value is wrong is reported and left out.
+    struct Fields {
+        var name: Located<String>?
+        var listen: Located<HostPort>?
+        var upstreams: Located<[HostPort]>?
+        var egress: Located<EgressMode>?
+        var onBusy: Located<BusyPolicy>?
+        var connectTimeout: Located<Duration>?
+        var idleTimeout: Located<Duration?>?
+        var maxConnections: Located<Int>?
+        var queueLimit: Located<Int>?
+        var bufferSize: Located<Int>?
+        var allow: Located<[CIDR]>?
+        var deny: Located<[CIDR]>?
+        /// Keys that were present, even if their value was wrong: no "missing key" for those.
+        var present: Set<RelayKey> = []
+    }
+
+    mutating func readFields(
+        _ table: TOMLTable, where located: SourceLocator.Table?, context: String, isDefaults: Bool
+    ) -> Fields {
+        var fields = Fields()
+        for key in table.keys.sorted() {
+            guard let value = table[key] else { continue }
+            let keyLocation = located?.keys[key]
+            let keyPosition = keyLocation?.position ?? located?.position
+            let valuePosition = keyLocation?.value ?? keyPosition
+            guard let relayKey = RelayKey(rawValue: key) else {
+                let known = RelayKey.allCases.filter { !isDefaults || !$0.isPerRelay }.map(\.rawValue)
+                let hint = Self.suggestion(for: key, among: known)
+                report(
+                    "unknown key '\(key)' in \(context)\(hint.isEmpty ? "; expected one of \(known.joined(separator: ", "))" : hint)",
+                    at: keyPosition)
+                continue
+            }
+            if isDefaults && relayKey.isPerRelay {
+                report("'\(key)' cannot be a default: each relay needs its own \(key)", at: keyPosition)
+                continue
+            }
+            fields.present.insert(relayKey)
+            let elements = keyLocation?.elements ?? []
+            func locate<V>(_ value: V) -> Located<V> {
+                Located(value: value, position: valuePosition, elements: elements)
+            }
+            switch relayKey {
+            case .name:
+                fields.name = string(value, key, at: valuePosition).map(locate)
+            case .listen:
+                fields.listen = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, HostPort.init(parsing:)) }.map(locate)
+            case .upstream:
+                fields.upstreams = strings(value, key, at: valuePosition, elements: elements).flatMap { list in
+                    parseList(list, key: key, at: valuePosition, elements: elements, HostPort.init(parsing:))
+                }.map(locate)
+            case .egress:
+                fields.egress = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, EgressMode.init(parsing:)) }.map(locate)
+            case .onBusy:
+                fields.onBusy = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, BusyPolicy.init(parsing:)) }.map(locate)
+            case .connectTimeout:
+                fields.connectTimeout = duration(value, key, at: valuePosition).map(locate)
+            case .idleTimeout:
+                fields.idleTimeout = duration(value, key, at: valuePosition).map { locate($0 == .zero ? nil : $0) }
+            case .maxConnections:
+                fields.maxConnections = integer(value, key, at: valuePosition).map(locate)
+            case .queueLimit:
+                fields.queueLimit = integer(value, key, at: valuePosition).map(locate)
+            case .bufferSize:
+                fields.bufferSize = integer(value, key, at: valuePosition).map(locate)
+            case .allow:
+                fields.allow = strings(value, key, at: valuePosition, elements: elements).flatMap { list in
+                    parseList(list, key: key, at: valuePosition, elements: elements, CIDR.init(parsing:))
+                }.map(locate)
+            case .deny:
+                fields.deny = strings(value, key, at: valuePosition, elements: elements).flatMap { list in
+                    parseList(list, key: key, at: valuePosition, elements: elements, CIDR.init(parsing:))
+                }.map(locate)
+            }
+        }
+        return fields
+    }
+
+    /// The relay's spec from its own keys over the defaults, and whether it is valid. A key that
+    /// is missing or wrong has been reported; the spec then holds a stand-in for it, so that the
+    /// other keys are still checked and every problem is found in one pass.
+    mutating func makeSpec(_ own: Fields, defaults: Fields, place: RelayPlace, relayCount: Int) -> (spec: RelaySpec, isValid: Bool) {
+        let label = own.name.map { "relay '\($0.value)'" } ?? "relay #\(place.index + 1)"
+        // Keys without a usable value: missing where required, or present but wrong.
+        var unusable: Set<RelayKey> = []
+        for key in RelayKey.allCases {
+            let ownWrong = own.present.contains(key) && !hasValue(key, own)
+            let inheritedWrong = !own.present.contains(key) && defaults.present.contains(key) && !hasValue(key, defaults)
+            if ownWrong || inheritedWrong { unusable.insert(key) }
+        }
+        if !own.present.contains(.name) && relayCount > 1 {
+            report("\(label) has no name: add name = \"...\" (with several relays each needs one; it names the relay in logs and matches its socket-activated fd)", at: place.position)
+            unusable.insert(.name)
+        }
+        if !own.present.contains(.listen) {
+            report("\(label) has no listen address: add listen = \"IP:PORT\" (or \"*:PORT\")", at: place.position)
+            unusable.insert(.listen)
+        }
+        if !own.present.contains(.upstream) && !defaults.present.contains(.upstream) {
+            report("\(label) has no upstream: add upstream = \"HOST:PORT\" (or a list of them)", at: place.position)
+            unusable.insert(.upstream)
+        }
+
+        func pick<V>(_ path: KeyPath<Fields, Located<V>?>) -> Located<V>? { own[keyPath: path] ?? defaults[keyPath: path] }
+        let standIn = HostPort(host: .ip(.loopbackV4), port: 1)
+        let upstreams = pick(\.upstreams)
+        let spec = RelaySpec(
+            name: own.name?.value ?? "main",
+            listen: own.listen?.value ?? standIn,
+            upstreams: upstreams?.value ?? [standIn],
+            egress: pick(\.egress)?.value ?? .samePort,
+            onBusy: pick(\.onBusy)?.value ?? .queue,
+            connectTimeout: pick(\.connectTimeout)?.value ?? RelaySpec.defaultConnectTimeout,
+            idleTimeout: pick(\.idleTimeout)?.value ?? nil,
+            maxConnections: pick(\.maxConnections)?.value ?? RelaySpec.defaultMaxConnections,
+            queueLimit: pick(\.queueLimit)?.value ?? RelaySpec.defaultQueueLimit,
+            bufferSize: pick(\.bufferSize)?.value ?? RelaySpec.defaultBufferSize,
+            access: ClientAccess(allow: pick(\.allow)?.value ?? [], deny: pick(\.deny)?.value ?? []))
+
+        var isValid = unusable.isEmpty
+        for problem in spec.fieldProblems() {
+            let key: RelayKey
+            let position: SourcePosition?
+            switch problem.field {
+            case .name: (key, position) = (.name, own.name?.position)
+            case .listen: (key, position) = (.listen, own.listen?.position)
+            case .upstream(let index): (key, position) = (.upstream, upstreams?.position(ofElement: index))
+            case .egress:
+                // The egress is checked against the listen address: only when both are known.
+                if unusable.contains(.listen) { continue }
+                (key, position) = (.egress, pick(\.egress)?.position)
+            case .connectTimeout: (key, position) = (.connectTimeout, pick(\.connectTimeout)?.position)
+            case .idleTimeout: (key, position) = (.idleTimeout, pick(\.idleTimeout)?.position)
+            case .maxConnections: (key, position) = (.maxConnections, pick(\.maxConnections)?.position)
+            case .queueLimit: (key, position) = (.queueLimit, pick(\.queueLimit)?.position)
+            case .bufferSize: (key, position) = (.bufferSize, pick(\.bufferSize)?.position)
+            }
+            guard !unusable.contains(key) else { continue }
+            report(problem.message, at: position ?? place.position)
+            isValid = false
+        }
+        return (spec, isValid)
+    }
+
+    private func hasValue(_ key: RelayKey, _ fields: Fields) -> Bool {
+        switch key {
+        case .name: return fields.name != nil
+        case .listen: return fields.listen != nil
+        case .upstream: return fields.upstreams != nil
+        case .egress: return fields.egress != nil
+        case .onBusy: return fields.onBusy != nil
+        case .connectTimeout: return fields.connectTimeout != nil
+        case .idleTimeout: return fields.idleTimeout != nil
+        case .maxConnections: return fields.maxConnections != nil
+        case .queueLimit: return fields.queueLimit != nil
+        case .bufferSize: return fields.bufferSize != nil
+        case .allow: return fields.allow != nil
+        case .deny: return fields.deny != nil
+        }
+    }
+
+    /// Duplicate names, and two relays that would listen on the same address.
+    mutating func checkAcrossRelays(_ specs: [(RelaySpec, RelayPlace)]) {
+        for (index, (spec, place)) in specs.enumerated() {
+            for (earlier, earlierPlace) in specs[..<index] {
+                let earlierLine = earlierPlace.position.map { " (line \($0.line))" } ?? ""
+                if earlier.name == spec.name {
+                    report("duplicate relay name '\(spec.name)': relay #\(earlierPlace.index + 1)\(earlierLine) already has it; give each relay its own name", at: place.keyPosition(.name))
+                }
+                if Self.overlap(earlier.listen, spec.listen) {
+                    let how = earlier.listen == spec.listen ? "as relay '\(earlier.name)'\(earlierLine) does" : "which overlaps relay '\(earlier.name)'\(earlierLine) on \(earlier.listen)"
+                    report("relay '\(spec.name)' listens on \(spec.listen), \(how); give each relay its own address or port", at: place.keyPosition(.listen))
+                }
+            }
+        }
+    }
+
+    /// Whether two listen addresses cannot both be bound: the same port, and the same address or
+    /// a wildcard that takes the other's address too.
+    static func overlap(_ a: HostPort, _ b: HostPort) -> Bool {
+        guard a.port == b.port else { return false }
+        switch (a.host, b.host) {
+        case (.any, _), (_, .any): return true
+        case (.ip(let x), .ip(let y)):
+            if x == y { return true }
+            return (x.isUnspecified && x.isIPv6 == y.isIPv6) || (y.isUnspecified && y.isIPv6 == x.isIPv6)
+        default: return a == b
+        }
+    }
+
+    // MARK: Values
+
+    mutating func string(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> String? {
+        guard let text = value.string else {
+            report("'\(key)' must be a string, not \(Self.describe(value.type))", at: position)
+            return nil
+        }
+        return text
+    }
+
+    /// A string or a list of strings.
+    mutating func strings(
+        _ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?, elements: [SourcePosition]
+    ) -> [String]? {
+        if let text = value.string { return [text] }
+        guard let array = value.array else {
+            report("'\(key)' must be a string or a list of strings, not \(Self.describe(value.type))", at: position)
+            return nil
+        }
+        var list: [String] = []
+        var ok = true
+        for (index, element) in array.enumerated() {
+            if let text = element.string {
+                list.append(text)
+            } else {
+                report("'\(key)' must list strings; element \(index + 1) is \(Self.describe(element.type))", at: elements[safe: index] ?? position)
+                ok = false
+            }
+        }
+        if ok && list.isEmpty {
+            report("'\(key)' is an empty list: list at least one \(key == "upstream" ? "HOST:PORT" : "CIDR")\(key == "upstream" ? "" : ", or leave the key out")", at: position)
+            return nil
+        }
+        return ok ? list : nil
+    }
+
+    mutating func duration(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Duration? {
+        guard let text = value.string else {
+            report("'\(key)' must be a duration string such as \"5s\" or \"250ms\", not \(Self.describe(value.type))", at: position)
+            return nil
+        }
+        return parse(text, at: position) { text throws(DurationError) in try Duration(parsing: text) }
+    }
+
+    mutating func integer(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Int? {
+        guard value.type == .int, let number = value.int else {
+            report("'\(key)' must be an integer, not \(Self.describe(value.type))", at: position)
+            return nil
+        }
+        return number
+    }
+
+    mutating func parse<V, E: Error>(_ text: String, at position: SourcePosition?, _ parser: (String) throws(E) -> V) -> V? {
+        do {
+            return try parser(text)
+        } catch {
+            report("\(error)", at: position)
+            return nil
+        }
+    }
+
+    mutating func parseList<V, E: Error>(
+        _ list: [String], key: String, at position: SourcePosition?, elements: [SourcePosition],
+        _ parser: (String) throws(E) -> V
+    ) -> [V]? {
+        var values: [V] = []
+        for (index, text) in list.enumerated() {
+            guard let value = parse(text, at: elements[safe: index] ?? position, parser) else { continue }
+            values.append(value)
+        }
+        return values.count == list.count ? values : nil
+    }
+
+    /// The position of a top-level table or key, from its header or its key line.
+    func tablePosition(_ name: String) -> SourcePosition? {
+        locator.table(name)?.position ?? locator.arrayElement(name, index: 0)?.position
+            ?? locator.root?.keys[name]?.position
+            ?? locator.tables.first { $0.path.first == name }?.position
+    }
+
+    static func describe(_ type: TOMLType) -> String {
+        switch type {
+        case .string: return "a string"
+        case .int: return "an integer"
+        case .double: return "a number with a fraction"
+        case .bool: return "a boolean"
+        case .date, .time, .dateTime: return "a date or time"
+        case .array: return "a list"
+        case .table: return "a table"
+        }
+    }
+
+    /// `; did you mean 'x'?` for a near miss (edit distance at most 2, or a different word order
+    /// of the same letters), or nothing.
+    static func suggestion(for key: String, among candidates: [String]) -> String {
+        let normalized = key.lowercased().replacingOccurrences(of: "-", with: "_")
+        let scored = candidates.map { ($0, editDistance(normalized, $0)) }
+        guard let best = scored.min(by: { $0.1 < $1.1 }), best.1 <= max(2, best.0.count / 4) else { return "" }
+        return "; did you mean '\(best.0)'?"
+    }
+
+    static func editDistance(_ a: String, _ b: String) -> Int {
+        let a = Array(a.unicodeScalars), b = Array(b.unicodeScalars)
+        if a.isEmpty { return b.count }
+        if b.isEmpty { return a.count }
+        var previous = Array(0...b.count)
+        for i in 1...a.count {
+            var row = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...b.count {
+                row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            previous = row
+        }
+        return previous[b.count]
+    }
+}
+
+extension Array {
+    subscript(safe index: Int) -> Element? {
+        indices.contains(index) ? self[index] : nil
+    }
+}

@@ -1,0 +1,67 @@
+import ArgumentParser
+import SamePortCore
+
+/// `sameport check`: validates a configuration file and shows the relays it would run.
+struct CheckCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Validate a configuration file and print the relays it would run.",
+        discussion: """
+            Reads --config FILE as 'sameport run --config FILE' would, without binding or resolving \
+            anything. On success prints one row per relay (name, listen address, upstreams, egress, \
+            busy policy, timeouts, limits, client access) and exits 0. Otherwise prints every \
+            problem, one per line, as FILE:LINE:COLUMN: message, and exits 2.
+
+            THE FILE (TOML)
+              [defaults]                  keys every relay inherits (all but name and listen)
+              [[relay]]                   one table per relay
+              name = "partner"            required when the file has several relays
+              listen = "127.0.0.1:7000"   IP:PORT, [IPv6]:PORT or *:PORT
+              upstream = ["host:443"]     one HOST:PORT, or a list
+              egress = "same-port"        same-port, ephemeral or IP:PORT
+              on_busy = "queue"           queue, reject or ephemeral
+              connect_timeout = "5s"      durations: 250ms, 5s, 10m, 1h
+              idle_timeout = "0"          0: never
+              max_connections = 1024
+              queue_limit = 128
+              buffer_size = 131072        bytes per direction, 4096 to 16777216
+              allow = ["10.0.0.0/8"]      CIDR blocks; deny wins over allow
+              deny = ["10.0.0.7"]
+
+            EXAMPLES
+              sameport check --config /etc/sameport/sameport.toml
+            """
+    )
+
+    @Option(help: ArgumentHelp("The TOML file to validate.", valueName: "file"))
+    var config: String
+
+    func run() throws {
+        let relays = try ConfigFile.load(config)
+        print(Self.table(relays))
+        print("\(config): \(relays.count) relay\(relays.count == 1 ? "" : "s"), configuration OK")
+    }
+
+    /// The relays as an aligned text table.
+    static func table(_ relays: [RelaySpec]) -> String {
+        let header = ["NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "MAX-CONN", "QUEUE", "BUFFER", "ACCESS"]
+        let rows = relays.map { relay -> [String] in
+            var access: [String] = []
+            if !relay.access.allow.isEmpty { access.append("allow " + relay.access.allow.map(\.description).joined(separator: ",")) }
+            if !relay.access.deny.isEmpty { access.append("deny " + relay.access.deny.map(\.description).joined(separator: ",")) }
+            return [
+                relay.name, "\(relay.listen)", relay.upstreams.map(\.description).joined(separator: ","),
+                "\(relay.egress)", relay.onBusy.rawValue, relay.connectTimeout.shortDescription,
+                relay.idleTimeout?.shortDescription ?? "off", "\(relay.maxConnections)", "\(relay.queueLimit)",
+                "\(relay.bufferSize)", access.isEmpty ? "any" : access.joined(separator: "; "),
+            ]
+        }
+        let all = [header] + rows
+        let widths = header.indices.map { column in all.map { $0[column].count }.max() ?? 0 }
+        return all.map { row in
+            row.enumerated().map { column, cell in
+                column == row.count - 1 ? cell : cell + String(repeating: " ", count: widths[column] - cell.count)
+            }.joined(separator: "  ")
+        }.joined(separator: "\n")
+    }
+}
