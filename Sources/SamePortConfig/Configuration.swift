@@ -89,6 +89,10 @@ private struct Reader {
     }
 
     mutating func read() -> [RelaySpec] {
+        if let (position, message) = SyntaxGuard.check(text) {
+            report(message, at: position)
+            return []
+        }
         let document: TOMLTable
         do {
             document = try TOMLTable(string: text)
