@@ -5,7 +5,7 @@ import SamePortCore
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a relay (the default subcommand).",
+        abstract: "Run the relays of a configuration file, or one relay from flags (the default subcommand).",
         discussion: """
             Runs every relay of --config FILE, or one relay described by the flags below (the two \
             cannot be mixed). Either every relay starts or none does: each failure is listed, and \
