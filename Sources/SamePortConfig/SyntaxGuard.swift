@@ -9,97 +9,50 @@
 enum SyntaxGuard {
     /// The first such problem, or nil when the document may go to the parser.
     static func check(_ text: String) -> (SourcePosition, String)? {
+        var cursor = TOMLCursor(text)
         var open: [(Unicode.Scalar, SourcePosition)] = []
-        let scalars = Array(text.unicodeScalars)
-        var index = 0
-        var line = 1, column = 1
         var atLineStart = true
-
-        func at(_ offset: Int) -> Unicode.Scalar? {
-            index + offset < scalars.count ? scalars[index + offset] : nil
-        }
-        func advance(_ count: Int = 1) {
-            for _ in 0..<count where index < scalars.count {
-                if scalars[index] == "\n" {
-                    line += 1
-                    column = 1
-                } else {
-                    column += 1
-                }
-                index += 1
-            }
-        }
-        func skipBlanks() {
-            while let scalar = at(0), scalar == " " || scalar == "\t" { advance() }
-        }
-
-        while let scalar = at(0) {
-            let position = SourcePosition(line: line, column: column)
+        while let scalar = cursor.current {
+            let position = cursor.position
             if scalar == "\n" {
-                advance()
+                cursor.advance()
                 atLineStart = true
                 continue
             }
             if scalar == " " || scalar == "\t" || scalar == "\r" {
-                advance()
+                cursor.advance()
                 continue
             }
             let wasAtLineStart = atLineStart
             atLineStart = false
             switch scalar {
             case "#":
-                while let next = at(0), next != "\n" { advance() }
+                cursor.skipComment()
             case "\"", "'":
-                let isMultiline = at(1) == scalar && at(2) == scalar
-                if isMultiline {
-                    advance(3)
-                    while let next = at(0) {
-                        if next == scalar, at(1) == scalar, at(2) == scalar {
-                            advance(3)
-                            while at(0) == scalar { advance() }
-                            break
-                        }
-                        if next == "\\" && scalar == "\"" { advance() }
-                        advance()
-                    }
-                } else {
-                    advance()
-                    while let next = at(0), next != scalar, next != "\n" {
-                        if next == "\\" && scalar == "\"" { advance() }
-                        advance()
-                    }
-                    if at(0) == scalar { advance() }
-                }
+                cursor.scanString()
             case "[" where wasAtLineStart && open.isEmpty:
                 // A table header: its name must follow the bracket(s).
-                advance()
-                skipBlanks()
-                if at(0) == "[" {
-                    advance()
-                    skipBlanks()
+                cursor.advance()
+                cursor.skipSpaces()
+                if cursor.current == "[" {
+                    cursor.advance()
+                    cursor.skipSpaces()
                 }
-                guard let first = at(0), isKeyStart(first) else {
+                guard let first = cursor.current, isKeyStart(first) else {
                     return (position, "syntax error: a table header needs a name after its bracket: write [name] or [[name]]")
-                }
-                while let next = at(0), next != "\n" {
-                    if next == "\"" || next == "'" || next == "#" { break }
-                    advance()
                 }
             case "[", "{":
                 open.append((scalar, position))
-                advance()
+                cursor.advance()
             case "]", "}":
-                let expected: Unicode.Scalar = scalar == "]" ? "[" : "{"
-                guard let (opener, openedAt) = open.popLast() else {
-                    advance()
-                    continue  // a stray closer is an error the parser reports by itself
-                }
-                guard opener == expected else {
+                cursor.advance()
+                // A stray closer is an error that the parser reports by itself.
+                guard let (opener, openedAt) = open.popLast() else { continue }
+                guard opener == (scalar == "]" ? "[" : "{") else {
                     return (position, "syntax error: '\(scalar)' cannot close the '\(opener)' opened at \(openedAt)")
                 }
-                advance()
             default:
-                advance()
+                cursor.advance()
             }
         }
         return nil
