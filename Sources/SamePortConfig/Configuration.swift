@@ -99,7 +99,7 @@ private struct Reader {
         } catch let error as TOMLParseError {
             let begin = error.source.begin
             report(
-                "syntax error: \(error.description)",
+                "syntax error: \(error.description)\(Self.quotingHint(line: begin.line, in: text))",
                 at: SourcePosition(line: max(begin.line, 1), column: max(begin.column, 1)))
             return []
         } catch {
@@ -125,8 +125,8 @@ private struct Reader {
                     report("'\(key)' must be inside a [[relay]] table (or [defaults])", at: position)
                 } else {
                     let what = value.type == .table ? "table [\(key)]" : value.type == .array ? "array '\(key)'" : "key '\(key)'"
-                    let hint = Self.suggestion(for: key, among: ["defaults", "relay"])
-                    report("unknown \(what) at the top level\(hint.isEmpty ? "; the file has [defaults] and [[relay]] tables" : hint)", at: position)
+                    let hint = Self.nearest(key, among: ["defaults", "relay"]).map { "did you mean \($0 == "relay" ? "[[relay]]" : "[defaults]")?" }
+                    report("unknown \(what) at the top level; \(hint ?? "the file has [defaults] and [[relay]] tables")", at: position)
                 }
             }
         }
@@ -139,8 +139,12 @@ private struct Reader {
             report("'relay' must be an array of tables: write [[relay]] (two brackets) above each relay", at: tablePosition("relay"))
             return []
         }
+        guard !relayTables.isEmpty else {
+            report("no relay: 'relay' is an empty list; define at least one [[relay]] with listen and upstream", at: tablePosition("relay"))
+            return []
+        }
         var specs: [RelaySpec] = []
-        var comparable: [(RelaySpec, RelayPlace)] = []
+        var comparable: [(spec: RelaySpec, place: RelayPlace, hasName: Bool)] = []
         for (index, table) in relayTables.enumerated() {
             let place = RelayPlace(
                 index: index,
@@ -154,8 +158,8 @@ private struct Reader {
             let (spec, isValid) = makeSpec(fields, defaults: defaults, place: place, relayCount: relayTables.count)
             if isValid { specs.append(spec) }
             // Names and listen addresses are compared across relays even when other keys are wrong.
-            if fields.name != nil || relayTables.count == 1, fields.listen != nil {
-                comparable.append((spec, place))
+            if fields.listen != nil {
+                comparable.append((spec, place, fields.name != nil || relayTables.count == 1))
             }
         }
         checkAcrossRelays(comparable)
@@ -181,6 +185,8 @@ private struct Reader {
         var position: SourcePosition?
         /// For a list, where each element is.
         var elements: [SourcePosition] = []
+        /// For a list, false when some element was wrong (and reported) and left out.
+        var isComplete = true
 
         func position(ofElement index: Int) -> SourcePosition? {
             elements[safe: index] ?? position
@@ -203,6 +209,8 @@ private struct Reader {
         var deny: Located<[CIDR]>?
         /// Keys that were present, even if their value was wrong: no "missing key" for those.
         var present: Set<RelayKey> = []
+        /// Keys that an unknown key was taken for ("did you mean"): not reported missing either.
+        var suggested: Set<RelayKey> = []
     }
 
     mutating func readFields(
@@ -215,11 +223,13 @@ private struct Reader {
             let keyPosition = keyLocation?.position ?? located?.position
             let valuePosition = keyLocation?.value ?? keyPosition
             guard let relayKey = RelayKey(rawValue: key) else {
-                let known = RelayKey.allCases.filter { !isDefaults || !$0.isPerRelay }.map(\.rawValue)
-                let hint = Self.suggestion(for: key, among: known)
-                report(
-                    "unknown key '\(key)' in \(context)\(hint.isEmpty ? "; expected one of \(known.joined(separator: ", "))" : hint)",
-                    at: keyPosition)
+                if let meant = Self.nearest(key, among: RelayKey.allCases.map(\.rawValue)), let meantKey = RelayKey(rawValue: meant) {
+                    report("unknown key '\(key)' in \(context); did you mean '\(meant)'?", at: keyPosition)
+                    fields.suggested.insert(meantKey)
+                } else {
+                    let known = RelayKey.allCases.filter { !isDefaults || !$0.isPerRelay }.map(\.rawValue)
+                    report("unknown key '\(key)' in \(context); expected one of \(known.joined(separator: ", "))", at: keyPosition)
+                }
                 continue
             }
             if isDefaults && relayKey.isPerRelay {
@@ -237,9 +247,7 @@ private struct Reader {
             case .listen:
                 fields.listen = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, HostPort.init(parsing:)) }.map(locate)
             case .upstream:
-                fields.upstreams = strings(value, key, at: valuePosition, elements: elements).flatMap { list in
-                    parseList(list, key: key, at: valuePosition, elements: elements, HostPort.init(parsing:))
-                }.map(locate)
+                fields.upstreams = list(value, key, at: valuePosition, elements: elements, emptyAllowed: false, HostPort.init(parsing:))
             case .egress:
                 fields.egress = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, EgressMode.init(parsing:)) }.map(locate)
             case .onBusy:
@@ -255,13 +263,10 @@ private struct Reader {
             case .bufferSize:
                 fields.bufferSize = integer(value, key, at: valuePosition).map(locate)
             case .allow:
-                fields.allow = strings(value, key, at: valuePosition, elements: elements).flatMap { list in
-                    parseList(list, key: key, at: valuePosition, elements: elements, CIDR.init(parsing:))
-                }.map(locate)
+                // An empty list is how a relay drops the allow list it would inherit.
+                fields.allow = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
             case .deny:
-                fields.deny = strings(value, key, at: valuePosition, elements: elements).flatMap { list in
-                    parseList(list, key: key, at: valuePosition, elements: elements, CIDR.init(parsing:))
-                }.map(locate)
+                fields.deny = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
             }
         }
         return fields
@@ -279,18 +284,21 @@ private struct Reader {
             let inheritedWrong = !own.present.contains(key) && defaults.present.contains(key) && !hasValue(key, defaults)
             if ownWrong || inheritedWrong { unusable.insert(key) }
         }
-        if !own.present.contains(.name) && relayCount > 1 {
+        // A misspelt key has been reported with its "did you mean"; do not report it missing too.
+        if !own.present.contains(.name) && !own.suggested.contains(.name) && relayCount > 1 {
             report("\(label) has no name: add name = \"...\" (with several relays each needs one; it names the relay in logs and matches its socket-activated fd)", at: place.position)
             unusable.insert(.name)
         }
-        if !own.present.contains(.listen) {
+        if !own.present.contains(.listen) && !own.suggested.contains(.listen) {
             report("\(label) has no listen address: add listen = \"IP:PORT\" (or \"*:PORT\")", at: place.position)
             unusable.insert(.listen)
         }
-        if !own.present.contains(.upstream) && !defaults.present.contains(.upstream) {
+        if !own.present.contains(.upstream) && !defaults.present.contains(.upstream)
+            && !own.suggested.contains(.upstream) && !defaults.suggested.contains(.upstream) {
             report("\(label) has no upstream: add upstream = \"HOST:PORT\" (or a list of them)", at: place.position)
             unusable.insert(.upstream)
         }
+        for key in own.suggested where !own.present.contains(key) { unusable.insert(key) }
 
         func pick<V>(_ path: KeyPath<Fields, Located<V>?>) -> Located<V>? { own[keyPath: path] ?? defaults[keyPath: path] }
         let standIn = HostPort(host: .ip(.loopbackV4), port: 1)
@@ -298,7 +306,7 @@ private struct Reader {
         let spec = RelaySpec(
             name: own.name?.value ?? "main",
             listen: own.listen?.value ?? standIn,
-            upstreams: upstreams?.value ?? [standIn],
+            upstreams: (upstreams?.value).flatMap { $0.isEmpty ? nil : $0 } ?? [standIn],
             egress: pick(\.egress)?.value ?? .samePort,
             onBusy: pick(\.onBusy)?.value ?? .queue,
             connectTimeout: pick(\.connectTimeout)?.value ?? RelaySpec.defaultConnectTimeout,
@@ -310,24 +318,28 @@ private struct Reader {
 
         var isValid = unusable.isEmpty
         for problem in spec.fieldProblems() {
-            let key: RelayKey
+            // A problem is reported at the key it is about, when that key has a value; a problem
+            // that involves a key already reported as wrong or missing is left out.
             let position: SourcePosition?
             switch problem.field {
-            case .name: (key, position) = (.name, own.name?.position)
-            case .listen: (key, position) = (.listen, own.listen?.position)
-            case .upstream(let index): (key, position) = (.upstream, upstreams?.position(ofElement: index))
+            case .name: position = own.name?.position
+            case .listen: position = own.listen?.position
+            case .upstream(let index): position = upstreams.map { $0.position(ofElement: index) } ?? nil
             case .egress:
-                // The egress is checked against the listen address: only when both are known.
-                if unusable.contains(.listen) { continue }
-                (key, position) = (.egress, pick(\.egress)?.position)
-            case .connectTimeout: (key, position) = (.connectTimeout, pick(\.connectTimeout)?.position)
-            case .idleTimeout: (key, position) = (.idleTimeout, pick(\.idleTimeout)?.position)
-            case .maxConnections: (key, position) = (.maxConnections, pick(\.maxConnections)?.position)
-            case .queueLimit: (key, position) = (.queueLimit, pick(\.queueLimit)?.position)
-            case .bufferSize: (key, position) = (.bufferSize, pick(\.bufferSize)?.position)
+                guard !unusable.contains(.listen), !unusable.contains(.egress) else { continue }
+                position = pick(\.egress)?.position
+            case .upstreamFamilies:
+                guard unusable.isDisjoint(with: [.listen, .egress, .upstream]) else { continue }
+                // At the relay's own upstream key, or at its listen address when it inherits them.
+                position = own.upstreams?.position ?? own.listen?.position
+            case .connectTimeout: position = pick(\.connectTimeout)?.position
+            case .idleTimeout: position = pick(\.idleTimeout)?.position
+            case .maxConnections: position = pick(\.maxConnections)?.position
+            case .queueLimit: position = pick(\.queueLimit)?.position
+            case .bufferSize: position = pick(\.bufferSize)?.position
             }
-            guard !unusable.contains(key) else { continue }
-            report(problem.message, at: position ?? place.position)
+            guard let position else { continue }
+            report(problem.message, at: position)
             isValid = false
         }
         return (spec, isValid)
@@ -337,7 +349,7 @@ private struct Reader {
         switch key {
         case .name: return fields.name != nil
         case .listen: return fields.listen != nil
-        case .upstream: return fields.upstreams != nil
+        case .upstream: return fields.upstreams?.isComplete == true
         case .egress: return fields.egress != nil
         case .onBusy: return fields.onBusy != nil
         case .connectTimeout: return fields.connectTimeout != nil
@@ -345,22 +357,27 @@ private struct Reader {
         case .maxConnections: return fields.maxConnections != nil
         case .queueLimit: return fields.queueLimit != nil
         case .bufferSize: return fields.bufferSize != nil
-        case .allow: return fields.allow != nil
-        case .deny: return fields.deny != nil
+        case .allow: return fields.allow?.isComplete == true
+        case .deny: return fields.deny?.isComplete == true
         }
     }
 
     /// Duplicate names, and two relays that would listen on the same address.
-    mutating func checkAcrossRelays(_ specs: [(RelaySpec, RelayPlace)]) {
-        for (index, (spec, place)) in specs.enumerated() {
-            for (earlier, earlierPlace) in specs[..<index] {
-                let earlierLine = earlierPlace.position.map { " (line \($0.line))" } ?? ""
-                if earlier.name == spec.name {
-                    report("duplicate relay name '\(spec.name)': relay #\(earlierPlace.index + 1)\(earlierLine) already has it; give each relay its own name", at: place.keyPosition(.name))
+    mutating func checkAcrossRelays(_ relays: [(spec: RelaySpec, place: RelayPlace, hasName: Bool)]) {
+        func label(_ relay: (spec: RelaySpec, place: RelayPlace, hasName: Bool)) -> String {
+            relay.hasName ? "relay '\(relay.spec.name)'" : "relay #\(relay.place.index + 1)"
+        }
+        for (index, relay) in relays.enumerated() {
+            for earlier in relays[..<index] {
+                let earlierLine = earlier.place.position.map { " (line \($0.line))" } ?? ""
+                if relay.hasName, earlier.hasName, earlier.spec.name == relay.spec.name {
+                    report("duplicate relay name '\(relay.spec.name)': relay #\(earlier.place.index + 1)\(earlierLine) already has it; give each relay its own name", at: relay.place.keyPosition(.name))
                 }
-                if Self.overlap(earlier.listen, spec.listen) {
-                    let how = earlier.listen == spec.listen ? "as relay '\(earlier.name)'\(earlierLine) does" : "which overlaps relay '\(earlier.name)'\(earlierLine) on \(earlier.listen)"
-                    report("relay '\(spec.name)' listens on \(spec.listen), \(how); give each relay its own address or port", at: place.keyPosition(.listen))
+                if Self.overlap(earlier.spec.listen, relay.spec.listen) {
+                    let how = earlier.spec.listen == relay.spec.listen
+                        ? "as \(label(earlier))\(earlierLine) does"
+                        : "which overlaps \(label(earlier))\(earlierLine) on \(earlier.spec.listen)"
+                    report("\(label(relay)) listens on \(relay.spec.listen), \(how); give each relay its own address or port", at: relay.place.keyPosition(.listen))
                 }
             }
         }
@@ -389,30 +406,40 @@ private struct Reader {
         return text
     }
 
-    /// A string or a list of strings.
-    mutating func strings(
-        _ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?, elements: [SourcePosition]
-    ) -> [String]? {
-        if let text = value.string { return [text] }
-        guard let array = value.array else {
+    /// A string or a list of strings, each parsed by `parser`: the elements that parsed, with their
+    /// positions, and whether every element did. Every bad element is reported.
+    mutating func list<V, E: Error>(
+        _ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?, elements: [SourcePosition],
+        emptyAllowed: Bool, _ parser: (String) throws(E) -> V
+    ) -> Located<[V]>? {
+        let items: [(TOMLValueConvertible, SourcePosition?)]
+        if value.string != nil {
+            items = [(value, position)]
+        } else if let array = value.array {
+            items = array.enumerated().map { index, element in (element, elements[safe: index] ?? position) }
+        } else {
             report("'\(key)' must be a string or a list of strings, not \(Self.describe(value.type))", at: position)
             return nil
         }
-        var list: [String] = []
-        var ok = true
-        for (index, element) in array.enumerated() {
-            if let text = element.string {
-                list.append(text)
-            } else {
-                report("'\(key)' must list strings; element \(index + 1) is \(Self.describe(element.type))", at: elements[safe: index] ?? position)
-                ok = false
-            }
-        }
-        if ok && list.isEmpty {
-            report("'\(key)' is an empty list: list at least one \(key == "upstream" ? "HOST:PORT" : "CIDR")\(key == "upstream" ? "" : ", or leave the key out")", at: position)
+        if items.isEmpty && !emptyAllowed {
+            report("'\(key)' is an empty list: list at least one HOST:PORT", at: position)
             return nil
         }
-        return ok ? list : nil
+        var parsed = Located<[V]>(value: [], position: position)
+        for (index, (element, elementPosition)) in items.enumerated() {
+            guard let text = element.string else {
+                report("'\(key)' must list strings; element \(index + 1) is \(Self.describe(element.type))", at: elementPosition)
+                parsed.isComplete = false
+                continue
+            }
+            guard let item = parse(text, at: elementPosition, parser) else {
+                parsed.isComplete = false
+                continue
+            }
+            parsed.value.append(item)
+            parsed.elements.append(elementPosition ?? position ?? .start)
+        }
+        return parsed
     }
 
     mutating func duration(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Duration? {
@@ -425,7 +452,8 @@ private struct Reader {
 
     mutating func integer(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Int? {
         guard value.type == .int, let number = value.int else {
-            report("'\(key)' must be an integer, not \(Self.describe(value.type))", at: position)
+            let hint = value.string.flatMap { Int($0) }.map { ": write \(key) = \($0), without quotes" } ?? ""
+            report("'\(key)' must be an integer, not \(Self.describe(value.type))\(hint)", at: position)
             return nil
         }
         return number
@@ -440,16 +468,20 @@ private struct Reader {
         }
     }
 
-    mutating func parseList<V, E: Error>(
-        _ list: [String], key: String, at position: SourcePosition?, elements: [SourcePosition],
-        _ parser: (String) throws(E) -> V
-    ) -> [V]? {
-        var values: [V] = []
-        for (index, text) in list.enumerated() {
-            guard let value = parse(text, at: elements[safe: index] ?? position, parser) else { continue }
-            values.append(value)
-        }
-        return values.count == list.count ? values : nil
+    /// For a syntax error on a line like `listen = 127.0.0.1:7000`, where a key that takes a string
+    /// was given a bare value: a hint to quote it. Empty otherwise.
+    static func quotingHint(line number: Int, in text: String) -> String {
+        guard number >= 1 else { return "" }
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        guard number <= lines.count else { return "" }
+        let parts = lines[number - 1].split(separator: "=", maxSplits: 1)
+        guard parts.count == 2 else { return "" }
+        let key = parts[0].trimmingCharacters(in: .whitespaces)
+        let value = parts[1].trimmingCharacters(in: .whitespaces)
+        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .allow, .deny]
+        guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
+              let first = value.first, !"\"'[".contains(first) else { return "" }
+        return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""
     }
 
     /// The position of a top-level table or key, from its header or its key line.
@@ -463,7 +495,7 @@ private struct Reader {
         switch type {
         case .string: return "a string"
         case .int: return "an integer"
-        case .double: return "a number with a fraction"
+        case .double: return "a floating-point number"
         case .bool: return "a boolean"
         case .date, .time, .dateTime: return "a date or time"
         case .array: return "a list"
@@ -471,13 +503,18 @@ private struct Reader {
         }
     }
 
-    /// `; did you mean 'x'?` for a near miss (edit distance at most 2, or a different word order
-    /// of the same letters), or nothing.
-    static func suggestion(for key: String, among candidates: [String]) -> String {
-        let normalized = key.lowercased().replacingOccurrences(of: "-", with: "_")
+    /// The candidate `key` was most likely meant to be: the same words in another order
+    /// (`timeout_connect`), or a near miss (`conect_timeout`, `idle-timeout`); nil if none is close.
+    static func nearest(_ key: String, among candidates: [String]) -> String? {
+        let normalized = String(key.lowercased().map { $0 == "-" ? "_" : $0 })
+        let words = normalized.split(separator: "_").sorted()
+        if let reordered = candidates.first(where: { $0.split(separator: "_").sorted() == words }) {
+            return reordered
+        }
         let scored = candidates.map { ($0, editDistance(normalized, $0)) }
-        guard let best = scored.min(by: { $0.1 < $1.1 }), best.1 <= max(2, best.0.count / 4) else { return "" }
-        return "; did you mean '\(best.0)'?"
+        guard let (best, distance) = scored.min(by: { $0.1 < $1.1 }) else { return nil }
+        // One edit in a short word already makes another word ("deny", "dest").
+        return distance <= (best.count <= 5 ? 1 : max(2, best.count / 4)) ? best : nil
     }
 
     static func editDistance(_ a: String, _ b: String) -> Int {

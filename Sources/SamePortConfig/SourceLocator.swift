@@ -77,6 +77,12 @@ extension TOMLCursor {
                 if isArray { advance() }
                 skipSpaces()
                 let path = scanKeyPath()
+                // `[relay.extra]` is a key of the relay above it: locate it at its header.
+                if let name = path.last, path.count > 1,
+                   let parent = tables.lastIndex(where: { $0.path == Array(path.dropLast()) }),
+                   tables[parent].keys[name] == nil {
+                    tables[parent].keys[name] = SourceLocator.Key(position: position, value: position, elements: [])
+                }
                 tables.append(SourceLocator.Table(path: path, isArrayElement: isArray, position: position))
                 while let next = current, next != "\n" { advance() }  // the closing brackets, a comment
             } else {
@@ -172,8 +178,19 @@ extension TOMLCursor {
                 if index == before { advance() }
             }
         default:
-            // A number, date, boolean: up to the next separator.
-            while let next = current, !" \t\r\n,]}#".unicodeScalars.contains(next) { advance() }
+            // A number, date, boolean: up to the next separator. A date and a time may be
+            // separated by a space (1979-05-27 07:32:00).
+            let start = index
+            scanToken()
+            if index - start == 10, text[start + 4] == "-", text[start + 7] == "-",
+               current == " ", let next = peek(1), ("0"..."9").contains(next) {
+                advance()
+                scanToken()
+            }
         }
+    }
+
+    private mutating func scanToken() {
+        while let next = current, !" \t\r\n,]}#".unicodeScalars.contains(next) { advance() }
     }
 }

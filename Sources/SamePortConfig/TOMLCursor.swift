@@ -8,6 +8,8 @@ struct TOMLCursor {
 
     init(_ text: String) {
         self.text = Array(text.unicodeScalars)
+        // A byte-order mark is not part of the first line's columns.
+        if self.text.first == "\u{FEFF}" { index = 1 }
     }
 
     var position: SourcePosition { SourcePosition(line: line, column: column) }

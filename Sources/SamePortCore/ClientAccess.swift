@@ -22,8 +22,15 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible {
         guard network == address else {
             throw OptionError("invalid CIDR '\(text)': the address has bits set past the /\(length) prefix; did you mean \(network)/\(length)?")
         }
-        self.address = address
-        self.prefixLength = length
+        // IPv4-mapped (::ffff:a.b.c.d/96 and longer) is the IPv4 block it stands for: clients are
+        // matched as IPv4 addresses.
+        if address.isIPv6, address.unmapped != address, length >= 96 {
+            self.address = address.unmapped
+            self.prefixLength = length - 96
+        } else {
+            self.address = address
+            self.prefixLength = length
+        }
     }
 
     /// Whether `candidate` is in this block. An IPv4-mapped IPv6 address (a client of a dual-stack

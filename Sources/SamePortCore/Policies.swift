@@ -13,9 +13,19 @@ public enum EgressMode: Hashable, Sendable, CustomStringConvertible {
         case "same-port": self = .samePort
         case "ephemeral": self = .ephemeral
         default:
-            guard let hostPort = try? HostPort(parsing: text), let endpoint = hostPort.endpoint,
-                  !endpoint.address.isUnspecified else {
-                throw OptionError("invalid egress '\(text)': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000")
+            let expected = "expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000"
+            let hostPort: HostPort
+            do {
+                hostPort = try HostPort(parsing: text)
+            } catch where text.contains(":") {
+                // It looks like an address: say what is wrong with it (IPv6 brackets, the port).
+                throw OptionError("invalid egress '\(text)': \(error.reason); \(expected)")
+            } catch {
+                let reason = IPAddress(text) != nil ? "the port is missing (IP:0 lets the kernel choose one); " : ""
+                throw OptionError("invalid egress '\(text)': \(reason)\(expected)")
+            }
+            guard let endpoint = hostPort.endpoint, !endpoint.address.isUnspecified else {
+                throw OptionError("invalid egress '\(text)': \(expected)")
             }
             self = .fixed(endpoint.unmapped)
         }

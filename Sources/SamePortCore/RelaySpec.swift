@@ -62,6 +62,8 @@ public struct RelaySpec: Sendable, Equatable {
         public enum Field: Equatable, Sendable {
             case name, listen, upstream(index: Int), egress, connectTimeout, idleTimeout
             case maxConnections, queueLimit, bufferSize
+            /// The upstreams have no address of the egress's family.
+            case upstreamFamilies
         }
         public var field: Field
         public var message: String
@@ -74,10 +76,13 @@ public struct RelaySpec: Sendable, Equatable {
             problems.append(Problem(field: field, message: message))
         }
         if name.isEmpty || !name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isASCIIDigit || "-_.".contains($0)) }) {
-            add(.name, "invalid relay name '\(name)': use letters, digits, '-', '_' or '.'")
+            add(.name, "invalid relay name '\(name)': use ASCII letters, digits, '-', '_' or '.'")
         }
         if case .name = listen.host {
             add(.listen, "invalid listen address '\(listen)': listen on an IP address or *:PORT, not a host name")
+        }
+        if let endpoint = listen.endpoint, endpoint.address != endpoint.address.unmapped {
+            add(.listen, "invalid listen address '\(listen)': listen on \(endpoint.unmapped), not its IPv4-mapped form")
         }
         if listen.port == 0 {
             add(.listen, "invalid listen address '\(listen)': the port must be from 1 to 65535")
@@ -96,6 +101,14 @@ public struct RelaySpec: Sendable, Equatable {
            egress.address.isIPv6 != listenEndpoint.address.unmapped.isIPv6, !listenEndpoint.address.isUnspecified {
             add(.egress, "egress \(egress) and listen \(listen) are of different address families")
         }
+        // Host names are checked once resolved; literal addresses can be checked now.
+        let literals = upstreams.compactMap { $0.endpoint?.address.unmapped }
+        if !problems.contains(where: { $0.field == .egress }),
+           let egressAddress = staticEgressAddress, !literals.isEmpty, literals.count == upstreams.count,
+           !literals.contains(where: { $0.isIPv6 == egressAddress.isIPv6 }) {
+            let family = egressAddress.familyName
+            add(.upstreamFamilies, "no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
+        }
         if connectTimeout <= .zero {
             add(.connectTimeout, "the connect timeout must be above 0 (for example 5s)")
         }
@@ -112,5 +125,17 @@ public struct RelaySpec: Sendable, Equatable {
             add(.bufferSize, "the buffer size must be from 4096 to 16777216 bytes, not \(bufferSize)")
         }
         return problems
+    }
+
+    /// The address every upstream connection is dialled from, when it is known before any client
+    /// arrives: nil for a wildcard listener, whose egress is the address each client reached.
+    public var staticEgressAddress: IPAddress? {
+        let address: IPAddress?
+        switch egress {
+        case .fixed(let endpoint): address = endpoint.address
+        case .samePort, .ephemeral: address = listen.endpoint?.address.unmapped
+        }
+        guard let address, !address.isUnspecified else { return nil }
+        return address
     }
 }

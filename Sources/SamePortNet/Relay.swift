@@ -119,7 +119,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             try binding.makeSocket().close()
         } catch {
             let hint = EgressBinding.hint(for: error.errno) ?? "check --egress"
-            throw StartupError("relay \(spec.name): the egress cannot bind \(binding): \(error.errno): \(hint)")
+            throw StartupError("the egress cannot bind \(binding): \(error.errno): \(hint)")
         }
     }
 
@@ -130,7 +130,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         guard !egressAddress.isUnspecified else { return }
         let family = egressAddress.familyName
         guard selector.upstreams.contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
-            throw StartupError("relay \(spec.name): no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
+            throw StartupError("no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
         }
     }
 

@@ -30,13 +30,23 @@ struct CheckCommand: ParsableCommand {
 
             EXAMPLES
               sameport check --config /etc/sameport/sameport.toml
+              sameport check Config/*.toml     (one file at a time: use a loop)
             """
     )
 
-    @Option(help: ArgumentHelp("The TOML file to validate.", valueName: "file"))
-    var config: String
+    @Option(name: [.customShort("c"), .long], help: ArgumentHelp("The TOML file to validate ('-' for standard input).", valueName: "file"))
+    var config: String?
+
+    @Argument(help: ArgumentHelp("The file, given without --config.", valueName: "file"))
+    var file: String?
 
     func run() throws {
+        guard let config = config ?? file else {
+            throw ValidationError("missing the file to check: sameport check --config FILE")
+        }
+        if let file, self.config != nil, file != config {
+            throw ValidationError("two files to check, '\(config)' and '\(file)': give one")
+        }
         let relays = try ConfigFile.load(config)
         print(Self.table(relays))
         print("\(config): \(relays.count) relay\(relays.count == 1 ? "" : "s"), configuration OK")

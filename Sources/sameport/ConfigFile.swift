@@ -8,23 +8,26 @@ enum ConfigFile {
     ///
     /// - Throws: a `StartFailure` (exit 2) listing every problem as `FILE:LINE:COLUMN: message`,
     ///   or saying why the file cannot be read.
-    static func load(_ path: String) throws(StartFailure) -> [RelaySpec] {
-        let text = try read(path)
+    static func load(_ argument: String) throws(StartFailure) -> [RelaySpec] {
+        // `-` is standard input, named as compilers name it.
+        let path = argument == "-" ? "<stdin>" : argument
+        let text = try read(argument == "-" ? nil : path, named: path)
         do {
             return try Configuration(text: text, path: path).relays
         } catch {
             let count = error.problems.count
             throw StartFailure(
-                messages: ["configuration error: \(count) problem\(count == 1 ? "" : "s") in \(path); fix \(count == 1 ? "it" : "them") and run 'sameport check --config \(path)'"],
+                messages: ["configuration error: \(count) problem\(count == 1 ? "" : "s") in \(path); fix \(count == 1 ? "it" : "them") and run 'sameport check --config \(argument)'"],
                 exitCode: 2,
                 details: error.problems.map(\.description))
         }
     }
 
-    private static func read(_ path: String) throws(StartFailure) -> String {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+    /// The text of the file at `path`, or of standard input when `path` is nil.
+    private static func read(_ file: String?, named path: String) throws(StartFailure) -> String {
+        let fd = file.map { Glibc.open($0, O_RDONLY | O_CLOEXEC) } ?? STDIN_FILENO
         guard fd >= 0 else { throw unreadable(path, errno) }
-        defer { Glibc.close(fd) }
+        defer { if file != nil { Glibc.close(fd) } }
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
         while true {

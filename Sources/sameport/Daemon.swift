@@ -24,48 +24,32 @@ struct Daemon {
         // From a file, every message names its relay; from flags there is only the one.
         let label: (RelaySpec) -> String = { configPath == nil ? "" : "relay \($0.name): " }
         var failures: [(message: String, isTemporary: Bool)] = []
-        var resolved: [(spec: RelaySpec, upstreams: [[Endpoint]])] = []
+        var opened: [(relay: Relay, upstreams: [[Endpoint]])] = []
+        // Every relay is tried, so that one run lists every failure; then all start, or none.
         for spec in relays {
+            let upstreams: [[Endpoint]]
             do {
-                resolved.append((spec, try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }))
+                upstreams = try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }
             } catch {
                 let kind = error.isTemporary ? "runtime failure" : "configuration error"
                 failures.append(("\(kind): \(label(spec))\(error.message)", error.isTemporary))
+                continue
             }
-        }
-        var opened: [Relay] = []
-        if failures.isEmpty {
-            for (spec, upstreams) in resolved {
-                let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
-                do {
-                    try relay.open()
-                    opened.append(relay)
-                } catch {
-                    failures.append(("cannot start: \(label(spec))\(error.message)", false))
-                }
+            let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
+            do {
+                try relay.open()
+                opened.append((relay, upstreams))
+            } catch {
+                failures.append(("cannot start: \(label(spec))\(error.message)", false))
             }
         }
         guard failures.isEmpty else {
-            for relay in opened { relay.close() }
+            for (relay, _) in opened { relay.close() }
             throw StartFailure(
                 messages: failures.map(\.message),
                 exitCode: failures.allSatisfy(\.isTemporary) ? 1 : 2)
         }
-        for (relay, (spec, upstreams)) in zip(opened, resolved) {
-            relay.onFatalError = { message in
-                logger.critical("\(message)")
-                exit(1)
-            }
-            relay.startAccepting()
-            let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
-                addresses.count == 1 && name.endpoint != nil
-                    ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
-            }.joined(separator: ", ")
-            logger.info(
-                "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
-                metadata: ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)])
-        }
-        let group = RelayGroup(relays: opened)
+        let group = RelayGroup(relays: opened.map(\.relay))
 
         let stop: @Sendable (String) -> Void = { name in
             logger.info("stopping on \(name)")
@@ -88,6 +72,22 @@ struct Daemon {
                 }
             },
         ]
+        // Signals are handled before the first client is taken.
+        for (relay, upstreams) in opened {
+            let spec = relay.spec
+            relay.onFatalError = { message in
+                logger.critical("\(message)")
+                exit(1)
+            }
+            relay.startAccepting()
+            let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
+                addresses.count == 1 && name.endpoint != nil
+                    ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
+            }.joined(separator: ", ")
+            logger.info(
+                "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
+                metadata: ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)])
+        }
         withExtendedLifetime(sources) { dispatchMain() }
     }
 

@@ -51,7 +51,7 @@ struct RunCommand: ParsableCommand {
             """
     )
 
-    @Option(help: ArgumentHelp("Run the relays of this TOML file (see 'sameport check').", valueName: "file"))
+    @Option(name: [.customShort("c"), .long], help: ArgumentHelp("Run the relays of this TOML file ('-' for standard input; see 'sameport check').", valueName: "file"))
     var config: String?
 
     @Option(help: ArgumentHelp("Accept clients on this address: IP:PORT, [IPv6]:PORT or *:PORT.", valueName: "addr:port"))

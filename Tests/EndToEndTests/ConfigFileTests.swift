@@ -219,7 +219,7 @@ struct ConfigFileTests {
         let holderB = try TestServer(handler: TestServer.hold)
         let holderC = try TestServer(handler: TestServer.hold)
         defer { holderB.stop(); holderC.stop() }
-        let freeA = try freePort()
+        let freeA = try freePort(), freeD = try freePort()
         let config = try ConfigFixture("""
             [defaults]
             upstream = "127.0.0.1:9"
@@ -235,6 +235,11 @@ struct ConfigFileTests {
             [[relay]]
             name = "c"
             listen = "\(holderC.endpoint)"
+
+            [[relay]]
+            name = "d"
+            listen = "127.0.0.1:\(freeD)"
+            egress = "\(holderB.endpoint)"
             """)
         defer { config.remove() }
         let (status, output) = try runToExit(["--config", config.path])
@@ -242,12 +247,15 @@ struct ConfigFileTests {
         #expect(output == """
             sameport: cannot start: relay b: cannot listen on \(holderB.endpoint): Address already in use: another process is listening on port \(holderB.endpoint.port); stop it or choose another listen port
             sameport: cannot start: relay c: cannot listen on \(holderC.endpoint): Address already in use: another process is listening on port \(holderC.endpoint.port); stop it or choose another listen port
+            sameport: cannot start: relay d: the egress cannot bind \(holderB.endpoint): Address already in use: another socket holds this address without SO_REUSEPORT, or belongs to another user
 
             """)
         // Relay a was bound and then released: its port can be bound again.
-        let probe = try TestSocket.tcp(ipv6: false)
-        #expect(throws: Never.self) { try probe.bind(Endpoint(.loopbackV4, freeA)) }
-        probe.close()
+        for port in [freeA, freeD] {
+            let probe = try TestSocket.tcp(ipv6: false)
+            #expect(throws: Never.self) { try probe.bind(Endpoint(.loopbackV4, port)) }
+            probe.close()
+        }
     }
 
     @Test("A bad file: every problem as FILE:LINE:COLUMN, a summary, exit 2, from run and from check")

@@ -48,8 +48,14 @@ struct ConfigurationReadingTests {
             idle_timeout = "0"
             allow = ["::1"]
             deny = ["fd00::/8"]
+
+            [[relay]]
+            name = "three"
+            listen = "127.0.0.1:7002"
+            allow = []
             """)
-        #expect(specs.count == 2)
+        #expect(specs.count == 3)
+        #expect(specs[2].access.isOpen, "an empty allow list drops the inherited one")
         let one = specs[0], two = specs[1]
         #expect(one.name == "one")
         #expect(one.listen == (try hostPort("127.0.0.1:7000")))
@@ -115,6 +121,74 @@ struct ConfigurationProblemTests {
             """) == [])
     }
 
+    @Test("Every bad element of a list is reported; the good ones are still checked")
+    func everyElement() {
+        #expect(problems("""
+            [[relay]]
+            listen = "127.0.0.1:7000"
+            upstream = ["127.0.0.1:9000", "127.0.0.1", "*:9002", 5, "host:99999"]
+            """) == [
+            "f.toml:3:31: invalid address '127.0.0.1': the port is missing; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT",
+            "f.toml:3:44: invalid upstream '*:9002': '*' is for listening; name the upstream's host",
+            "f.toml:3:54: 'upstream' must list strings; element 4 is an integer",
+            "f.toml:3:57: invalid address 'host:99999': the port '99999' is not a number from 0 to 65535; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT",
+        ])
+    }
+
+    @Test("Positions survive a byte-order mark, a local date-time and a [relay.sub] table")
+    func positions() {
+        #expect(problems("\u{FEFF}[[relay]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:9000\"\nmax_connections = 0\n")
+            == ["f.toml:4:19: max connections must be from 1 to 1000000, not 0"])
+        #expect(problems("""
+            [[relay]]
+            name = "a"
+            when = 1979-05-27 07:32:00
+            listen = "127.0.0.1:7000"
+            upstream = "127.0.0.1:9000"
+
+            [relay.extra]
+            x = 1
+
+            [[relay]]
+            name = "b"
+            listen = "127.0.0.1:7001"
+            upstream = "127.0.0.1:9000"
+            queue_limit = -5
+            """) == [
+            "f.toml:3:1: unknown key 'when' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny",
+            "f.toml:7:1: unknown key 'extra' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny",
+            "f.toml:14:15: the queue limit must be from 0 to 1000000, not -5",
+        ])
+    }
+
+    @Test("Hints: quotes around a bare address, no quotes around a number, word order, IPv4-mapped listen, literal families")
+    func hints() {
+        #expect(problems("[[relay]]\nlisten = 127.0.0.1:7000\n")
+            == [#"f.toml:2:12: syntax error: Error while parsing time: expected ':', saw '7'; listen takes a string: put the value in quotes, as in listen = "127.0.0.1:7000""#])
+        #expect(problems("""
+            [[relay]]
+            listen = "[::ffff:127.0.0.1]:7000"
+            upstream = "127.0.0.1:9000"
+            max_connections = "1024"
+            timeout_connect = "1s"
+            lissten = "x"
+            dest = "127.0.0.1/32"
+
+            [[relay]]
+            name = "six"
+            listen = "[::1]:7001"
+            upstream = ["127.0.0.1:9001", "127.0.0.2:9001"]
+            """) == [
+            "f.toml:1:1: relay #1 has no name: add name = \"...\" (with several relays each needs one; it names the relay in logs and matches its socket-activated fd)",
+            "f.toml:2:10: invalid listen address '[::ffff:127.0.0.1]:7000': listen on 127.0.0.1:7000, not its IPv4-mapped form",
+            "f.toml:4:19: 'max_connections' must be an integer, not a string: write max_connections = 1024, without quotes",
+            "f.toml:5:1: unknown key 'timeout_connect' in [[relay]]; did you mean 'connect_timeout'?",
+            "f.toml:6:1: unknown key 'lissten' in [[relay]]; did you mean 'listen'?",
+            "f.toml:7:1: unknown key 'dest' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny",
+            "f.toml:12:12: no upstream has an IPv6 address to dial from ::1; give an IPv6 upstream, or listen on an address of the upstreams' family",
+        ])
+    }
+
     @Test("Unknown keys, with a hint for near misses")
     func unknownKeys() {
         #expect(problems("""
@@ -132,7 +206,7 @@ struct ConfigurationProblemTests {
             "f.toml:2:1: unknown key 'conect_timeout' in [defaults]; did you mean 'connect_timeout'?",
             "f.toml:7:3: unknown key 'idle-timeout' in [[relay]]; did you mean 'idle_timeout'?",
             "f.toml:8:1: unknown key 'colour' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny",
-            "f.toml:10:1: unknown table [relays] at the top level; did you mean 'relay'?",
+            "f.toml:10:1: unknown table [relays] at the top level; did you mean [[relay]]?",
         ])
         #expect(problems("listen = \"127.0.0.1:7000\"\n[[relay]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:1\"\n")
             == ["f.toml:1:1: 'listen' must be inside a [[relay]] table (or [defaults])"])
@@ -149,16 +223,16 @@ struct ConfigurationProblemTests {
             max_connections = "10"
             queue_limit = 1.5
             allow = true
-            deny = []
+            deny = 7
             """) == [
             "f.toml:2:8: 'name' must be a string, not an integer",
             "f.toml:3:10: 'listen' must be a string, not a list",
             "f.toml:4:31: 'upstream' must list strings; element 2 is an integer",
             "f.toml:5:19: 'connect_timeout' must be a duration string such as \"5s\" or \"250ms\", not an integer",
-            "f.toml:6:19: 'max_connections' must be an integer, not a string",
-            "f.toml:7:15: 'queue_limit' must be an integer, not a number with a fraction",
+            "f.toml:6:19: 'max_connections' must be an integer, not a string: write max_connections = 10, without quotes",
+            "f.toml:7:15: 'queue_limit' must be an integer, not a floating-point number",
             "f.toml:8:9: 'allow' must be a string or a list of strings, not a boolean",
-            "f.toml:9:8: 'deny' is an empty list: list at least one CIDR, or leave the key out",
+            "f.toml:9:8: 'deny' must be a string or a list of strings, not an integer",
         ])
     }
 
@@ -180,6 +254,7 @@ struct ConfigurationProblemTests {
             """) == [
             "f.toml:2:10: invalid listen address 'relay.example:7000': listen on an IP address or *:PORT, not a host name",
             "f.toml:5:3: invalid address '[::1:9001': the '[' of an IPv6 address is not closed; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT",
+            "f.toml:6:3: invalid upstream '*:9002': '*' is for listening; name the upstream's host",
             "f.toml:8:10: invalid egress 'sideways': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000",
             "f.toml:9:11: invalid on-busy policy 'maybe': expected queue, reject or ephemeral",
             "f.toml:10:16: invalid duration '5 parsecs': expected a number with a unit: ms, s, m or h (for example 250ms, 5s, 10m)",
@@ -245,6 +320,8 @@ struct ConfigurationProblemTests {
             "f.toml:8:1: relay 'b' has no upstream: add upstream = \"HOST:PORT\" (or a list of them)",
         ])
         #expect(problems("# nothing here\n") == ["f.toml:1:1: no [[relay]] table: define at least one relay, with listen and upstream"])
+        #expect(problems("relay = []\n") == ["f.toml:1:1: no relay: 'relay' is an empty list; define at least one [[relay]] with listen and upstream"])
+        #expect(problems("[[relay]]\nlisten = \"127.0.0.1:7000\"\nupstream = []\n") == ["f.toml:3:12: 'upstream' is an empty list: list at least one HOST:PORT"])
         #expect(problems("[relay]\nlisten = \"127.0.0.1:7000\"\n")
             == ["f.toml:1:1: 'relay' must be an array of tables: write [[relay]] (two brackets) above each relay"])
         #expect(problems("[[defaults]]\n[[relay]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:1\"\n")
@@ -287,6 +364,19 @@ struct ConfigurationProblemTests {
             "f.toml:18:1: relay 'd' listens on *:7000, which overlaps relay 'a' (line 8) on 127.0.0.2:7000; give each relay its own address or port",
             "f.toml:18:1: relay 'd' listens on *:7000, which overlaps relay 'c' (line 12) on 127.0.0.1:7000; give each relay its own address or port",
             "f.toml:22:1: relay 'e' listens on [::1]:7000, which overlaps relay 'd' (line 16) on *:7000; give each relay its own address or port",
+            "f.toml:22:10: no upstream has an IPv6 address to dial from ::1; give an IPv6 upstream, or listen on an address of the upstreams' family",
+        ])
+        #expect(problems("""
+            [defaults]
+            upstream = "127.0.0.1:9000"
+            [[relay]]
+            listen = "127.0.0.1:7000"
+            [[relay]]
+            listen = "127.0.0.1:7000"
+            """) == [
+            "f.toml:3:1: relay #1 has no name: add name = \"...\" (with several relays each needs one; it names the relay in logs and matches its socket-activated fd)",
+            "f.toml:5:1: relay #2 has no name: add name = \"...\" (with several relays each needs one; it names the relay in logs and matches its socket-activated fd)",
+            "f.toml:6:1: relay #2 listens on 127.0.0.1:7000, as relay #1 (line 3) does; give each relay its own address or port",
         ])
     }
 }

@@ -25,6 +25,10 @@ struct ClientAccessTests {
         // A client of a dual-stack listener arrives IPv4-mapped and matches as IPv4.
         #expect(try cidr("127.0.0.0/8").contains(ip("::ffff:127.0.0.3")))
         #expect(try cidr("10.0.0.0/31").description == "10.0.0.0/31")
+        // A block written IPv4-mapped is the IPv4 block, so that it matches IPv4 clients.
+        #expect(try cidr("::ffff:127.0.0.2").description == "127.0.0.2/32")
+        #expect(try cidr("::ffff:10.0.0.0/104").description == "10.0.0.0/8")
+        #expect(try cidr("::ffff:127.0.0.2").contains(ip("127.0.0.2")))
     }
 
     @Test("Malformed blocks are refused with the reason and the fix", arguments: [

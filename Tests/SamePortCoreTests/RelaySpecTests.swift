@@ -156,18 +156,24 @@ struct RelaySpecTests {
         spec.egress = .fixed(Endpoint(.loopbackV4, 7001))
         expectOneProblem(spec, containing: "are of different address families")
 
-        // Same family: fine.
+        // Same family: fine, once an upstream of that family is given.
         spec.egress = .fixed(Endpoint(.loopbackV6, 7001))
+        #expect(spec.problems() == ["no upstream has an IPv6 address to dial from ::1; give an IPv6 upstream, or listen on an address of the upstreams' family"])
+        spec.upstreams.append(try hostPort("[::1]:9000"))
+        #expect(spec.problems() == [])
+        // A host name may resolve to either family: checked once resolved, not here.
+        spec.upstreams = [try hostPort("backend.example:9000")]
         #expect(spec.problems() == [])
         // A wildcard listen address accepts either family.
+        spec.upstreams = [try hostPort("127.0.0.1:9000")]
+        spec.egress = .samePort
         spec.listen = try hostPort("*:7000")
         #expect(spec.problems() == [])
         spec.listen = try hostPort("0.0.0.0:7000")
         #expect(spec.problems() == [])
-        // An IPv4-mapped listen address counts as IPv4.
+        // An IPv4-mapped listen address is refused, with the plain IPv4 form to use.
         spec.listen = try hostPort("[::ffff:127.0.0.1]:7000")
-        spec.egress = .fixed(Endpoint(.loopbackV4, 7001))
-        #expect(spec.problems() == [])
+        #expect(spec.problems() == ["invalid listen address '[::ffff:127.0.0.1]:7000': listen on 127.0.0.1:7000, not its IPv4-mapped form"])
     }
 
     @Test("every problem is reported at once")
@@ -184,7 +190,7 @@ struct RelaySpecTests {
         )
         #expect(
             spec.problems() == [
-                "invalid relay name '': use letters, digits, '-', '_' or '.'",
+                "invalid relay name '': use ASCII letters, digits, '-', '_' or '.'",
                 "invalid listen address 'localhost:0': listen on an IP address or *:PORT, not a host name",
                 "invalid listen address 'localhost:0': the port must be from 1 to 65535",
                 "no upstream: give at least one --upstream HOST:PORT",
