@@ -37,7 +37,7 @@ Metrics, each next to direct measured in the same run (see README.md, "Benchmark
                     1-byte exchange, divided by their number. The fixed-port relay gets IDLE
                     upstream ports, one per connection.
 
---quick (or --smoke): 64 MiB, 2,000 ping-pongs, 0.5 s of connections, 100 idle connections, one
+--quick (or --smoke): 256 MiB, 2,000 ping-pongs, 0.5 s of connections, 100 idle connections, one
 repetition, nothing installed: half a minute, to see that everything runs.
 
 Configurations are run in alternating order (forward, then reversed) over --reps repetitions; the
@@ -723,7 +723,7 @@ def main():
     parser.add_argument("--no-install", action="store_true", help="use only what is installed already")
     parser.add_argument("--bin", help="the sameport binary (default: swift build -c release)")
     parser.add_argument("--configs", help=f"comma-separated subset of {','.join(CONFIGS)} (direct is always run)")
-    parser.add_argument("--bulk-mib", type=int, help="MiB per bulk transfer each way (default 1024; quick 64)")
+    parser.add_argument("--bulk-mib", type=int, help="MiB per bulk transfer each way (default 1024; quick 256)")
     parser.add_argument("--iperf-mib", type=int, help="MiB per iperf3 run each way (default 2048; quick 256)")
     parser.add_argument("--idle", type=int, help="idle connections for the memory figure (default 1000; quick 100)")
     parser.add_argument("--fixed-ports", type=int, default=16,
@@ -739,7 +739,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.reps = 1
-    args.bulk_mib = args.bulk_mib or (64 if args.quick else 1024)
+    args.bulk_mib = args.bulk_mib or (256 if args.quick else 1024)
     args.iperf_mib = args.iperf_mib or (256 if args.quick else 2048)
     args.idle = args.idle or (100 if args.quick else 1000)
     wanted = CONFIGS if not args.configs else ["direct"] + [c for c in args.configs.split(",") if c != "direct"]
