@@ -68,11 +68,15 @@ struct BenchSmokeTests {
 
         for label in ["sameport (same-port egress)", "sameport --egress ephemeral"] {
             let row = try #require(Self.row(label, in: output), "no row '\(label)'")
-            for index in [bulkUp, bulkDown, conn1] {
+            for index in [bulkUp, bulkDown] {
                 let values = Self.numbers(row[index])
                 #expect(values.count == 2 && values[0] > 0.001 && values[0] < 10 && values[1] > 0,
                         "\(label) \(header[index]): \(row[index])")
             }
+            // A rate and its ratio, but no bound: one connection stalled by the pump's watchdog
+            // (see README, Benchmark) can take the whole half-second window of --smoke.
+            let rate = Self.numbers(row[conn1])
+            #expect(rate.count == 2 && rate[0] >= 0 && rate[1] >= 0, "\(label) conn/s: \(row[conn1])")
             let cpuPerGiB = Self.numbers(row[cpu])
             #expect(cpuPerGiB.count == 1 && cpuPerGiB[0] > 0 && cpuPerGiB[0] < 100, "\(label) CPU: \(row[cpu])")
             let latency = Self.numbers(row[p50])
