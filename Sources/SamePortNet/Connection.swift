@@ -71,6 +71,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private var retryDeadline: DispatchTime?
     private var backoff = Backoff()
     private var watchdogInterval = Connection.watchdogFloor
+    /// When the connect in progress times out.
+    private var connectDeadline = DispatchTime.distantFuture
     private var progressAtLastWatch: UInt64 = 0
 
     init(
@@ -122,7 +124,10 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             channel.onReadable = { [unowned self] in concludeConnect(deadlinePassed: false) }
             channel.setWriting(true)
             channel.setReading(true)
-            armTimer(after: settings.connectTimeout)
+            connectDeadline = .now() + settings.connectTimeout.dispatchInterval
+            // On loopback the handshake has usually finished (or been refused) by the time
+            // connect() returns: going on at once saves waiting for the event, a thread wake-up.
+            concludeConnect(deadlinePassed: false, unlessInProgress: true)
         } catch {
             socket.close()
             if error.errno == .addressNotAvailable { sawAddressNotAvailable = true }
@@ -131,14 +136,19 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         }
     }
 
-    /// Decides how a connect in progress ended: on its event, or at the connect deadline. A socket
-    /// says itself whether it connected or failed, also when its completion event was lost (see
-    /// the watchdog).
-    private func concludeConnect(deadlinePassed: Bool) {
+    /// Decides how a connect in progress ended: on its event, at the connect deadline, or when
+    /// looked at before either (`unlessInProgress`: if it has not ended, the timer is armed
+    /// again). A socket says itself whether it connected or failed, also when its completion
+    /// event was lost (see the watchdog). SO_ERROR is read once: reading it clears it.
+    private func concludeConnect(deadlinePassed: Bool, unlessInProgress: Bool = false) {
         guard case .connecting(let channel, let index) = state else { return }
         let address = reservation.addresses[index]
         let error = channel.socket.pendingError()
-        if error == nil, !deadlinePassed || (try? channel.socket.peerEndpoint()) != nil {
+        let connected = error == nil && (try? channel.socket.peerEndpoint()) != nil
+        if error == nil && !connected && unlessInProgress && !deadlinePassed {
+            return armConnectTimer()
+        }
+        if error == nil, !deadlinePassed || connected {
             timer.schedule(deadline: .distantFuture)
             return didConnect(channel, address: address)
         }
@@ -194,6 +204,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         finish(.connectFailed(cause: (failures + (last.map { [$0] } ?? [])).joined(separator: "; ")))
     }
 
+    /// The connect timer: at the connect deadline, or at the watchdog's interval before it.
+    private func armConnectTimer() {
+        timer.schedule(deadline: min(connectDeadline, .now() + Self.watchdogFloor.dispatchInterval), leeway: .milliseconds(10))
+    }
+
     private func armTimer(after duration: Duration) {
         timer.schedule(deadline: .now() + duration.dispatchInterval, leeway: .milliseconds(10))
     }
@@ -201,7 +216,9 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     private func timerFired() {
         switch state {
         case .connecting:
-            concludeConnect(deadlinePassed: true)
+            // At the deadline, or earlier as a watchdog: the event that says a connect finished
+            // can be lost like any other (see `watchdogFloor`), and the socket knows anyway.
+            concludeConnect(deadlinePassed: DispatchTime.now() >= connectDeadline, unlessInProgress: true)
         case .backingOff:
             attempt(address: 0)
         case .awaitingUpstream:
