@@ -17,6 +17,14 @@ struct ConnectionLog {
     var end: ConnectionEnd
 
     func log(to logger: Logger) {
+        let level: Logger.Level
+        switch end {
+        case .completed, .clientReset, .upstreamReset, .idleTimeout, .shutdown: level = .info
+        case .refused: level = .notice
+        default: level = .warning
+        }
+        // Formatting the line costs more than the rest of a short connection: skip it when unseen.
+        guard logger.logLevel <= level else { return }
         var metadata: Logger.Metadata = [
             "relay": .string(relay),
             "client": .string(client),
@@ -28,12 +36,6 @@ struct ConnectionLog {
             "end": .string(end.label),
         ]
         if let cause = end.cause { metadata["cause"] = .string(cause) }
-        let level: Logger.Level
-        switch end {
-        case .completed, .clientReset, .upstreamReset, .idleTimeout, .shutdown: level = .info
-        case .refused: level = .notice
-        default: level = .warning
-        }
         logger.log(level: level, "connection ended", metadata: metadata)
     }
 

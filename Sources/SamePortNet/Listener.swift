@@ -24,7 +24,7 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
     /// The address the socket is bound to.
     let endpoint: Endpoint
     /// Called on `queue` for each accepted client; the callee owns the socket.
-    var onAccept: ((Socket) -> Void)?
+    var onAccept: ((Socket, Endpoint?) -> Void)?
     /// Called on `queue` when accept fails in a way that retrying cannot cure.
     var onFatalError: ((SystemError) -> Void)?
     /// Called on `queue` when accepting pauses for lack of descriptors or memory.
@@ -144,8 +144,8 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
     private func acceptAll() {
         while wantsAccepting, !isBackingOff, !isClosed {
             do {
-                guard let client = try socket.accept() else { return }
-                onAccept?(client)
+                guard let (client, peer) = try socket.accept() else { return }
+                onAccept?(client, peer)
             } catch {
                 switch error.errno {
                 case .badDescriptor, .invalidArgument, .notASocket, .badAddress:

@@ -91,7 +91,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     public func startAccepting() {
         queue.sync {
             guard let listener else { return }
-            listener.onAccept = { [unowned self] in accepted($0) }
+            listener.onAccept = { [unowned self] in accepted($0, peer: $1) }
             listener.onTemporaryFailure = { [unowned self] error in
                 logger.warning("accept paused for 100ms", metadata: ["relay": .string(spec.name), "cause": .stringConvertible(error)])
             }
@@ -157,9 +157,12 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
 
     // MARK: Accepting
 
-    private func accepted(_ client: Socket) {
+    private func accepted(_ client: Socket, peer acceptedPeer: Endpoint?) {
         let acceptedAt = DispatchTime.now()
-        guard let local = try? client.localEndpoint(), let peer = try? client.peerEndpoint() else {
+        // The local address is the listener's, unless it listens on every address.
+        let listenerEndpoint = listenEndpoint.flatMap { $0.address.isUnspecified ? nil : $0 }
+        guard let local = listenerEndpoint ?? (try? client.localEndpoint()),
+              let peer = acceptedPeer ?? (try? client.peerEndpoint()) else {
             client.close()  // reset before we looked at it
             ConnectionLog(
                 relay: spec.name, client: "-", egress: "-", upstream: "-", bytesToUpstream: 0, bytesToClient: 0,

@@ -69,11 +69,16 @@ public struct Socket: Hashable, Sendable {
         }
     }
 
-    /// accept4(2) with SOCK_NONBLOCK|SOCK_CLOEXEC; nil when no client is waiting.
-    public func accept() throws(SystemError) -> Socket? {
+    /// accept4(2) with SOCK_NONBLOCK|SOCK_CLOEXEC: the client and its address (which accept4
+    /// gives for free, saving a getpeername), or nil when no client is waiting.
+    public func accept() throws(SystemError) -> (socket: Socket, peer: Endpoint?)? {
         let flags = Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
-        switch try nonBlockingCall("accept4", { sameport_accept4(fd, nil, nil, flags) }) {
-        case .processed(let client): return Socket(fd: client)
+        var peer = SocketAddress()
+        let result = try nonBlockingCall("accept4") {
+            peer.withMutableSockAddr { address, length in sameport_accept4(fd, address, length, flags) }
+        }
+        switch result {
+        case .processed(let client): return (Socket(fd: client), peer.endpoint)
         case .wouldBlock: return nil
         }
     }
