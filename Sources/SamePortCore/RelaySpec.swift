@@ -18,11 +18,16 @@ public struct RelaySpec: Sendable, Equatable {
     public var queueLimit: Int
     /// Bytes buffered per direction of a connection (the back-pressure bound).
     public var bufferSize: Int
+    /// Whether bytes move with splice(2) (through a pipe per direction) or with read/write.
+    public var splice: SpliceMode
+    /// The pipe size asked per direction with splice (the kernel may grant less, never fail).
+    public var pipeSize: Int
 
     public static let defaultConnectTimeout = Duration.seconds(5)
     public static let defaultMaxConnections = 1024
     public static let defaultQueueLimit = 128
     public static let defaultBufferSize = 128 * 1024
+    public static let defaultPipeSize = 256 * 1024
 
     public init(
         name: String = "main",
@@ -34,7 +39,9 @@ public struct RelaySpec: Sendable, Equatable {
         idleTimeout: Duration? = nil,
         maxConnections: Int = RelaySpec.defaultMaxConnections,
         queueLimit: Int = RelaySpec.defaultQueueLimit,
-        bufferSize: Int = RelaySpec.defaultBufferSize
+        bufferSize: Int = RelaySpec.defaultBufferSize,
+        splice: SpliceMode = .on,
+        pipeSize: Int = RelaySpec.defaultPipeSize
     ) {
         self.name = name
         self.listen = listen
@@ -46,6 +53,8 @@ public struct RelaySpec: Sendable, Equatable {
         self.maxConnections = maxConnections
         self.queueLimit = queueLimit
         self.bufferSize = bufferSize
+        self.splice = splice
+        self.pipeSize = pipeSize
     }
 
     /// Every problem with this spec, each a message that names the value and the fix; empty if valid.
@@ -88,6 +97,9 @@ public struct RelaySpec: Sendable, Equatable {
         }
         if !(4096...(16 << 20)).contains(bufferSize) {
             problems.append("the buffer size must be from 4096 to 16777216 bytes, not \(bufferSize)")
+        }
+        if !(4096...(16 << 20)).contains(pipeSize) {
+            problems.append("the pipe size must be from 4096 to 16777216 bytes, not \(pipeSize)")
         }
         return problems
     }

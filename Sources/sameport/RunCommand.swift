@@ -9,7 +9,8 @@ struct RunCommand: ParsableCommand {
         discussion: """
             Accepts TCP clients on --listen and relays each to an upstream, dialling from the \
             listening ip:port (or as --egress says). Bytes are relayed both ways with bounded \
-            buffers; a half-close on one side is passed on to the other once pending bytes are \
+            buffers (zero-copy, with splice(2) through a pipe per direction, unless --splice off); \
+            a half-close on one side is passed on to the other once pending bytes are \
             written, and a reset on one side resets the other. One line is logged per connection \
             when it ends: relay, client, egress, upstream, bytes each way, duration, and how it ended \
             (end=completed, client-reset, upstream-reset, idle-timeout, connect-failed, \
@@ -68,6 +69,12 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216.", valueName: "bytes"))
     var bufferSize: Int = RelaySpec.defaultBufferSize
 
+    @Option(help: ArgumentHelp("Move bytes with splice(2) through a pipe per direction (on), or with read/write (off).", valueName: "on|off"))
+    var splice: String = "on"
+
+    @Option(help: ArgumentHelp("Pipe size asked per direction with --splice on, from 4096 to 16777216; the kernel may grant less.", valueName: "bytes"))
+    var pipeSize: Int = RelaySpec.defaultPipeSize
+
     @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name).", valueName: "name"))
     var name: String = "main"
 
@@ -97,7 +104,9 @@ struct RunCommand: ParsableCommand {
                 idleTimeout: try Self.optionalDuration(idleTimeout),
                 maxConnections: maxConnections,
                 queueLimit: queueLimit,
-                bufferSize: bufferSize)
+                bufferSize: bufferSize,
+                splice: try SpliceMode(parsing: splice),
+                pipeSize: pipeSize)
             if let problem = spec.problems().first { throw ValidationError(problem) }
             return spec
         } catch let error as ValidationError {
