@@ -88,3 +88,19 @@ struct BusyPolicyTests {
         #expect(error.description == error.message)
     }
 }
+
+@Suite("SpliceMode parsing")
+struct SpliceModeTests {
+    @Test("on and off", arguments: [("on", SpliceMode.on), ("off", .off)])
+    func parses(text: String, mode: SpliceMode) throws {
+        #expect(try SpliceMode(parsing: text) == mode)
+        #expect(mode.rawValue == text)
+    }
+
+    @Test("anything else is refused", arguments: ["", "On", "yes", "true", "1", " off"])
+    func rejects(text: String) throws {
+        #expect(throws: OptionError("invalid splice setting '\(text)': expected on or off")) {
+            try SpliceMode(parsing: text)
+        }
+    }
+}
