@@ -260,11 +260,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             default:
                 finish(.failed(cause: "\(side): \(error)"))
             }
-        case .spliceUnavailable(let reason):
+        case .spliceUnavailable(let cause):
             // Not worth a line per connection: the first time per process, at debug.
             if !Self.loggedSpliceUnavailable.exchange(true, ordering: .relaxed) {
                 settings.logger.debug("splice unavailable, copying instead (logged once)", metadata: [
-                    "relay": .string(settings.relayName), "cause": .string("\(reason)")])
+                    "relay": .string(settings.relayName), "cause": .string(cause)])
             }
         }
     }
@@ -280,7 +280,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     /// hundred of Tests/EndToEndTests/ResourceTests.swift never saw its upstream's EOF, and one
     /// 64 MiB two-way transfer stalled for good. Re-driving both pumps from the connection's timer
     /// turns a lost event into a delay of at most this interval; a pump with nothing to do costs
-    /// one read(2) that returns EAGAIN.
+    /// one read(2) or splice(2) that returns EAGAIN.
     private static let watchdogFloor = Duration.milliseconds(250)
     private static let watchdogCeiling = Duration.seconds(5)
 

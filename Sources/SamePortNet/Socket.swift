@@ -113,16 +113,6 @@ public struct Socket: Hashable, Sendable {
         try nonBlockingCall("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL)) }
     }
 
-    /// recv(2) of one byte with MSG_PEEK: `.processed(true)` when bytes wait to be read,
-    /// `.processed(false)` at EOF, `.wouldBlock` when nothing has arrived. Reads nothing.
-    func peekForBytes() throws(SystemError) -> IOResult<Bool> {
-        var byte: UInt8 = 0
-        switch try nonBlockingCall("recv", { Glibc.recv(fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT)) }) {
-        case .processed(let count): return .processed(count > 0)
-        case .wouldBlock: return .wouldBlock
-        }
-    }
-
     /// The bytes still in the socket's send queue (SIOCOUTQ), or -1 if the kernel will not say.
     func unsentBytes() -> Int {
         Int(sameport_unsent_bytes(fd))

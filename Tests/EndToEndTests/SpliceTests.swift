@@ -44,7 +44,7 @@ struct SpliceTests {
         return held
     }
 
-    @Test("--splice on holds a pipe for the direction that carries bytes (none for the idle one); --splice off holds none",
+    @Test("--splice on holds a pipe for the direction that carries bulk (none for the idle one); --splice off holds none",
           arguments: ["on", "off"])
     func pipesInUse(mode: String) throws {
         let (upstream, offered) = try fillingUpstream()
@@ -52,8 +52,8 @@ struct SpliceTests {
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--splice", mode])
         defer { relay.stop() }
         let held = try pipesWhileBlocked(relay, listen: listen, offered: offered)
-        // One pipe is two descriptors: upstream → client splices; client → upstream never got a
-        // byte, so it never opened one.
+        // One pipe is two descriptors: upstream → client splices once past its first 256 KiB;
+        // client → upstream never carried a byte, so it never opened one.
         #expect(held == (mode == "on" ? 2 : 0), "pipe descriptors held during the transfer: \(held)")
     }
 

@@ -18,6 +18,17 @@ struct SplicePipeTests {
         #expect(fcntl(pipe.writeEnd, F_GETFD) & FD_CLOEXEC != 0)
     }
 
+    @Test("A pipe the kernel shrank below 64 KiB is not worth splicing; a small size asked for is", arguments: [
+        (4096, 262_144, false), (8192, 262_144, false), (65536, 262_144, true), (262_144, 262_144, true),
+        (4096, 4096, true), (8192, 16384, false), (65536, 1 << 20, true),
+    ])
+    func worthSplicing(granted: Int, asked: Int, worth: Bool) throws {
+        let pipe = try SplicePipe(size: granted)
+        defer { pipe.close() }
+        try #require(pipe.capacity == granted)
+        #expect(pipe.isWorthSplicing(asked: asked) == worth)
+    }
+
     @Test("Socket to pipe to socket: every byte in order; EAGAIN as a value; EOF as 0")
     func splicesBetweenSockets() throws {
         // in: a connected pair whose accepted end the pipe reads; out: another pair it writes to.
