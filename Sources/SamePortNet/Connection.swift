@@ -24,6 +24,8 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         var bufferSize: Int
         /// The pipe size asked for the splice path; nil: read/write only.
         var pipeSize: Int?
+        /// The bytes each direction copies before it splices.
+        var spliceAfter: UInt64
         var logger: Logger
     }
 
@@ -233,9 +235,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             try? socket.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
         }
         let clientToUpstream = Direction(
-            from: client, fromSide: .client, to: channel, capacity: settings.bufferSize, pipeSize: settings.pipeSize)
+            from: client, fromSide: .client, to: channel, capacity: settings.bufferSize,
+            pipeSize: settings.pipeSize, spliceAfter: settings.spliceAfter)
         let upstreamToClient = Direction(
-            from: channel, fromSide: .upstream, to: client, capacity: settings.bufferSize, pipeSize: settings.pipeSize)
+            from: channel, fromSide: .upstream, to: client, capacity: settings.bufferSize,
+            pipeSize: settings.pipeSize, spliceAfter: settings.spliceAfter)
         directions = (clientToUpstream, upstreamToClient)
         for direction in [clientToUpstream, upstreamToClient] {
             direction.from.onReadable = direction.pump

@@ -17,9 +17,10 @@ public enum Side: String, Sendable {
 /// - copy: read(2) into a buffer, send(2) from it. Every direction starts here, and with
 ///   `--splice off` stays here.
 /// - splice: socket → pipe → socket with splice(2), the pages never copied through user space. A
-///   direction switches to it once it has delivered `copiedBeforeSplicing` bytes (with its buffer
-///   empty, so nothing is reordered), and keeps it. Below that, copying is cheaper: opening,
-///   sizing and closing a pipe costs more than the copies it saves (scripts/small-transfers.py).
+///   direction switches to it once it has delivered `spliceAfter` bytes (256 KiB by default), with
+///   its buffer empty, so nothing is reordered, and keeps it. Below that, copying is cheaper:
+///   opening, sizing and closing a pipe costs more than the copies it saves (measured, see
+///   `RelaySpec.defaultSpliceAfter`).
 ///   A direction that cannot have a pipe (pipe2 failed: EMFILE, ENFILE), or only a shrunken one
 ///   (see `SplicePipe.isWorthSplicing`), or whose first splice the kernel refuses (EINVAL, ENOSYS,
 ///   EPERM from a seccomp filter) copies for the rest of its life.
@@ -88,22 +89,17 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
     /// connection cannot hold a thread.
     private static let roundsPerWakeup = 16
 
-    /// The bytes a direction copies before it splices. Measured on loopback (2 cores, 128 KiB
-    /// buffer, 256 KiB pipe): a connection that splices costs the relay 25-40 us more CPU than
-    /// one that copies (about 10 % of a short connection), and splicing saves about 0.1 s of CPU
-    /// per GiB (0.1 us per KiB): the pipe pays for itself after some 300 KiB.
-    static let copiedBeforeSplicing: UInt64 = 256 * 1024
-
     /// - Parameters:
     ///   - capacity: the copy path's buffer size.
     ///   - pipeSize: the size asked for the splice path's pipe; nil to copy only.
-    init(from: SocketChannel, fromSide: Side, to: SocketChannel, capacity: Int, pipeSize: Int?) {
+    ///   - spliceAfter: with a pipe size, the bytes to copy before splicing.
+    init(from: SocketChannel, fromSide: Side, to: SocketChannel, capacity: Int, pipeSize: Int?, spliceAfter: UInt64) {
         self.from = from
         self.fromSide = fromSide
         self.to = to
         self.capacity = capacity
         self.pipeSize = pipeSize ?? 0
-        self.spliceAt = pipeSize == nil ? nil : Self.copiedBeforeSplicing
+        self.spliceAt = pipeSize == nil ? nil : spliceAfter
         self.lastActivity = DispatchTime.now().uptimeNanoseconds
     }
 

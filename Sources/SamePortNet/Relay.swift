@@ -192,7 +192,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                 settings: .init(
                     relayName: spec.name, connectTimeout: spec.connectTimeout, idleTimeout: spec.idleTimeout,
                     bufferSize: spec.bufferSize, pipeSize: spec.splice == .on ? spec.pipeSize : nil,
-                    logger: logger),
+                    spliceAfter: UInt64(spec.spliceAfter), logger: logger),
                 queue: DispatchQueue(label: "sameport.connection", target: workQueue))
             let id = ObjectIdentifier(connection)
             connections[id] = (connection, reservation)

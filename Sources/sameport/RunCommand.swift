@@ -75,6 +75,10 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Pipe size asked per direction with --splice on, from 4096 to 16777216; the kernel may grant less.", valueName: "bytes"))
     var pipeSize: Int = RelaySpec.defaultPipeSize
 
+    /// Tuning, and how the tests run the whole suite on the splice path: not in --help.
+    @Option(help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
+    var spliceAfter: Int = RelaySpec.defaultSpliceAfter
+
     @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name).", valueName: "name"))
     var name: String = "main"
 
@@ -106,7 +110,8 @@ struct RunCommand: ParsableCommand {
                 queueLimit: queueLimit,
                 bufferSize: bufferSize,
                 splice: try SpliceMode(parsing: splice),
-                pipeSize: pipeSize)
+                pipeSize: pipeSize,
+                spliceAfter: spliceAfter)
             if let problem = spec.problems().first { throw ValidationError(problem) }
             return spec
         } catch let error as ValidationError {

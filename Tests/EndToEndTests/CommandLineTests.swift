@@ -46,6 +46,8 @@ struct CommandLineTests {
          "sameport: usage error: invalid splice setting 'maybe': expected on or off (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--pipe-size", "1000"],
          "sameport: usage error: the pipe size must be from 4096 to 16777216 bytes, not 1000 (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--splice-after", "2000000000"],
+         "sameport: usage error: the splice threshold must be from 0 to 1073741824 bytes, not 2000000000 (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--log-format", "xml"],
          "sameport: usage error: invalid log format 'xml': expected text or json (see 'sameport --help')"),
     ])

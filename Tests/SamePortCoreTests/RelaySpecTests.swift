@@ -35,6 +35,7 @@ struct RelaySpecTests {
         #expect(spec.bufferSize == 131_072)
         #expect(spec.splice == .on)
         #expect(spec.pipeSize == 262_144)
+        #expect(spec.spliceAfter == 262_144)
     }
 
     @Test("valid variations have no problems")
@@ -49,10 +50,12 @@ struct RelaySpecTests {
         spec.maxConnections = 1_000_000
         spec.bufferSize = 4096
         spec.pipeSize = 4096
+        spec.spliceAfter = 0
         spec.splice = .off
         #expect(spec.problems() == [])
         spec.bufferSize = 16 << 20
         spec.pipeSize = 16 << 20
+        spec.spliceAfter = 1 << 30
         spec.maxConnections = 1
         spec.queueLimit = 1_000_000
         #expect(spec.problems() == [])
@@ -149,6 +152,13 @@ struct RelaySpecTests {
         var spec = try validSpec()
         spec.pipeSize = value
         expectOneProblem(spec, containing: "the pipe size must be from 4096 to 16777216 bytes, not \(value)")
+    }
+
+    @Test("splice threshold out of range", arguments: [-1, (1 << 30) + 1])
+    func spliceAfter(value: Int) throws {
+        var spec = try validSpec()
+        spec.spliceAfter = value
+        expectOneProblem(spec, containing: "the splice threshold must be from 0 to 1073741824 bytes, not \(value)")
     }
 
     @Test("bad relay names", arguments: ["", "my relay", "relay/1", "relé", "a:b"])

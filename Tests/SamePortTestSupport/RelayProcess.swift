@@ -17,8 +17,21 @@ public final class RelayProcess: @unchecked Sendable {  // `process` is only tou
         return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("sameport").path
     }
 
-    /// True when SAMEPORT_TEST_SPLICE=off: every relay started with quick flags (`--listen`) and
-    /// no `--splice` of its own gets `--splice off`, so that the suite runs on the read/write path.
+    /// The path that relays started with quick flags (`--listen`) and no `--splice` or
+    /// `--splice-after` of their own are given, from SAMEPORT_TEST_SPLICE:
+    /// - unset or `on`: `--splice-after 0`, splice from the first byte. By default a direction
+    ///   copies its first 256 KiB, which would leave most tests on the read/write path.
+    /// - `off`: `--splice off`, the read/write path.
+    /// - `default`: nothing added (copy, then splice after 256 KiB, as users run it).
+    public static var pathFlags: [String] {
+        switch ProcessInfo.processInfo.environment["SAMEPORT_TEST_SPLICE"] {
+        case "off": ["--splice", "off"]
+        case "default": []
+        default: ["--splice-after", "0"]
+        }
+    }
+
+    /// True when SAMEPORT_TEST_SPLICE=off.
     public static var spliceOff: Bool {
         ProcessInfo.processInfo.environment["SAMEPORT_TEST_SPLICE"] == "off"
     }
@@ -29,8 +42,8 @@ public final class RelayProcess: @unchecked Sendable {  // `process` is only tou
     public init(_ arguments: [String], prefix: [String] = [], executable: String = RelayProcess.binary,
                 environment: [String: String]? = nil) throws {
         var arguments = arguments
-        if Self.spliceOff, arguments.contains("--listen"), !arguments.contains("--splice") {
-            arguments += ["--splice", "off"]
+        if arguments.contains("--listen"), !arguments.contains("--splice"), !arguments.contains("--splice-after") {
+            arguments += Self.pathFlags
         }
         let process = Process()
         if prefix.isEmpty {
