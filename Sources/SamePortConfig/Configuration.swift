@@ -61,7 +61,8 @@ public enum RelayKey: String, CaseIterable, Sendable {
     case maxConnections = "max_connections"
     case queueLimit = "queue_limit"
     case bufferSize = "buffer_size"
-    case allow, deny
+    case allow, deny, splice
+    case pipeSize = "pipe_size"
 
     /// Keys that name one relay and so cannot be defaults.
     var isPerRelay: Bool { self == .name || self == .listen }
@@ -207,6 +208,8 @@ private struct Reader {
         var bufferSize: Located<Int>?
         var allow: Located<[CIDR]>?
         var deny: Located<[CIDR]>?
+        var splice: Located<SpliceMode>?
+        var pipeSize: Located<Int>?
         /// Keys that were present, even if their value was wrong: no "missing key" for those.
         var present: Set<RelayKey> = []
         /// Keys that an unknown key was taken for ("did you mean"): not reported missing either.
@@ -267,6 +270,15 @@ private struct Reader {
                 fields.allow = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
             case .deny:
                 fields.deny = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
+            case .splice:
+                // `splice = true` reads as naturally in TOML as the command line's on/off.
+                if value.type == .bool, let on = value.bool {
+                    fields.splice = locate(on ? SpliceMode.on : .off)
+                } else {
+                    fields.splice = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, SpliceMode.init(parsing:)) }.map(locate)
+                }
+            case .pipeSize:
+                fields.pipeSize = integer(value, key, at: valuePosition).map(locate)
             }
         }
         return fields
@@ -314,7 +326,9 @@ private struct Reader {
             maxConnections: pick(\.maxConnections)?.value ?? RelaySpec.defaultMaxConnections,
             queueLimit: pick(\.queueLimit)?.value ?? RelaySpec.defaultQueueLimit,
             bufferSize: pick(\.bufferSize)?.value ?? RelaySpec.defaultBufferSize,
-            access: ClientAccess(allow: pick(\.allow)?.value ?? [], deny: pick(\.deny)?.value ?? []))
+            access: ClientAccess(allow: pick(\.allow)?.value ?? [], deny: pick(\.deny)?.value ?? []),
+            splice: pick(\.splice)?.value ?? .on,
+            pipeSize: pick(\.pipeSize)?.value ?? RelaySpec.defaultPipeSize)
 
         var isValid = unusable.isEmpty
         for problem in spec.fieldProblems() {
@@ -337,6 +351,8 @@ private struct Reader {
             case .maxConnections: position = pick(\.maxConnections)?.position
             case .queueLimit: position = pick(\.queueLimit)?.position
             case .bufferSize: position = pick(\.bufferSize)?.position
+            case .pipeSize: position = pick(\.pipeSize)?.position
+            case .spliceAfter: position = nil  // not a key of the file
             }
             guard let position else { continue }
             report(problem.message, at: position)
@@ -359,6 +375,8 @@ private struct Reader {
         case .bufferSize: return fields.bufferSize != nil
         case .allow: return fields.allow?.isComplete == true
         case .deny: return fields.deny?.isComplete == true
+        case .splice: return fields.splice != nil
+        case .pipeSize: return fields.pipeSize != nil
         }
     }
 

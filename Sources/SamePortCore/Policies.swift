@@ -58,6 +58,22 @@ public enum BusyPolicy: String, CaseIterable, Hashable, Sendable {
     }
 }
 
+/// How a relay moves bytes: splice(2) through a pipe per direction, or read(2)/send(2) through a buffer.
+public enum SpliceMode: String, CaseIterable, Hashable, Sendable {
+    /// splice(2), zero-copy; a direction where the kernel refuses it copies instead.
+    case on
+    /// read(2) and send(2) only.
+    case off
+
+    /// Parses `on` or `off`.
+    public init(parsing text: String) throws(OptionError) {
+        guard let mode = SpliceMode(rawValue: text) else {
+            throw OptionError("invalid splice setting '\(text)': expected on or off")
+        }
+        self = mode
+    }
+}
+
 /// A bad option value, with a message that names the value and what is expected.
 public struct OptionError: Error, Equatable, Sendable, CustomStringConvertible {
     public var message: String

@@ -2,6 +2,7 @@ import Dispatch
 import Glibc
 import Logging
 import SamePortCore
+import Synchronization
 
 /// One client and its upstream: dials from the egress, then pumps both directions until the end.
 ///
@@ -21,6 +22,10 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         var connectTimeout: Duration
         var idleTimeout: Duration?
         var bufferSize: Int
+        /// The pipe size asked for the splice path; nil: read/write only.
+        var pipeSize: Int?
+        /// The bytes each direction copies before it splices.
+        var spliceAfter: UInt64
         var logger: Logger
     }
 
@@ -246,8 +251,12 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         for socket in [client.socket, channel.socket] {
             try? socket.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
         }
-        let clientToUpstream = Direction(from: client, fromSide: .client, to: channel, capacity: settings.bufferSize)
-        let upstreamToClient = Direction(from: channel, fromSide: .upstream, to: client, capacity: settings.bufferSize)
+        let clientToUpstream = Direction(
+            from: client, fromSide: .client, to: channel, capacity: settings.bufferSize,
+            pipeSize: settings.pipeSize, spliceAfter: settings.spliceAfter)
+        let upstreamToClient = Direction(
+            from: channel, fromSide: .upstream, to: client, capacity: settings.bufferSize,
+            pipeSize: settings.pipeSize, spliceAfter: settings.spliceAfter)
         directions = (clientToUpstream, upstreamToClient)
         for direction in [clientToUpstream, upstreamToClient] {
             direction.from.onReadable = direction.pump
@@ -272,8 +281,17 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             default:
                 finish(.failed(cause: "\(side): \(error)"))
             }
+        case .spliceUnavailable(let cause):
+            // Not worth a line per connection: the first time per process, at debug.
+            if !Self.loggedSpliceUnavailable.exchange(true, ordering: .relaxed) {
+                settings.logger.debug("splice unavailable, copying instead (logged once)", metadata: [
+                    "relay": .string(settings.relayName), "cause": .string(cause)])
+            }
         }
     }
+
+    /// Whether the splice fallback has been logged by this process.
+    private static let loggedSpliceUnavailable = Atomic<Bool>(false)
 
     /// Bounds of the stall watchdog's interval: short while bytes move, backing off when idle.
     ///
@@ -283,7 +301,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
     /// hundred of Tests/EndToEndTests/ResourceTests.swift never saw its upstream's EOF, and one
     /// 64 MiB two-way transfer stalled for good. Re-driving both pumps from the connection's timer
     /// turns a lost event into a delay of at most this interval; a pump with nothing to do costs
-    /// one read(2) that returns EAGAIN.
+    /// one read(2) or splice(2) that returns EAGAIN.
     private static let watchdogFloor = Duration.milliseconds(250)
     private static let watchdogCeiling = Duration.seconds(5)
 
@@ -364,6 +382,9 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         ).log(to: settings.logger)
         directions?.clientToUpstream.onEvent = nil
         directions?.upstreamToClient.onEvent = nil
+        // The pipes hold no Dispatch source: they close at once.
+        directions?.clientToUpstream.releasePipe()
+        directions?.upstreamToClient.releasePipe()
         onUpstreamFailed = nil
         onEnd?(end)
         onEnd = nil

@@ -5,19 +5,34 @@ import Glibc
 public enum Side: String, Sendable {
     case client
     case upstream
+
+    /// The other side.
+    var other: Side { self == .client ? .upstream : .client }
 }
 
 /// Moves the bytes of one direction of a connection, from one socket to the other.
 ///
-/// Written once and used twice, as clientToUpstream and upstreamToClient. The buffer is bounded
-/// and linear: the direction reads only into an empty buffer and writes all of it before reading
-/// again, so while the receiving socket is full the sending socket's read source stays suspended
-/// and the kernel's receive window pushes back on the sender (back-pressure).
+/// Written once and used twice, as clientToUpstream and upstreamToClient. Two paths move the
+/// bytes, with the same rules:
+/// - copy: read(2) into a buffer, send(2) from it. Every direction starts here, and with
+///   `--splice off` stays here.
+/// - splice: socket → pipe → socket with splice(2), the pages never copied through user space. A
+///   direction switches to it once it has delivered `spliceAfter` bytes (256 KiB by default), with
+///   its buffer empty, so nothing is reordered, and keeps it. Below that, copying is cheaper:
+///   opening, sizing and closing a pipe costs more than the copies it saves (measured, see
+///   `RelaySpec.defaultSpliceAfter`).
+///   A direction that cannot have a pipe (pipe2 failed: EMFILE, ENFILE), or only a shrunken one
+///   (see `SplicePipe.isWorthSplicing`), or whose first splice the kernel refuses (EINVAL, ENOSYS,
+///   EPERM from a seccomp filter) copies for the rest of its life.
 ///
-/// EOF becomes shutdown(SHUT_WR) on the other socket once every pending byte is written; the
+/// Either way the buffer (the memory or the pipe, see `SplicePipe`) is bounded and used linearly:
+/// the direction takes bytes in only when it is empty, and delivers all of it before taking more.
+/// While the receiving socket is full the sending socket's read source stays suspended, and the
+/// kernel's receive window pushes back on the sender (back-pressure).
+///
+/// EOF becomes shutdown(SHUT_WR) on the other socket once every pending byte is delivered; the
 /// direction is then finished. A read or write error ends the direction with `failed`, naming the
-/// side whose socket failed. The buffer is allocated on the first byte, so idle connections cost
-/// no buffer memory.
+/// side whose socket failed. `bytes` counts bytes delivered to the receiving socket.
 ///
 /// Concurrency: confined to the connection's queue, like the channels it drives.
 final class Direction: @unchecked Sendable {  // confined to the connection's queue
@@ -26,6 +41,13 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
         case finished
         /// A read or write failed; `side` is the socket that failed.
         case failed(side: Side, error: SystemError)
+        /// splice(2) cannot be used (`cause` says why): the direction copies from now on.
+        case spliceUnavailable(cause: String)
+    }
+
+    private enum Path {
+        case splice
+        case copy
     }
 
     let from: SocketChannel
@@ -42,38 +64,195 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
 
     /// The receiving socket's send queue when last looked at, for `noteKernelProgress`.
     private var unsentAtLastLook = -1
-    private let capacity: Int
+    private var sawEOF = false
+    private var path = Path.copy
+    /// Switch to splice once `bytes` reaches this; nil: copy for good.
+    private var spliceAt: UInt64?
+
+    // The copy path: `buffer[start..<end]` is read and not yet written.
+    private var capacity: Int
     private var buffer: UnsafeMutableRawBufferPointer?
     private var start = 0
     private var end = 0
-    private var sawEOF = false
 
-    /// Reads at most this many times per wake-up, so one busy connection cannot hold a thread.
-    private static let readsPerWakeup = 16
+    // The splice path: the pipe holds `pipeBytes` bytes spliced in and not yet spliced out.
+    private let pipeSize: Int
+    /// Open while the direction splices.
+    private var pipe: SplicePipe?
+    private var pipeBytes = 0
+    /// Whether a splice into (out of) the pipe has ever moved a byte: only the first splice's
+    /// refusal means that splice is unavailable; a later one is an error.
+    private var splicedIn = false
+    private var splicedOut = false
 
-    init(from: SocketChannel, fromSide: Side, to: SocketChannel, capacity: Int) {
+    /// Fills (and empties) the buffer or pipe at most this many times per wake-up, so one busy
+    /// connection cannot hold a thread.
+    private static let roundsPerWakeup = 16
+
+    /// - Parameters:
+    ///   - capacity: the copy path's buffer size.
+    ///   - pipeSize: the size asked for the splice path's pipe; nil to copy only.
+    ///   - spliceAfter: with a pipe size, the bytes to copy before splicing.
+    init(from: SocketChannel, fromSide: Side, to: SocketChannel, capacity: Int, pipeSize: Int?, spliceAfter: UInt64) {
         self.from = from
         self.fromSide = fromSide
         self.to = to
         self.capacity = capacity
+        self.pipeSize = pipeSize ?? 0
+        self.spliceAt = pipeSize == nil ? nil : spliceAfter
         self.lastActivity = DispatchTime.now().uptimeNanoseconds
     }
 
     deinit {
         buffer?.deallocate()
+        pipe?.close()
     }
 
     /// Moves as many bytes as the sockets allow, then waits on the source that can unblock it.
     func pump() {
-        var reads = 0
+        switch path {
+        case .splice: pumpSplice(rounds: 0)
+        case .copy: pumpCopy(rounds: 0)
+        }
+    }
+
+    /// Closes the pipe, if any: the connection has ended (or this direction has).
+    func releasePipe() {
+        pipe?.close()
+        pipe = nil
+        pipeBytes = 0
+    }
+
+    // MARK: The splice path
+
+    private func pumpSplice(rounds startingRounds: Int) {
+        guard let pipe else {
+            path = .copy  // cannot happen: the pipe is open while the path is splice
+            return pumpCopy(rounds: startingRounds)
+        }
+        var rounds = startingRounds
         while !isFinished, !from.isClosed, !to.isClosed {
-            // Write everything buffered before reading more.
-            while start < end {
+            // Deliver everything in the pipe before taking more in.
+            while pipeBytes > 0 {
                 let result: IOResult<Int>
                 do {
-                    result = try to.socket.write(from: UnsafeRawBufferPointer(rebasing: buffer![start..<end]))  // end > 0 implies allocated
+                    result = try pipe.drain(to: to.socket, count: pipeBytes)
                 } catch {
-                    return fail(side: fromSide == .client ? .upstream : .client, error)
+                    if !splicedOut, Self.refusesSplice(error) { return fallBackToCopy(error, rounds: rounds) }
+                    return fail(side: fromSide.other, error)
+                }
+                switch result {
+                case .processed(0):
+                    // The pipe is empty although it should hold pipeBytes: never silently.
+                    return fail(side: fromSide.other, SystemError("splice (\(pipeBytes) bytes missing from the pipe)", .ioError))
+                case .processed(let moved):
+                    splicedOut = true
+                    pipeBytes -= moved
+                    bytes += UInt64(moved)
+                    lastActivity = DispatchTime.now().uptimeNanoseconds
+                case .wouldBlock:
+                    from.setReading(false)
+                    to.setWriting(true)
+                    return
+                }
+            }
+            to.setWriting(false)
+            if sawEOF { return forwardEOF() }
+            if rounds == Self.roundsPerWakeup {
+                // Yield the thread, and come back without waiting for an event: the source may
+                // not fire again when all that is left is EOF.
+                from.queue.async { [self] in pump() }
+                return
+            }
+            rounds += 1
+            // The pipe is empty here: one splice takes what the socket holds, up to a full pipe
+            // (the kernel walks the whole receive queue in one call).
+            let result: IOResult<Int>
+            do {
+                result = try pipe.fill(from: from.socket, count: pipe.capacity)
+            } catch {
+                if !splicedIn, Self.refusesSplice(error) { return fallBackToCopy(error, rounds: rounds) }
+                return fail(side: fromSide, error)
+            }
+            switch result {
+            case .processed(0):
+                sawEOF = true
+                from.setReading(false)
+            case .processed(let count):
+                splicedIn = true
+                pipeBytes = count
+                lastActivity = DispatchTime.now().uptimeNanoseconds
+            case .wouldBlock:
+                // The pipe is empty, so it is the socket that is.
+                from.setReading(true)
+                return
+            }
+        }
+    }
+
+    /// Whether a splice error means the kernel will not splice these files at all.
+    private static func refusesSplice(_ error: SystemError) -> Bool {
+        [.invalidArgument, .notImplemented, .notPermitted].contains(error.errno)
+    }
+
+    /// Opens the pipe and splices from now on; copies for good if no pipe can be had. The buffer
+    /// is empty: it is given back.
+    private func startSplicing(rounds: Int) {
+        spliceAt = nil
+        let pipe: SplicePipe
+        do {
+            pipe = try SplicePipe(size: pipeSize)
+        } catch {
+            onEvent?(.spliceUnavailable(cause: "\(error)"))
+            return pumpCopy(rounds: rounds)
+        }
+        guard pipe.isWorthSplicing(asked: pipeSize) else {
+            pipe.close()
+            onEvent?(.spliceUnavailable(cause: "the kernel granted a \(pipe.capacity)-byte pipe (pipe-user-pages-soft reached?)"))
+            return pumpCopy(rounds: rounds)
+        }
+        self.pipe = pipe
+        buffer?.deallocate()
+        buffer = nil
+        path = .splice
+        pumpSplice(rounds: rounds)
+    }
+
+    /// Switches this direction to the copy path for good, keeping the bytes already in the pipe.
+    private func fallBackToCopy(_ reason: SystemError, rounds: Int) {
+        path = .copy
+        spliceAt = nil
+        if let pipe, pipeBytes > 0 {
+            // Splicing in worked and splicing out was refused: read the pipe into the buffer,
+            // which grows to hold it (once; the bound stays the larger of the two sizes).
+            capacity = max(capacity, pipeBytes)
+            let buffer = allocatedBuffer()
+            while end < pipeBytes {
+                switch try? pipe.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[end..<pipeBytes])) {
+                case .processed(let count) where count > 0:
+                    end += count
+                default:
+                    return fail(side: fromSide.other, reason)
+                }
+            }
+        }
+        releasePipe()
+        onEvent?(.spliceUnavailable(cause: "\(reason)"))
+        pumpCopy(rounds: rounds)
+    }
+
+    // MARK: The copy path
+
+    private func pumpCopy(rounds startingRounds: Int) {
+        var reads = startingRounds
+        while !isFinished, !from.isClosed, !to.isClosed {
+            // Write everything buffered before reading more.
+            while start < end, let buffer {
+                let result: IOResult<Int>
+                do {
+                    result = try to.socket.write(from: UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
+                } catch {
+                    return fail(side: fromSide.other, error)
                 }
                 switch result {
                 case .processed(let written):
@@ -89,18 +268,14 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
             start = 0
             end = 0
             to.setWriting(false)
-            if sawEOF {
-                to.socket.shutdownWrite()
-                isFinished = true
-                onEvent?(.finished)
-                return
-            }
-            if reads == Self.readsPerWakeup {
+            if sawEOF { return forwardEOF() }
+            if reads == Self.roundsPerWakeup {
                 // Yield the thread, and come back without waiting for an event: the source may
                 // not fire again when all that is left is EOF.
                 from.queue.async { [self] in pump() }
                 return
             }
+            if let spliceAt, bytes >= spliceAt { return startSplicing(rounds: reads) }
             reads += 1
             let result: IOResult<Int>
             do {
@@ -122,6 +297,15 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
         }
     }
 
+    private func allocatedBuffer() -> UnsafeMutableRawBufferPointer {
+        if let buffer { return buffer }
+        let allocated = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 16)
+        buffer = allocated
+        return allocated
+    }
+
+    // MARK: Both paths
+
     /// Counts the kernel delivering what this direction already wrote as activity.
     ///
     /// While the receiver reads slowly, the relay waits for the socket to become writable, which
@@ -135,11 +319,12 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
         }
     }
 
-    private func allocatedBuffer() -> UnsafeMutableRawBufferPointer {
-        if let buffer { return buffer }
-        let allocated = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 16)
-        buffer = allocated
-        return allocated
+    /// Every byte before the EOF is delivered: pass the EOF on as a half-close.
+    private func forwardEOF() {
+        to.socket.shutdownWrite()
+        isFinished = true
+        releasePipe()
+        onEvent?(.finished)
     }
 
     private func fail(side: Side, _ error: SystemError) {

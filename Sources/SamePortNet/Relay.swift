@@ -213,7 +213,8 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                 binding: waiter.binding, reservation: reservation,
                 settings: .init(
                     relayName: spec.name, connectTimeout: spec.connectTimeout, idleTimeout: spec.idleTimeout,
-                    bufferSize: spec.bufferSize, logger: logger),
+                    bufferSize: spec.bufferSize, pipeSize: spec.splice == .on ? spec.pipeSize : nil,
+                    spliceAfter: UInt64(spec.spliceAfter), logger: logger),
                 queue: DispatchQueue(label: "sameport.connection", target: workQueue))
             let id = ObjectIdentifier(connection)
             connections[id] = (connection, reservation)

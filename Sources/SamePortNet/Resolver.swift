@@ -49,7 +49,8 @@ public enum Resolver {
 
 /// Limits of the process that the relay adjusts at start-up.
 public enum ProcessLimits {
-    /// Raises the soft RLIMIT_NOFILE to the hard limit: each connection needs two descriptors.
+    /// Raises the soft RLIMIT_NOFILE to the hard limit: each connection needs two descriptors for
+    /// its sockets, and two more for each direction that splices (its pipe).
     ///
     /// - Returns: the soft limit in force afterwards.
     @discardableResult

@@ -32,6 +32,9 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     public static let noNetwork = Errno(rawValue: ENONET)
     public static let operationNotSupported = Errno(rawValue: EOPNOTSUPP)
     public static let networkDown = Errno(rawValue: ENETDOWN)
+    public static let ioError = Errno(rawValue: EIO)
+    public static let notImplemented = Errno(rawValue: ENOSYS)
+    public static let notPermitted = Errno(rawValue: EPERM)
 
     /// The C library's text for this errno, as strerror(3) gives it.
     public var description: String { String(cString: strerror(rawValue)) }

@@ -9,7 +9,7 @@ struct CheckCommand: ParsableCommand {
         discussion: """
             Reads --config FILE as 'sameport run --config FILE' would, without binding or resolving \
             anything. On success prints one row per relay (name, listen address, upstreams, egress, \
-            busy policy, timeouts, limits, client access) and exits 0. Otherwise prints every \
+            busy policy, timeouts, limits, splice and pipe size, client access) and exits 0. Otherwise prints every \
             problem, one per line, as FILE:LINE:COLUMN: message, and exits 2.
 
             THE FILE (TOML)
@@ -27,6 +27,8 @@ struct CheckCommand: ParsableCommand {
               buffer_size = 131072        bytes per direction, 4096 to 16777216
               allow = ["10.0.0.0/8"]      CIDR blocks; deny wins over allow
               deny = ["10.0.0.7"]
+              splice = true               zero-copy through a pipe per direction, or false
+              pipe_size = 262144          bytes per pipe, 4096 to 16777216
 
             EXAMPLES
               sameport check --config /etc/sameport/sameport.toml
@@ -54,7 +56,7 @@ struct CheckCommand: ParsableCommand {
 
     /// The relays as an aligned text table.
     static func table(_ relays: [RelaySpec]) -> String {
-        let header = ["NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "MAX-CONN", "QUEUE", "BUFFER", "ACCESS"]
+        let header = ["NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "MAX-CONN", "QUEUE", "BUFFER", "SPLICE", "ACCESS"]
         let rows = relays.map { relay -> [String] in
             var access: [String] = []
             if !relay.access.allow.isEmpty { access.append("allow " + relay.access.allow.map(\.description).joined(separator: ",")) }
@@ -63,7 +65,7 @@ struct CheckCommand: ParsableCommand {
                 relay.name, "\(relay.listen)", relay.upstreams.map(\.description).joined(separator: ","),
                 "\(relay.egress)", relay.onBusy.rawValue, relay.connectTimeout.shortDescription,
                 relay.idleTimeout?.shortDescription ?? "off", "\(relay.maxConnections)", "\(relay.queueLimit)",
-                "\(relay.bufferSize)", access.isEmpty ? "any" : access.joined(separator: "; "),
+                "\(relay.bufferSize)", relay.splice == .on ? "on/\(relay.pipeSize)" : "off", access.isEmpty ? "any" : access.joined(separator: "; "),
             ]
         }
         let all = [header] + rows

@@ -13,7 +13,8 @@ struct RunCommand: ParsableCommand {
 
             Accepts TCP clients on --listen and relays each to an upstream, dialling from the \
             listening ip:port (or as --egress says). Bytes are relayed both ways with bounded \
-            buffers; a half-close on one side is passed on to the other once pending bytes are \
+            buffers (zero-copy, with splice(2) through a pipe per direction, unless --splice off); \
+            a half-close on one side is passed on to the other once pending bytes are \
             written, and a reset on one side resets the other. One line is logged per connection \
             when it ends: relay, client, egress, upstream, bytes each way, duration, and how it ended \
             (end=completed, client-reset, upstream-reset, idle-timeout, connect-failed, \
@@ -87,6 +88,16 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Refuse clients in this CIDR block; repeat for several. Deny wins over allow.", valueName: "cidr"))
     var deny: [String] = []
 
+    @Option(help: ArgumentHelp("Move bytes with splice(2) through a pipe per direction: on (default) or off (read/write).", valueName: "on|off"))
+    var splice: String?
+
+    @Option(help: ArgumentHelp("Pipe size asked per direction with --splice on, from 4096 to 16777216 (default \(RelaySpec.defaultPipeSize)); the kernel may grant less.", valueName: "bytes"))
+    var pipeSize: Int?
+
+    /// Tuning, and how the tests run the whole suite on the splice path: not in --help.
+    @Option(help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
+    var spliceAfter: Int?
+
     @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name; default main).", valueName: "name"))
     var name: String?
 
@@ -103,7 +114,8 @@ struct RunCommand: ParsableCommand {
             ("--on-busy", onBusy != nil), ("--connect-timeout", connectTimeout != nil),
             ("--idle-timeout", idleTimeout != nil), ("--max-connections", maxConnections != nil),
             ("--queue-limit", queueLimit != nil), ("--buffer-size", bufferSize != nil),
-            ("--allow", !allow.isEmpty), ("--deny", !deny.isEmpty), ("--name", name != nil),
+            ("--allow", !allow.isEmpty), ("--deny", !deny.isEmpty), ("--splice", splice != nil),
+            ("--pipe-size", pipeSize != nil), ("--splice-after", spliceAfter != nil), ("--name", name != nil),
         ]
         return given.filter(\.1).map(\.0)
     }
@@ -132,7 +144,10 @@ struct RunCommand: ParsableCommand {
                 bufferSize: bufferSize ?? RelaySpec.defaultBufferSize,
                 access: ClientAccess(
                     allow: try allow.map { text throws(OptionError) in try CIDR(parsing: text) },
-                    deny: try deny.map { text throws(OptionError) in try CIDR(parsing: text) }))
+                    deny: try deny.map { text throws(OptionError) in try CIDR(parsing: text) }),
+                splice: try SpliceMode(parsing: splice ?? "on"),
+                pipeSize: pipeSize ?? RelaySpec.defaultPipeSize,
+                spliceAfter: spliceAfter ?? RelaySpec.defaultSpliceAfter)
             if let problem = spec.problems().first { throw ValidationError(problem) }
             return spec
         } catch let error as ValidationError {

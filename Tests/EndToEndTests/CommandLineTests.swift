@@ -52,6 +52,12 @@ struct CommandLineTests {
          "sameport: usage error: invalid on-busy policy 'maybe': expected queue, reject or ephemeral (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--max-connections", "0"],
          "sameport: usage error: max connections must be from 1 to 1000000, not 0 (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--splice", "maybe"],
+         "sameport: usage error: invalid splice setting 'maybe': expected on or off (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--pipe-size", "1000"],
+         "sameport: usage error: the pipe size must be from 4096 to 16777216 bytes, not 1000 (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--splice-after", "2000000000"],
+         "sameport: usage error: the splice threshold must be from 0 to 1073741824 bytes, not 2000000000 (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--log-format", "xml"],
          "sameport: usage error: invalid log format 'xml': expected text or json (see 'sameport --help')"),
     ])
@@ -99,17 +105,9 @@ struct CommandLineTests {
     @Test("A port below 1024 without the privilege: exit 2 and the cure")
     func lowPortWithoutPermission() throws {
         // Run as nobody, from a copy of the binary that nobody may execute.
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("sameport-lowport-\(getpid())")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        let binary = directory.appendingPathComponent("sameport").path
-        try FileManager.default.copyItem(atPath: RelayProcess.binary, toPath: binary)
-        chmod(directory.path, 0o755)
-        chmod(binary, 0o755)
+        let binary = try NobodyBinary()
         let (status, output) = try run(
-            ["--listen", "127.0.0.1:80", "--upstream", "127.0.0.1:9"],
-            prefix: ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"],
-            executable: binary)
+            ["--listen", "127.0.0.1:80", "--upstream", "127.0.0.1:9"], prefix: NobodyBinary.prefix, executable: binary.path)
         #expect(status == 2)
         #expect(output == "sameport: cannot start: cannot listen on 127.0.0.1:80: Permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE (for the egress sockets too); grant it (setcap cap_net_bind_service=+ep, or AmbientCapabilities= under systemd) or listen on a port from 1024 up\n")
     }
@@ -120,7 +118,7 @@ struct CommandLineTests {
         #expect(status == 0)
         for needle in ["USAGE: sameport run", "--listen <addr:port>", "--upstream <host:port>", "--egress <mode>",
                        "--on-busy <policy>", "--connect-timeout <duration>", "--idle-timeout <duration>",
-                       "--max-connections <n>", "--log-format <format>", "EXIT STATUS", "EXAMPLES", "4-tuple"] {
+                       "--max-connections <n>", "--splice <on|off>", "--pipe-size <bytes>", "--log-format <format>", "EXIT STATUS", "EXAMPLES", "4-tuple"] {
             #expect(help.contains(needle), "help lacks \(needle)")
         }
         let (runStatus, runHelp) = try run(["run", "--help"])

@@ -42,6 +42,68 @@ func startEchoRelay(_ extra: [String] = []) throws -> (upstream: TestServer, rel
     }
 }
 
+/// A copy of the sameport binary that `nobody` may execute (the build directory may not be), and
+/// the `setpriv` prefix that runs it as nobody without capabilities. Removed when dropped.
+final class NobodyBinary {
+    let path: String
+    private let directory: URL
+    static let prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("sameport-nobody-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        path = directory.appendingPathComponent("sameport").path
+        try FileManager.default.copyItem(atPath: RelayProcess.binary, toPath: path)
+        chmod(directory.path, 0o755)
+        chmod(path, 0o755)
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(at: directory)
+    }
+}
+
+/// `size` bytes each way at the same time through one connection of a relay started with `extra`:
+/// checks both checksums, the logged byte counts, a completed end, and that the relay's sockets
+/// and pipes return to their count from before the connection.
+func transferBothWays(size: Int, _ extra: [String] = []) throws {
+    let toUpstream = pattern(count: size, seed: 1)
+    let toClient = pattern(count: size, seed: 2)
+    let upstreamReceived = Mutex<Checksum?>(nil)
+    let upstream = try TestServer { socket in
+        let sender = Background { try? socket.sendAll(toClient, timeout: .seconds(120)); socket.shutdownWrite() }
+        var sum = Checksum()
+        _ = try? socket.receiveAll(timeout: .seconds(120)) { sum.add($0) }
+        _ = sender.join(timeout: .seconds(120))
+        upstreamReceived.withLock { $0 = sum }
+    }
+    defer { upstream.stop() }
+    let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], extra)
+    defer { relay.stop() }
+    let descriptorsBefore = relay.openFileDescriptors(linkingTo: ["socket:", "pipe:"])
+
+    let client = try TestSocket.connect(to: listen)
+    let sender = Background { try? client.sendAll(toUpstream, timeout: .seconds(120)); client.shutdownWrite() }
+    var clientReceived = Checksum()
+    let end = try client.receiveAll(timeout: .seconds(120)) { clientReceived.add($0) }
+    #expect(sender.join(timeout: .seconds(120)))
+    #expect(end == .eof)
+
+    var expectedToClient = Checksum(), expectedToUpstream = Checksum()
+    toClient.withUnsafeBytes { expectedToClient.add($0) }
+    toUpstream.withUnsafeBytes { expectedToUpstream.add($0) }
+    #expect(clientReceived == expectedToClient)
+    #expect(waitUntil(timeout: .seconds(30)) { upstreamReceived.withLock { $0 } != nil })
+    #expect(upstreamReceived.withLock { $0 } == expectedToUpstream)
+    let line = try relay.waitForLines(containing: "connection ended")[0]
+    #expect(field("bytes_to_upstream", in: line) == "\(size)")
+    #expect(field("bytes_to_client", in: line) == "\(size)")
+    #expect(field("end", in: line) == "completed")
+    client.close()
+    #expect(waitUntil(timeout: .seconds(10)) { relay.openFileDescriptors(linkingTo: ["socket:", "pipe:"]) == descriptorsBefore },
+            "sockets and pipes: \(relay.openFileDescriptors(linkingTo: ["socket:", "pipe:"])) vs \(descriptorsBefore) before")
+}
+
 /// The `key=value` field of a log line.
 func field(_ key: String, in line: String) -> String? {
     line.split(separator: " ").first { $0.hasPrefix("\(key)=") }.map { String($0.dropFirst(key.count + 1)) }

@@ -9,38 +9,7 @@ import Testing
 struct TransferTests {
     @Test("64 MiB each way at the same time through one connection, checksums equal")
     func bothWaysAtOnce() throws {
-        let size = 64 << 20
-        let toUpstream = pattern(count: size, seed: 1)
-        let toClient = pattern(count: size, seed: 2)
-        let upstreamReceived = Mutex<Checksum?>(nil)
-        let upstream = try TestServer { socket in
-            let sender = Background { try? socket.sendAll(toClient, timeout: .seconds(120)); socket.shutdownWrite() }
-            var sum = Checksum()
-            _ = try? socket.receiveAll(timeout: .seconds(120)) { sum.add($0) }
-            _ = sender.join(timeout: .seconds(120))
-            upstreamReceived.withLock { $0 = sum }
-        }
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
-        defer { relay.stop() }
-
-        let client = try TestSocket.connect(to: listen)
-        let sender = Background { try? client.sendAll(toUpstream, timeout: .seconds(120)); client.shutdownWrite() }
-        var clientReceived = Checksum()
-        let end = try client.receiveAll(timeout: .seconds(120)) { clientReceived.add($0) }
-        #expect(sender.join(timeout: .seconds(120)))
-        #expect(end == .eof)
-
-        var expectedToClient = Checksum(), expectedToUpstream = Checksum()
-        toClient.withUnsafeBytes { expectedToClient.add($0) }
-        toUpstream.withUnsafeBytes { expectedToUpstream.add($0) }
-        #expect(clientReceived == expectedToClient)
-        #expect(waitUntil(timeout: .seconds(30)) { upstreamReceived.withLock { $0 } != nil })
-        #expect(upstreamReceived.withLock { $0 } == expectedToUpstream)
-        let line = try relay.waitForLines(containing: "connection ended")[0]
-        #expect(field("bytes_to_upstream", in: line) == "\(size)")
-        #expect(field("bytes_to_client", in: line) == "\(size)")
-        #expect(field("end", in: line) == "completed")
+        try transferBothWays(size: 64 << 20)
     }
 
     @Test("Half-close client to upstream: request, SHUT_WR, a reply sent 2 s after EOF arrives whole")

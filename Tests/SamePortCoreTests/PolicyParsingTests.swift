@@ -74,3 +74,19 @@ struct EgressModeTests {
         #expect(error.message == "invalid egress '\(text)': \(reason); expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000")
     }
 }
+
+@Suite("SpliceMode parsing")
+struct SpliceModeTests {
+    @Test("on and off", arguments: [("on", SpliceMode.on), ("off", .off)])
+    func parses(text: String, mode: SpliceMode) throws {
+        #expect(try SpliceMode(parsing: text) == mode)
+        #expect(mode.rawValue == text)
+    }
+
+    @Test("anything else is refused", arguments: ["", "On", "yes", "true", "1", " off"])
+    func rejects(text: String) throws {
+        #expect(throws: OptionError("invalid splice setting '\(text)': expected on or off")) {
+            try SpliceMode(parsing: text)
+        }
+    }
+}

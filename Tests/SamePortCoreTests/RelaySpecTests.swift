@@ -33,6 +33,9 @@ struct RelaySpecTests {
         #expect(spec.maxConnections == 1024)
         #expect(spec.queueLimit == 128)
         #expect(spec.bufferSize == 131_072)
+        #expect(spec.splice == .on)
+        #expect(spec.pipeSize == 262_144)
+        #expect(spec.spliceAfter == 262_144)
     }
 
     @Test("valid variations have no problems")
@@ -46,8 +49,13 @@ struct RelaySpecTests {
         spec.queueLimit = 0
         spec.maxConnections = 1_000_000
         spec.bufferSize = 4096
+        spec.pipeSize = 4096
+        spec.spliceAfter = 0
+        spec.splice = .off
         #expect(spec.problems() == [])
         spec.bufferSize = 16 << 20
+        spec.pipeSize = 16 << 20
+        spec.spliceAfter = 1 << 30
         spec.maxConnections = 1
         spec.queueLimit = 1_000_000
         #expect(spec.problems() == [])
@@ -139,6 +147,20 @@ struct RelaySpecTests {
         expectOneProblem(spec, containing: "the buffer size must be from 4096 to 16777216 bytes, not \(value)")
     }
 
+    @Test("pipe size out of range", arguments: [1, 0, 4095, (16 << 20) + 1])
+    func pipeSize(value: Int) throws {
+        var spec = try validSpec()
+        spec.pipeSize = value
+        expectOneProblem(spec, containing: "the pipe size must be from 4096 to 16777216 bytes, not \(value)")
+    }
+
+    @Test("splice threshold out of range", arguments: [-1, (1 << 30) + 1])
+    func spliceAfter(value: Int) throws {
+        var spec = try validSpec()
+        spec.spliceAfter = value
+        expectOneProblem(spec, containing: "the splice threshold must be from 0 to 1073741824 bytes, not \(value)")
+    }
+
     @Test("bad relay names", arguments: ["", "my relay", "relay/1", "relé", "a:b"])
     func badName(name: String) throws {
         var spec = try validSpec()
@@ -186,7 +208,8 @@ struct RelaySpecTests {
             idleTimeout: .seconds(-1),
             maxConnections: 0,
             queueLimit: -1,
-            bufferSize: 1
+            bufferSize: 1,
+            pipeSize: 1
         )
         #expect(
             spec.problems() == [
@@ -199,6 +222,7 @@ struct RelaySpecTests {
                 "max connections must be from 1 to 1000000, not 0",
                 "the queue limit must be from 0 to 1000000, not -1",
                 "the buffer size must be from 4096 to 16777216 bytes, not 1",
+                "the pipe size must be from 4096 to 16777216 bytes, not 1",
             ]
         )
     }

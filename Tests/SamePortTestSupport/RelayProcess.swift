@@ -17,11 +17,35 @@ public final class RelayProcess: @unchecked Sendable {  // `process` is only tou
         return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("sameport").path
     }
 
+    /// The path that relays started with quick flags (`--listen`) and no `--splice` or
+    /// `--splice-after` of their own are given, from SAMEPORT_TEST_SPLICE:
+    /// - unset or `on`: `--splice-after 0`, splice from the first byte. By default a direction
+    ///   copies its first 256 KiB, which would leave most tests on the read/write path.
+    /// - `off`: `--splice off`, the read/write path.
+    /// - `default`: nothing added (copy, then splice after 256 KiB, as users run it).
+    public static var pathFlags: [String] {
+        switch ProcessInfo.processInfo.environment["SAMEPORT_TEST_SPLICE"] {
+        case "off": ["--splice", "off"]
+        case "default": []
+        default: ["--splice-after", "0"]
+        }
+    }
+
+    /// True when SAMEPORT_TEST_SPLICE=off.
+    public static var spliceOff: Bool {
+        ProcessInfo.processInfo.environment["SAMEPORT_TEST_SPLICE"] == "off"
+    }
+
     /// Starts `executable` (the sameport binary by default) with `arguments`.
     ///
     /// - Parameter prefix: a command to run it under, e.g. `["setpriv", "--reuid=65534", ...]`.
     public init(_ arguments: [String], prefix: [String] = [], executable: String = RelayProcess.binary,
                 environment: [String: String]? = nil) throws {
+        var arguments = arguments
+        if arguments.contains("--listen"), !arguments.contains("--config"),
+           !arguments.contains("--splice"), !arguments.contains("--splice-after") {
+            arguments += Self.pathFlags
+        }
         let process = Process()
         if prefix.isEmpty {
             process.executableURL = URL(fileURLWithPath: executable)
@@ -113,6 +137,29 @@ public final class RelayProcess: @unchecked Sendable {  // `process` is only tou
     /// The number of open file descriptors of the process.
     public func openFileDescriptors() -> Int {
         (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
+    }
+
+    /// The number of open file descriptors of the process whose /proc link starts with one of
+    /// `prefixes` (`socket:`, `pipe:`, `anon_inode:`...).
+    public func openFileDescriptors(linkingTo prefixes: [String]) -> Int {
+        let directory = "/proc/\(pid)/fd"
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return -1 }
+        return entries.filter { entry in
+            let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/\(entry)")) ?? ""
+            return prefixes.contains { target.hasPrefix($0) }
+        }.count
+    }
+
+    /// The open pipes of the process (`pipe:[inode]`): its stdout and stderr, and the splice
+    /// path's pipes.
+    public func openPipes() -> Int {
+        openFileDescriptors(linkingTo: ["pipe:"])
+    }
+
+    /// The numbers of the process's open file descriptors.
+    public func openFileDescriptorNumbers() -> Set<Int32> {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        return Set(entries.compactMap { Int32($0) })
     }
 
     /// The process's resident set size in KiB (VmRSS).

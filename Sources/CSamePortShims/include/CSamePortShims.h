@@ -6,6 +6,7 @@
 #define SAMEPORT_SHIMS_H
 
 #include <sys/socket.h>
+#include <sys/types.h>
 
 /// accept4(2): not visible from `import Glibc` (it is a GNU extension). Lets the relay accept a
 /// client already non-blocking and close-on-exec in one call instead of three.
@@ -15,5 +16,24 @@ int sameport_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags);
 /// variadic, so Swift cannot call it. The idle timeout uses it to see a slow reader consuming
 /// what the relay already handed to the kernel.
 int sameport_unsent_bytes(int fd);
+
+/// pipe2(2): not visible from `import Glibc`. The splice path's pipe, created non-blocking and
+/// close-on-exec in one call (flags O_NONBLOCK|O_CLOEXEC).
+int sameport_pipe2(int fds[2], int flags);
+
+/// splice(2) with no offsets (both ends are a socket or a pipe): moves up to `len` bytes from
+/// `fd_in` to `fd_out` without copying them through user space.
+ssize_t sameport_splice(int fd_in, int fd_out, size_t len, unsigned int flags);
+
+/// SPLICE_F_MOVE and SPLICE_F_NONBLOCK (GNU-only names from <fcntl.h>).
+extern const unsigned int sameport_splice_move;
+extern const unsigned int sameport_splice_nonblock;
+
+/// fcntl(F_SETPIPE_SZ): asks for a pipe of at least `size` bytes; the size granted, or -1.
+/// fcntl is variadic, so Swift cannot call it with an argument.
+int sameport_set_pipe_size(int fd, int size);
+
+/// fcntl(F_GETPIPE_SZ): the pipe's size in bytes, or -1.
+int sameport_pipe_size(int fd);
 
 #endif
