@@ -317,6 +317,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             settings.logger.debug("the watchdog moved bytes: an event was late or lost", metadata: [
                 "relay": .string(settings.relayName), "client": .stringConvertible(clientEndpoint)])
         }
+        if after == progressAtLastWatch {
+            // Idle since the last look: its buffers can go until bytes move again.
+            directions.clientToUpstream.releaseIdleBuffer()
+            directions.upstreamToClient.releaseIdleBuffer()
+        }
         watchdogInterval = after == progressAtLastWatch
             ? min(watchdogInterval * 2, Self.watchdogCeiling) : Self.watchdogFloor
         progressAtLastWatch = after

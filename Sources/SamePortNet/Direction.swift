@@ -297,6 +297,17 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
         }
     }
 
+    /// Gives back the copy path's buffer when it holds nothing: called for a connection that has
+    /// been idle for a watchdog interval, so that an idle connection holds no buffer (it is
+    /// allocated again on the next byte). Never on the hot path.
+    func releaseIdleBuffer() {
+        guard let buffer, start == end else { return }
+        buffer.deallocate()
+        self.buffer = nil
+        start = 0
+        end = 0
+    }
+
     private func allocatedBuffer() -> UnsafeMutableRawBufferPointer {
         if let buffer { return buffer }
         let allocated = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 16)

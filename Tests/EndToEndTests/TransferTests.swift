@@ -66,6 +66,24 @@ struct TransferTests {
         #expect(got.0 == reply)
     }
 
+    @Test("A connection idle past the watchdog gives its buffers back and relays whole again after")
+    func idleThenBusy() throws {
+        // Copy path for this one: the buffers given back when idle are the copy path's.
+        let (upstream, relay, listen) = try startEchoRelay(["--splice", "off"])
+        defer { relay.stop(); upstream.stop() }
+        let client = try TestSocket.connect(to: listen)
+        defer { client.close() }
+        for round in 0..<3 {
+            let payload = pattern(count: 1 << 20, seed: UInt64(round + 1))
+            let sender = Background { try? client.sendAll(payload) }
+            let echoed = try client.receive(exactly: payload.count, timeout: .seconds(20))
+            #expect(sender.join(timeout: .seconds(20)))
+            #expect(echoed.bytes == payload, "round \(round)")
+            // Idle for two watchdog intervals (250 ms, then 500 ms): the buffers are released.
+            usleep(900_000)
+        }
+    }
+
     @Test("Back-pressure: a client that stops reading does not grow the relay's memory")
     func backPressure() throws {
         let bufferSize = 64 * 1024
