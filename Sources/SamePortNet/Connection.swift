@@ -122,7 +122,10 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         do {
             let connected = try socket.connect(to: address)
             let channel = SocketChannel(socket: socket, queue: queue)
-            if connected { return didConnect(channel, address: address) }
+            if connected {
+                state = .connecting(channel: channel, address: index)
+                return queue.async { [self] in concludeConnect(deadlinePassed: false) }
+            }
             state = .connecting(channel: channel, address: index)
             // Readable during connect means it finished too: refused (a hang-up) or data already.
             channel.onWritable = { [unowned self] in concludeConnect(deadlinePassed: false) }
@@ -130,9 +133,14 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             channel.setWriting(true)
             channel.setReading(true)
             connectDeadline = .now() + settings.connectTimeout.dispatchInterval
+            armConnectTimer()
             // On loopback the handshake has usually finished (or been refused) by the time
-            // connect() returns: going on at once saves waiting for the event, a thread wake-up.
-            concludeConnect(deadlinePassed: false, unlessInProgress: true)
+            // connect() returns: looking again at once saves waiting for the event, a thread
+            // wake-up. Queued rather than called, so that it runs after libdispatch has installed
+            // the new channel's sources (queued on this queue when they were activated): a source
+            // suspended or cancelled before its installation is where libdispatch's muxnote
+            // bookkeeping goes wrong under churn (swift-corelibs-libdispatch #833, #949).
+            queue.async { [self] in concludeConnect(deadlinePassed: false, unlessInProgress: true) }
         } catch {
             socket.close()
             if error.errno == .addressNotAvailable { sawAddressNotAvailable = true }
