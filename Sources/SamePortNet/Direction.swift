@@ -277,9 +277,12 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
             }
             if let spliceAt, bytes >= spliceAt { return startSplicing(rounds: reads) }
             reads += 1
+            // With nothing held, read into the thread's scratch and write straight on (see
+            // `ScratchBuffer`); the direction's own buffer is for what the receiver cannot take.
+            let scratch = buffer == nil ? ScratchBuffer.current(size: capacity) : nil
             let result: IOResult<Int>
             do {
-                result = try from.socket.read(into: allocatedBuffer())
+                result = try from.socket.read(into: scratch ?? allocatedBuffer())
             } catch {
                 return fail(side: fromSide, error)
             }
@@ -288,13 +291,47 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
                 sawEOF = true
                 from.setReading(false)
             case .processed(let count):
-                end = count
                 lastActivity = DispatchTime.now().uptimeNanoseconds
+                guard let scratch else {
+                    end = count
+                    continue
+                }
+                guard let written = writeThrough(UnsafeRawBufferPointer(rebasing: scratch[0..<count])) else { return }
+                if written < count {
+                    // The receiver is full: keep the rest, and wait for it to drain.
+                    let rest = allocatedBuffer()
+                    rest.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[written..<count]))
+                    start = 0
+                    end = count - written
+                }
             case .wouldBlock:
                 from.setReading(true)
                 return
             }
         }
+    }
+
+    /// Writes `bytes` to the receiving socket until it is full; how many it took, or nil when the
+    /// write failed (the direction has failed).
+    private func writeThrough(_ bytes: UnsafeRawBufferPointer) -> Int? {
+        var written = 0
+        while written < bytes.count {
+            let result: IOResult<Int>
+            do {
+                result = try to.socket.write(from: UnsafeRawBufferPointer(rebasing: bytes[written...]))
+            } catch {
+                fail(side: fromSide.other, error)
+                return nil
+            }
+            switch result {
+            case .processed(let count):
+                written += count
+                self.bytes += UInt64(count)
+            case .wouldBlock:
+                return written
+            }
+        }
+        return written
     }
 
     /// Gives back the copy path's buffer when it holds nothing: called for a connection that has
