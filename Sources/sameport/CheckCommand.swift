@@ -28,7 +28,7 @@ struct CheckCommand: ParsableCommand {
               allow = ["10.0.0.0/8"]      CIDR blocks; deny wins over allow
               deny = ["10.0.0.7"]
               splice = true               zero-copy through a pipe per direction, or false
-              pipe_size = 262144          bytes per pipe, 4096 to 16777216
+              pipe_size = 1048576         bytes per pipe, 4096 to 16777216
 
             EXAMPLES
               sameport check --config /etc/sameport/sameport.toml

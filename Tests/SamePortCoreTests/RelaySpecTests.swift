@@ -34,7 +34,7 @@ struct RelaySpecTests {
         #expect(spec.queueLimit == 128)
         #expect(spec.bufferSize == 131_072)
         #expect(spec.splice == .on)
-        #expect(spec.pipeSize == 262_144)
+        #expect(spec.pipeSize == 1_048_576)
         #expect(spec.spliceAfter == 262_144)
     }
 
