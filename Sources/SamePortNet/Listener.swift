@@ -117,7 +117,7 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
         self.queue = queue
         source = DispatchSource.makeReadSource(fileDescriptor: socket.fd, queue: queue)
         source.setEventHandler { [unowned self] in acceptAll() }
-        source.setCancelHandler { [socket] in socket.close() }
+        source.setCancelHandler { [socket] in socket.closeWatched() }
     }
 
     /// Starts or stops taking clients off the accept queue (the kernel keeps queueing them).

@@ -67,6 +67,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     /// Binds the listener and proves that the egress can bind next to it; accepts no client yet,
     /// so that a daemon with several relays starts all of them or none (see `startAccepting()`).
     public func open() throws(StartupError) {
+        DescriptorGraveyard.prepare()
         let listener: Listener
         switch spec.listen.host {
         case .any:

@@ -147,4 +147,10 @@ public struct Socket: Hashable, Sendable {
     public func close() {
         _ = Glibc.close(fd)
     }
+
+    /// Closes a socket that Dispatch sources watched: the socket at once, its descriptor number
+    /// after a grace period (see `DescriptorGraveyard`).
+    func closeWatched() {
+        DescriptorGraveyard.close(fd)
+    }
 }

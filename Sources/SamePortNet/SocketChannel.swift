@@ -16,7 +16,8 @@ import Glibc
 /// - A suspended source's cancel handler runs only after `resume()`, and releasing a suspended
 ///   source crashes: `close` resumes first.
 /// - The fd is closed only from the cancel handler of the last source to be cancelled: closing any
-///   earlier races with the event loop ("Do not close random Unix descriptors").
+///   earlier races with the event loop ("Do not close random Unix descriptors"). Even then its
+///   number is kept from the next socket for a while (`DescriptorGraveyard`).
 ///
 /// Concurrency: every method is called on `queue`, and both sources deliver to it.
 final class SocketChannel: @unchecked Sendable {  // confined to `queue`
@@ -56,7 +57,7 @@ final class SocketChannel: @unchecked Sendable {  // confined to `queue`
         let finish: @Sendable () -> Void = { [self] in
             pendingCancels -= 1
             if pendingCancels == 0 {
-                socket.close()
+                socket.closeWatched()
                 onReadable = nil
                 onWritable = nil
             }

@@ -38,7 +38,22 @@ struct ResourceTests {
         let (relay, listen) = try startRelay(upstreams: upstreams.map(\.endpoint.description), extra)
         try Self.exchange(listen, Array("warm-up".utf8))
         try relay.waitForLines(containing: "connection ended")
+        // Its descriptor numbers stay parked for 50 ms (DescriptorGraveyard) before they are free.
+        usleep(300_000)
         return (relay, listen, upstreams, relay.openFileDescriptors())
+    }
+
+    @Test("A closed connection's descriptor numbers are parked on /dev/null, then freed (libdispatch reuse guard)")
+    func parkedDescriptors() throws {
+        let (relay, listen, upstreams, _) = try warmRelay(upstreamCount: 1)
+        defer { relay.stop(); upstreams.forEach { $0.stop() } }
+        let parked = { relay.openFileDescriptors(linkingTo: ["/dev/null"]) }
+        let before = parked()
+        try Self.exchange(listen, Array("park".utf8))
+        // The client's and the upstream's numbers: held by /dev/null right after the close...
+        #expect(waitUntil(timeout: .seconds(2)) { parked() == before + 2 }, "parked: \(parked()) vs \(before) before")
+        // ...and closed for real after the grace period.
+        #expect(waitUntil(timeout: .seconds(2)) { parked() == before }, "parked: \(parked()) vs \(before) before")
     }
 
     @Test("Open fds return to the baseline after 1,000 sequential connections")
