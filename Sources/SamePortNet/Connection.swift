@@ -120,12 +120,9 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             return finish(.connectFailed(cause: "egress \(binding): \(error)\(hint)"))
         }
         do {
-            let connected = try socket.connect(to: address)
+            // Connected at once or in progress: either way the socket is looked at below.
+            _ = try socket.connect(to: address)
             let channel = SocketChannel(socket: socket, queue: queue)
-            if connected {
-                state = .connecting(channel: channel, address: index)
-                return queue.async { [self] in concludeConnect(deadlinePassed: false) }
-            }
             state = .connecting(channel: channel, address: index)
             // Readable during connect means it finished too: refused (a hang-up) or data already.
             channel.onWritable = { [unowned self] in concludeConnect(deadlinePassed: false) }

@@ -298,11 +298,15 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
                 }
                 guard let written = writeThrough(UnsafeRawBufferPointer(rebasing: scratch[0..<count])) else { return }
                 if written < count {
-                    // The receiver is full: keep the rest, and wait for it to drain.
+                    // The receiver is full: keep the rest, and wait for it to drain (writing it
+                    // again now would only return EAGAIN).
                     let rest = allocatedBuffer()
                     rest.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[written..<count]))
                     start = 0
                     end = count - written
+                    from.setReading(false)
+                    to.setWriting(true)
+                    return
                 }
             case .wouldBlock:
                 from.setReading(true)
