@@ -120,7 +120,7 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             return finish(.connectFailed(cause: "egress \(binding): \(error)\(hint)"))
         }
         do {
-            // Connected at once or in progress: either way the socket is looked at below.
+            // Connected at once or in progress: either way the channel's events conclude it.
             _ = try socket.connect(to: address)
             let channel = SocketChannel(socket: socket, queue: queue)
             state = .connecting(channel: channel, address: index)
@@ -130,14 +130,12 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             channel.setWriting(true)
             channel.setReading(true)
             connectDeadline = .now() + settings.connectTimeout.dispatchInterval
+            // The connect's own event decides, even when connect() already finished on loopback:
+            // concluding before libdispatch has delivered an event on the new channel's sources
+            // (suspending or cancelling them right after they were activated) crashed its event
+            // loop under churn in CI, twice (swift-corelibs-libdispatch #833, #949). The timer
+            // looks at the socket every 250 ms in case that event is lost.
             armConnectTimer()
-            // On loopback the handshake has usually finished (or been refused) by the time
-            // connect() returns: looking again at once saves waiting for the event, a thread
-            // wake-up. Queued rather than called, so that it runs after libdispatch has installed
-            // the new channel's sources (queued on this queue when they were activated): a source
-            // suspended or cancelled before its installation is where libdispatch's muxnote
-            // bookkeeping goes wrong under churn (swift-corelibs-libdispatch #833, #949).
-            queue.async { [self] in concludeConnect(deadlinePassed: false, unlessInProgress: true) }
         } catch {
             socket.close()
             if error.errno == .addressNotAvailable { sawAddressNotAvailable = true }
