@@ -18,6 +18,10 @@ let package = Package(
             name: "CSamePortShims",
             cSettings: [.define("_GNU_SOURCE")]
         ),
+        // libsystemd's sd-daemon API (libsystemd-dev).
+        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
+        // systemd integration: socket activation, sd_notify, watchdog, capabilities, journald.
+        .target(name: "SamePortSystemd", dependencies: ["CSystemd", "CSamePortShims"]),
         // Pure Swift: endpoints, options, policies, bookkeeping. No syscalls.
         .target(name: "SamePortCore"),
         // The only module that talks to the kernel: sockets, listener, dialer, pump, relay.
@@ -41,6 +45,7 @@ let package = Package(
                 "SamePortCore",
                 "SamePortConfig",
                 "SamePortNet",
+                "SamePortSystemd",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,6 +1,9 @@
 #include "CSamePortShims.h"
 
 #include <fcntl.h>
+#include <linux/capability.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -32,3 +35,41 @@ int sameport_set_pipe_size(int fd, int size) {
 int sameport_pipe_size(int fd) {
     return fcntl(fd, F_GETPIPE_SZ);
 }
+
+int sameport_set_nonblocking_cloexec(int fd) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return -1;
+    int fdflags = fcntl(fd, F_GETFD);
+    if (fdflags < 0 || fcntl(fd, F_SETFD, fdflags | FD_CLOEXEC) < 0) return -1;
+    return 0;
+}
+
+int sameport_capget(struct sameport_capabilities *caps) {
+    struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[2] = {{0}};
+    if (syscall(SYS_capget, &header, data) != 0) return -1;
+    caps->effective = ((unsigned long long)data[1].effective << 32) | data[0].effective;
+    caps->permitted = ((unsigned long long)data[1].permitted << 32) | data[0].permitted;
+    caps->inheritable = ((unsigned long long)data[1].inheritable << 32) | data[0].inheritable;
+    return 0;
+}
+
+int sameport_capset(const struct sameport_capabilities *caps) {
+    struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[2] = {
+        { .effective = (unsigned)caps->effective, .permitted = (unsigned)caps->permitted,
+          .inheritable = (unsigned)caps->inheritable },
+        { .effective = (unsigned)(caps->effective >> 32), .permitted = (unsigned)(caps->permitted >> 32),
+          .inheritable = (unsigned)(caps->inheritable >> 32) },
+    };
+    return (int)syscall(SYS_capset, &header, data);
+}
+
+int sameport_capbset_read(int cap) { return prctl(PR_CAPBSET_READ, cap, 0, 0, 0); }
+int sameport_capbset_drop(int cap) { return prctl(PR_CAPBSET_DROP, cap, 0, 0, 0); }
+int sameport_cap_ambient_is_set(int cap) { return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap, 0, 0); }
+int sameport_cap_ambient_lower(int cap) { return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0); }
+
+const int sameport_cap_chown = CAP_CHOWN;
+const int sameport_cap_setpcap = CAP_SETPCAP;
+const int sameport_cap_net_bind_service = CAP_NET_BIND_SERVICE;

@@ -58,6 +58,7 @@ public enum RelayKey: String, CaseIterable, Sendable {
     case onBusy = "on_busy"
     case connectTimeout = "connect_timeout"
     case idleTimeout = "idle_timeout"
+    case drainTimeout = "drain_timeout"
     case maxConnections = "max_connections"
     case queueLimit = "queue_limit"
     case bufferSize = "buffer_size"
@@ -203,6 +204,7 @@ private struct Reader {
         var onBusy: Located<BusyPolicy>?
         var connectTimeout: Located<Duration>?
         var idleTimeout: Located<Duration?>?
+        var drainTimeout: Located<Duration>?
         var maxConnections: Located<Int>?
         var queueLimit: Located<Int>?
         var bufferSize: Located<Int>?
@@ -259,6 +261,8 @@ private struct Reader {
                 fields.connectTimeout = duration(value, key, at: valuePosition).map(locate)
             case .idleTimeout:
                 fields.idleTimeout = duration(value, key, at: valuePosition).map { locate($0 == .zero ? nil : $0) }
+            case .drainTimeout:
+                fields.drainTimeout = duration(value, key, at: valuePosition).map(locate)
             case .maxConnections:
                 fields.maxConnections = integer(value, key, at: valuePosition).map(locate)
             case .queueLimit:
@@ -328,7 +332,8 @@ private struct Reader {
             bufferSize: pick(\.bufferSize)?.value ?? RelaySpec.defaultBufferSize,
             access: ClientAccess(allow: pick(\.allow)?.value ?? [], deny: pick(\.deny)?.value ?? []),
             splice: pick(\.splice)?.value ?? .on,
-            pipeSize: pick(\.pipeSize)?.value ?? RelaySpec.defaultPipeSize)
+            pipeSize: pick(\.pipeSize)?.value ?? RelaySpec.defaultPipeSize,
+            drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout)
 
         var isValid = unusable.isEmpty
         for problem in spec.fieldProblems() {
@@ -348,6 +353,7 @@ private struct Reader {
                 position = own.upstreams?.position ?? own.listen?.position
             case .connectTimeout: position = pick(\.connectTimeout)?.position
             case .idleTimeout: position = pick(\.idleTimeout)?.position
+            case .drainTimeout: position = pick(\.drainTimeout)?.position
             case .maxConnections: position = pick(\.maxConnections)?.position
             case .queueLimit: position = pick(\.queueLimit)?.position
             case .bufferSize: position = pick(\.bufferSize)?.position
@@ -370,6 +376,7 @@ private struct Reader {
         case .onBusy: return fields.onBusy != nil
         case .connectTimeout: return fields.connectTimeout != nil
         case .idleTimeout: return fields.idleTimeout != nil
+        case .drainTimeout: return fields.drainTimeout != nil
         case .maxConnections: return fields.maxConnections != nil
         case .queueLimit: return fields.queueLimit != nil
         case .bufferSize: return fields.bufferSize != nil
@@ -496,7 +503,7 @@ private struct Reader {
         guard parts.count == 2 else { return "" }
         let key = parts[0].trimmingCharacters(in: .whitespaces)
         let value = parts[1].trimmingCharacters(in: .whitespaces)
-        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .allow, .deny]
+        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny]
         guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
               let first = value.first, !"\"'[".contains(first) else { return "" }
         return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""

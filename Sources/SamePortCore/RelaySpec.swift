@@ -27,6 +27,9 @@ public struct RelaySpec: Sendable, Equatable {
     /// With splice: the bytes each direction copies before it switches to splice (0: splice from
     /// the start).
     public var spliceAfter: Int
+    /// How long open connections may go on once the relay stops (SIGTERM, or removed by a reload)
+    /// before they are cut; 0 cuts them at once.
+    public var drainTimeout: Duration
 
     public static let defaultConnectTimeout = Duration.seconds(5)
     public static let defaultMaxConnections = 1024
@@ -39,6 +42,8 @@ public struct RelaySpec: Sendable, Equatable {
     /// and splicing saves about 0.1 s of CPU per GiB (0.1 us per KiB): a pipe pays for itself
     /// after some 300 KiB.
     public static let defaultSpliceAfter = 256 * 1024
+    /// Long enough for most requests in flight to finish, short of systemd's 90 s stop timeout.
+    public static let defaultDrainTimeout = Duration.seconds(30)
 
     public init(
         name: String = "main",
@@ -54,7 +59,8 @@ public struct RelaySpec: Sendable, Equatable {
         access: ClientAccess = ClientAccess(),
         splice: SpliceMode = .on,
         pipeSize: Int = RelaySpec.defaultPipeSize,
-        spliceAfter: Int = RelaySpec.defaultSpliceAfter
+        spliceAfter: Int = RelaySpec.defaultSpliceAfter,
+        drainTimeout: Duration = RelaySpec.defaultDrainTimeout
     ) {
         self.name = name
         self.listen = listen
@@ -70,6 +76,7 @@ public struct RelaySpec: Sendable, Equatable {
         self.splice = splice
         self.pipeSize = pipeSize
         self.spliceAfter = spliceAfter
+        self.drainTimeout = drainTimeout
     }
 
     /// Every problem with this spec, each a message that names the value and the fix; empty if valid.
@@ -81,7 +88,7 @@ public struct RelaySpec: Sendable, Equatable {
     public struct Problem: Equatable, Sendable {
         public enum Field: Equatable, Sendable {
             case name, listen, upstream(index: Int), egress, connectTimeout, idleTimeout
-            case maxConnections, queueLimit, bufferSize, pipeSize, spliceAfter
+            case maxConnections, queueLimit, bufferSize, pipeSize, spliceAfter, drainTimeout
             /// The upstreams have no address of the egress's family.
             case upstreamFamilies
         }
@@ -134,6 +141,9 @@ public struct RelaySpec: Sendable, Equatable {
         }
         if let idleTimeout, idleTimeout < .zero {
             add(.idleTimeout, "the idle timeout cannot be negative (0 turns it off)")
+        }
+        if drainTimeout < .zero {
+            add(.drainTimeout, "the drain timeout cannot be negative (0 cuts open connections at once)")
         }
         if !(1...1_000_000).contains(maxConnections) {
             add(.maxConnections, "max connections must be from 1 to 1000000, not \(maxConnections)")

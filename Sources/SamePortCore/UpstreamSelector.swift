@@ -90,6 +90,13 @@ public struct UpstreamSelector: Sendable {
         return sawFamily ? .busy : .noAddressOfFamily
     }
 
+    /// Books the pairs of a reservation that an earlier selector handed out (a reload replaced the
+    /// upstream list): its connection still holds them until `release`.
+    public mutating func adopt(_ reservation: Reservation) {
+        guard let egress = reservation.egress else { return }
+        inUse.formUnion(reservation.addresses.map { Pair(egress: egress.unmapped, upstream: $0.unmapped) })
+    }
+
     /// Frees the pairs of a reservation once its connection has ended.
     public mutating func release(_ reservation: Reservation) {
         guard let egress = reservation.egress else { return }

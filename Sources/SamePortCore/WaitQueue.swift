@@ -2,8 +2,8 @@
 public struct WaitQueue<Element> {
     private var entries: [(id: UInt64, element: Element)] = []
     private var nextID: UInt64 = 0
-    /// The most elements the queue holds.
-    public let limit: Int
+    /// The most elements the queue holds (lowering it turns nobody away: it only stops appends).
+    public var limit: Int
 
     public init(limit: Int) {
         self.limit = limit

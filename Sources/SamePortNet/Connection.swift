@@ -401,9 +401,11 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
 
 extension Duration {
     /// The duration as a Dispatch interval, in nanoseconds.
-    var dispatchInterval: DispatchTimeInterval {
+    public var dispatchInterval: DispatchTimeInterval {
         let (seconds, attoseconds) = components
-        return .nanoseconds(Int(clamping: seconds * 1_000_000_000 + attoseconds / 1_000_000_000))
+        let (nanoseconds, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        guard !overflow else { return seconds < 0 ? .nanoseconds(0) : .never }
+        return .nanoseconds(Int(clamping: nanoseconds.addingReportingOverflow(attoseconds / 1_000_000_000).partialValue))
     }
 }
 

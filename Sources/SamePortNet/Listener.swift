@@ -1,4 +1,5 @@
 import Dispatch
+import CSamePortShims
 import Glibc
 import SamePortCore
 
@@ -8,10 +9,13 @@ public struct StartupError: Error, Equatable, Sendable, CustomStringConvertible 
     /// True when trying again later may succeed (a resolver that does not answer yet): a runtime
     /// failure rather than a configuration error.
     public var isTemporary: Bool
+    /// The system error behind the failure, when there is one (ERRNO= for systemd).
+    public var errno: Int32?
 
-    public init(_ message: String, isTemporary: Bool = false) {
+    public init(_ message: String, isTemporary: Bool = false, errno: Errno? = nil) {
         self.message = message
         self.isTemporary = isTemporary
+        self.errno = errno?.rawValue
     }
 
     public var description: String { message }
@@ -44,29 +48,34 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
     ///
     /// SO_REUSEPORT would let a second process bind the same port and silently share clients, so
     /// an exclusive probe (SO_REUSEADDR only) runs first and refuses a port someone else holds.
-    static func open(_ endpoint: Endpoint, dualStack: Bool, queue: DispatchQueue) throws(StartupError) -> Listener {
+    ///
+    /// - Parameter exclusive: false skips that probe, for a reload that moves a relay onto an
+    ///   address another of this process's relays still holds.
+    static func open(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool = true, queue: DispatchQueue) throws(StartupError) -> Listener {
         do {
-            return try bind(endpoint, dualStack: dualStack, queue: queue)
+            return try bind(endpoint, dualStack: dualStack, exclusive: exclusive, queue: queue)
         } catch {
-            throw StartupError("cannot listen on \(endpoint): \(error.errno)\(hint(for: error.errno, endpoint: endpoint))")
+            throw StartupError("cannot listen on \(endpoint): \(error.errno)\(hint(for: error.errno, endpoint: endpoint))", errno: error.errno)
         }
     }
 
     /// Listens on every local address: one dual-stack [::]:port socket, or 0.0.0.0:port on a
     /// host without IPv6.
-    static func openWildcard(port: UInt16, queue: DispatchQueue) throws(StartupError) -> Listener {
+    static func openWildcard(port: UInt16, exclusive: Bool = true, queue: DispatchQueue) throws(StartupError) -> Listener {
         do {
-            return try bind(Endpoint(.anyV6, port), dualStack: true, queue: queue)
+            return try bind(Endpoint(.anyV6, port), dualStack: true, exclusive: exclusive, queue: queue)
         } catch where error.errno == .addressFamilyNotSupported {
-            return try open(Endpoint(.anyV4, port), dualStack: false, queue: queue)
+            return try open(Endpoint(.anyV4, port), dualStack: false, exclusive: exclusive, queue: queue)
         } catch {
-            throw StartupError("cannot listen on *:\(port): \(error.errno)\(hint(for: error.errno, endpoint: Endpoint(.anyV6, port)))")
+            throw StartupError("cannot listen on *:\(port): \(error.errno)\(hint(for: error.errno, endpoint: Endpoint(.anyV6, port)))", errno: error.errno)
         }
     }
 
-    private static func bind(_ endpoint: Endpoint, dualStack: Bool, queue: DispatchQueue) throws(SystemError) -> Listener {
-        let probe = try makeSocket(endpoint, dualStack: dualStack, reusePort: false)
-        probe.close()
+    private static func bind(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool, queue: DispatchQueue) throws(SystemError) -> Listener {
+        if exclusive {
+            let probe = try makeSocket(endpoint, dualStack: dualStack, reusePort: false)
+            probe.close()
+        }
         let socket = try makeSocket(endpoint, dualStack: dualStack, reusePort: true)
         do throws(SystemError) {
             try socket.listen(backlog: backlog)
@@ -76,6 +85,22 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
             throw error
         }
     }
+
+    /// Takes over a listening socket that systemd passed: made non-blocking (systemd passes
+    /// blocking sockets unless NonBlocking=yes) and close-on-exec. The socket is shared with
+    /// PID 1, which keeps it open: it is closed when the relay stops, never shut down.
+    static func adopt(fd: Int32, label: String, queue: DispatchQueue) throws(StartupError) -> Listener {
+        let socket = Socket(fd: fd)
+        do {
+            _ = try systemCall("fcntl") { sameport_set_nonblocking_cloexec(fd) }
+            return Listener(socket: socket, endpoint: try socket.localEndpoint(), queue: queue)
+        } catch {
+            throw StartupError("cannot use \(label) from systemd: \(error)", errno: error.errno)
+        }
+    }
+
+    /// The listening socket, for the checks made on a socket systemd passed.
+    var listeningSocket: Socket { socket }
 
     private static func makeSocket(_ endpoint: Endpoint, dualStack: Bool, reusePort: Bool) throws(SystemError) -> Socket {
         let socket = try Socket.tcp(ipv6: endpoint.address.isIPv6)

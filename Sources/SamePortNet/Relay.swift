@@ -9,10 +9,14 @@ import SamePortCore
 /// Concurrency model: everything here runs on the relay's serial `queue` (accepts, bookkeeping,
 /// waiters' timers); each connection runs on its own queue and reports its end back here.
 public final class Relay: @unchecked Sendable {  // confined to `queue` after `start()`
-    /// The validated spec this relay runs.
-    public let spec: RelaySpec
+    /// The relay's name: what a reload matches relays by, and a passed socket's name.
+    public let name: String
+    /// The spec new connections are made with; a reload may replace it (`reconfigure`).
+    public private(set) var spec: RelaySpec
     /// The address the listener is bound to (with the real port, once started).
     public private(set) var listenEndpoint: Endpoint?
+    /// True when the listener is a socket systemd passed (socket activation).
+    public private(set) var isInherited = false
     /// Called on `queue` if the listener fails for good; the process should stop with exit 1.
     public var onFatalError: (@Sendable (String) -> Void)?
 
@@ -21,11 +25,16 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     private let logger: Logger
     private var selector: UpstreamSelector
     private var waiting: WaitQueue<Waiter>
-    /// Open connections, with the upstream each has booked (none while it fails over).
-    private var connections: [ObjectIdentifier: (connection: Connection, reservation: UpstreamSelector.Reservation?)] = [:]
+    /// Open connections, with the upstream each has booked (none while it fails over) and the
+    /// generation of the spec it started under.
+    private var connections: [ObjectIdentifier: (connection: Connection, reservation: UpstreamSelector.Reservation?, generation: Int)] = [:]
     private var listener: Listener?
     private var isStopping = false
-    private var stopCompletion: (@Sendable () -> Void)?
+    private var stopCompletions: [@Sendable () -> Void] = []
+    /// Bumped by each `reconfigure`: upstream indices of older connections mean another list.
+    private var generation = 0
+    /// Clients handed to a connection since start.
+    private var served = 0
 
     /// A connection whose upstream failed, waiting for another one to free up.
     private struct Failover {
@@ -56,6 +65,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     ///   - spec: a spec with no `problems()`.
     ///   - upstreams: the resolved addresses of each of `spec.upstreams`, in the same order.
     public init(spec: RelaySpec, upstreams: [[Endpoint]], logger: Logger) {
+        self.name = spec.name
         self.spec = spec
         self.logger = logger
         queue = DispatchQueue(label: "sameport.relay.\(spec.name)")
@@ -64,28 +74,103 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         waiting = WaitQueue(limit: spec.queueLimit)
     }
 
-    /// Binds the listener and proves that the egress can bind next to it; accepts no client yet,
-    /// so that a daemon with several relays starts all of them or none (see `startAccepting()`).
-    public func open() throws(StartupError) {
+    /// A listening socket systemd passed, for `open(inherited:)`.
+    public struct InheritedSocket: Sendable {
+        public var fd: Int32
+        /// The socket as messages name it: `socket 3 "proxy"`.
+        public var label: String
+        /// Makes CAP_CHOWN effective when the process may have it; false when it cannot.
+        public var mayChangeOwner: @Sendable () -> Bool
+
+        public init(fd: Int32, label: String, mayChangeOwner: @escaping @Sendable () -> Bool) {
+            self.fd = fd
+            self.label = label
+            self.mayChangeOwner = mayChangeOwner
+        }
+    }
+
+    /// Binds the listener (or takes over the one systemd passed) and proves that the egress can
+    /// bind next to it; accepts no client yet, so that a daemon with several relays starts all of
+    /// them or none (see `startAccepting()`).
+    ///
+    /// - Parameter sharedWithOwnRelay: the address is held by another relay of this process that a
+    ///   reload is replacing: bind beside it (SO_REUSEPORT) instead of refusing a taken port.
+    public func open(inherited: InheritedSocket? = nil, sharedWithOwnRelay: Bool = false) throws(StartupError) {
         DescriptorGraveyard.prepare()
         let listener: Listener
-        switch spec.listen.host {
-        case .any:
-            listener = try Listener.openWildcard(port: spec.listen.port, queue: queue)
-        case .ip(let address):
-            listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, queue: queue)
-        case .name:
-            throw StartupError("cannot listen on \(spec.listen): listen on an IP address or *:PORT")
+        if let inherited {
+            listener = try Listener.adopt(fd: inherited.fd, label: inherited.label, queue: queue)
+        } else {
+            switch spec.listen.host {
+            case .any:
+                listener = try Listener.openWildcard(port: spec.listen.port, exclusive: !sharedWithOwnRelay, queue: queue)
+            case .ip(let address):
+                listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, exclusive: !sharedWithOwnRelay, queue: queue)
+            case .name:
+                throw StartupError("cannot listen on \(spec.listen): listen on an IP address or *:PORT")
+            }
         }
         do {
-            try probeEgress(listener.endpoint)
+            if let inherited {
+                try prepareInherited(listener, inherited)
+            } else {
+                try probeEgress(listener.endpoint)
+            }
             try checkFamilies(listener.endpoint)
         } catch {
+            // A passed socket stays systemd's: it is closed here, never shut down.
             listener.close()
             throw error
         }
         listenEndpoint = listener.endpoint
+        isInherited = inherited != nil
         self.listener = listener
+    }
+
+    /// The checks a socket from systemd gets before the relay is ready: it must be a listening
+    /// socket (checked by the caller), share its port (SO_REUSEPORT, switched on if off), and let
+    /// an egress socket bind its ip:P, which needs both sockets to have one owner.
+    private func prepareInherited(_ listener: Listener, _ inherited: InheritedSocket) throws(StartupError) {
+        let socket = listener.listeningSocket
+        let endpoint = listener.endpoint
+        if let configured = spec.listen.endpoint, configured.unmapped != endpoint.unmapped
+            || (spec.listen.host == .any && (!endpoint.address.isUnspecified || endpoint.port != spec.listen.port)) {
+            logger.warning("listen is \(spec.listen) in the configuration, but \(inherited.label) from systemd is bound to \(endpoint): serving \(endpoint); make listen and ListenStream= agree", metadata: ["relay": .string(name)])
+        }
+        if (try? socket.option(level: SOL_SOCKET, name: SO_REUSEPORT)) == 0 {
+            do {
+                try socket.setOption(level: SOL_SOCKET, name: SO_REUSEPORT, value: 1, callName: "setsockopt(SO_REUSEPORT)")
+            } catch {
+                throw StartupError("\(inherited.label) from systemd has SO_REUSEPORT off, which the egress needs to bind \(endpoint), and switching it on failed (\(error.errno)): set ReusePort=yes in the .socket unit", errno: error.errno)
+            }
+            logger.warning("\(inherited.label) from systemd had SO_REUSEPORT off, which the egress needs to bind \(endpoint): switched it on; set ReusePort=yes in the .socket unit", metadata: ["relay": .string(name)])
+        }
+        let binding = EgressBinding(mode: spec.egress, local: endpoint)
+        do {
+            try binding.makeSocket().close()
+            return
+        } catch where error.errno == .addressInUse {
+            // The kernel shares a port only between sockets of one owner (the uid that created
+            // them): PID 1 (root) created this one.
+            guard let owner = socket.owner(), owner.uid != geteuid() else {
+                throw StartupError("the egress cannot bind \(binding): \(error.errno): \(EgressBinding.hint(for: error.errno) ?? "check --egress")", errno: error.errno)
+            }
+            let cause = "\(inherited.label) from systemd belongs to uid \(owner.uid), sameport runs as uid \(geteuid()), and the kernel shares a port (SO_REUSEPORT) only between sockets of one owner"
+            let cures = "run sameport as uid \(owner.uid), or grant it CAP_CHOWN (AmbientCapabilities=CAP_CHOWN) to take the socket over"
+            guard inherited.mayChangeOwner() else {
+                throw StartupError("the egress cannot bind \(binding): \(cause): \(cures)", errno: .addressInUse)
+            }
+            do {
+                try socket.changeOwner(uid: geteuid(), gid: getegid())
+                try binding.makeSocket().close()
+            } catch {
+                throw StartupError("the egress cannot bind \(binding): \(cause), and taking it over failed (\(error)): \(cures)", errno: .addressInUse)
+            }
+            logger.notice("took over \(inherited.label) from uid \(owner.uid) (CAP_CHOWN), so that the egress can bind \(binding)", metadata: ["relay": .string(name)])
+        } catch {
+            let hint = EgressBinding.hint(for: error.errno) ?? "check --egress"
+            throw StartupError("the egress cannot bind \(binding): \(error.errno): \(hint)", errno: error.errno)
+        }
     }
 
     /// Starts taking clients on the listener `open()` bound.
@@ -120,7 +205,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             try binding.makeSocket().close()
         } catch {
             let hint = EgressBinding.hint(for: error.errno) ?? "check --egress"
-            throw StartupError("the egress cannot bind \(binding): \(error.errno): \(hint)")
+            throw StartupError("the egress cannot bind \(binding): \(error.errno): \(hint)", errno: error.errno)
         }
     }
 
@@ -137,9 +222,16 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
 
     /// Stops accepting, closes waiting clients, ends every connection, then calls `completion`.
     public func stop(completion: @escaping @Sendable () -> Void) {
+        drain(timeout: .zero, completion: completion)
+    }
+
+    /// Stops accepting and closes waiting clients at once; lets open connections finish for up
+    /// to `timeout`, then ends those left (logged `end=shutdown`); then calls `completion`. A
+    /// second call (a shorter timeout: a second signal) cuts sooner; both completions run.
+    public func drain(timeout: Duration, completion: @escaping @Sendable () -> Void) {
         queue.async { [self] in
             isStopping = true
-            stopCompletion = completion
+            stopCompletions.append(completion)
             listener?.close()
             listener = nil
             for waiter in waiting.removeAll() {
@@ -149,10 +241,50 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                 failover.answer(.stopping)
             }
             failingOver.removeAll()
-            for (connection, _) in connections.values {
-                connection.stop()
+            if timeout <= .zero {
+                cutConnections()
+            } else if !connections.isEmpty {
+                queue.asyncAfter(deadline: .now() + timeout.dispatchInterval) { [self] in cutConnections() }
             }
             finishStopIfDone()
+        }
+    }
+
+    private func cutConnections() {
+        for (connection, _, _) in connections.values {
+            connection.stop()
+        }
+    }
+
+    /// Live counts, for the service manager's status line.
+    public struct Counts: Sendable, Equatable {
+        public var open: Int
+        public var queued: Int
+        public var served: Int
+    }
+
+    public func counts() -> Counts {
+        queue.sync { Counts(open: connections.count, queued: waiting.count, served: served) }
+    }
+
+    /// Runs `body` on the relay's queue: the watchdog's proof that the queue is not stuck.
+    public func onQueue(_ body: @escaping @Sendable () -> Void) {
+        queue.async(execute: body)
+    }
+
+    /// Applies a reloaded spec (same name, same listener) to new connections: open connections
+    /// go on with the settings they started with, and keep their upstream booked.
+    public func reconfigure(spec newSpec: RelaySpec, upstreams: [[Endpoint]]) {
+        queue.sync {
+            spec = newSpec
+            generation += 1
+            selector = UpstreamSelector(upstreams: upstreams)
+            for entry in connections.values {
+                if let reservation = entry.reservation { selector.adopt(reservation) }
+            }
+            waiting.limit = newSpec.queueLimit
+            serveWaiters()
+            updateAccepting()
         }
     }
 
@@ -218,7 +350,8 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                     spliceAfter: UInt64(spec.spliceAfter), logger: logger),
                 queue: DispatchQueue(label: "sameport.connection", target: workQueue))
             let id = ObjectIdentifier(connection)
-            connections[id] = (connection, reservation)
+            connections[id] = (connection, reservation, generation)
+            served += 1
             connection.onEnd = { [unowned self] _ in
                 queue.async { self.connectionEnded(id) }
             }
@@ -267,6 +400,13 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     ) {
         guard let entry = connections[id] else { return answer(.noneLeft) }
         guard !isStopping else { return answer(.stopping) }
+        // A connection from before a reload knows upstreams by the old list's indices: it gets
+        // none of the new list (rare: it was still dialling when the reload landed).
+        guard entry.generation == generation else {
+            if let reservation = entry.reservation { selector.release(reservation) }
+            connections[id] = (entry.connection, nil, entry.generation)
+            return answer(.noneLeft)
+        }
         if let reservation = entry.reservation {
             selector.release(reservation)
             selector.markDown(reservation.upstreamIndex, until: (DispatchTime.now() + Self.downTime.dispatchInterval).uptimeNanoseconds)
@@ -274,7 +414,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                 logger.warning("upstream \(spec.upstreams[reservation.upstreamIndex]) failed to connect: passed over for \(Self.downTime.shortDescription)", metadata: ["relay": .string(spec.name)])
             }
         }
-        connections[id] = (entry.connection, nil)
+        connections[id] = (entry.connection, nil, entry.generation)
         failingOver.append(Failover(id: id, egress: egress, isIPv6: isIPv6, tried: tried, answer: answer))
         serveWaiters()
         updateAccepting()
@@ -296,7 +436,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             guard let entry = connections[failover.id] else { return true }  // ended meanwhile
             switch selector.reserve(egress: failover.egress, isIPv6: failover.isIPv6, excluding: failover.tried, now: now) {
             case .reserved(let next):
-                connections[failover.id] = (entry.connection, next)
+                connections[failover.id] = (entry.connection, next, entry.generation)
                 failover.answer(.reserved(next))
                 return true
             case .noAddressOfFamily:
@@ -321,8 +461,9 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     }
 
     private func finishStopIfDone() {
-        guard isStopping, connections.isEmpty, let completion = stopCompletion else { return }
-        stopCompletion = nil
-        completion()
+        guard isStopping, connections.isEmpty, !stopCompletions.isEmpty else { return }
+        let completions = stopCompletions
+        stopCompletions = []
+        for completion in completions { completion() }
     }
 }

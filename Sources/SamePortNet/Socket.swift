@@ -143,6 +143,19 @@ public struct Socket: Hashable, Sendable {
         _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
     }
 
+    /// The socket's owner (fstat(2) of its inode): the user that created it, or the one it was
+    /// fchown'd to. nil if fstat fails.
+    public func owner() -> (uid: uid_t, gid: gid_t)? {
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { return nil }
+        return (info.st_uid, info.st_gid)
+    }
+
+    /// fchown(2): makes the socket this user's, which SO_REUSEPORT sharing needs (needs CAP_CHOWN).
+    public func changeOwner(uid: uid_t, gid: gid_t) throws(SystemError) {
+        _ = try systemCall("fchown") { fchown(fd, uid, gid) }
+    }
+
     /// close(2). Not retried on EINTR: on Linux the descriptor is released even then.
     public func close() {
         _ = Glibc.close(fd)

@@ -56,7 +56,7 @@ struct CheckCommand: ParsableCommand {
 
     /// The relays as an aligned text table.
     static func table(_ relays: [RelaySpec]) -> String {
-        let header = ["NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "MAX-CONN", "QUEUE", "BUFFER", "SPLICE", "ACCESS"]
+        let header = ["NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "DRAIN", "MAX-CONN", "QUEUE", "BUFFER", "SPLICE", "ACCESS"]
         let rows = relays.map { relay -> [String] in
             var access: [String] = []
             if !relay.access.allow.isEmpty { access.append("allow " + relay.access.allow.map(\.description).joined(separator: ",")) }
@@ -64,7 +64,7 @@ struct CheckCommand: ParsableCommand {
             return [
                 relay.name, "\(relay.listen)", relay.upstreams.map(\.description).joined(separator: ","),
                 "\(relay.egress)", relay.onBusy.rawValue, relay.connectTimeout.shortDescription,
-                relay.idleTimeout?.shortDescription ?? "off", "\(relay.maxConnections)", "\(relay.queueLimit)",
+                relay.idleTimeout?.shortDescription ?? "off", relay.drainTimeout.shortDescription, "\(relay.maxConnections)", "\(relay.queueLimit)",
                 "\(relay.bufferSize)", relay.splice == .on ? "on/\(relay.pipeSize)" : "off", access.isEmpty ? "any" : access.joined(separator: "; "),
             ]
         }

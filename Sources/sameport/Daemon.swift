@@ -3,8 +3,10 @@ import Glibc
 import Logging
 import SamePortCore
 import SamePortNet
+import SamePortSystemd
 
-/// The daemon's lifetime: resolve, bind, serve until a signal, stop.
+/// The daemon's lifetime: take the sockets systemd passed, resolve, bind, serve until a signal,
+/// reload on SIGHUP, drain on SIGTERM.
 struct Daemon {
     var relays: [RelaySpec]
     /// Where the relays came from: the file's path, or nil for command-line flags.
@@ -16,108 +18,140 @@ struct Daemon {
     func run() throws -> Never {
         let format = log.format
         let level = log.level
-        LoggingSystem.bootstrap { _ in StderrLogHandler(logLevel: level, format: format) }
+        let journal = Journal.isStderrJournal
+        LoggingSystem.bootstrap { _ in StderrLogHandler(logLevel: level, format: format, journal: journal) }
         let logger = Logger(label: "sameport")
+        let notifier = Notifier()
         ProcessLimits.ignoreSIGPIPE()
         ProcessLimits.raiseOpenFileLimit()
 
-        // From a file, every message names its relay; from flags there is only the one.
-        let label: (RelaySpec) -> String = { configPath == nil ? "" : "relay \($0.name): " }
-        var failures: [(message: String, isTemporary: Bool)] = []
-        var opened: [(relay: Relay, upstreams: [[Endpoint]])] = []
+        let opened: [(relay: Relay, upstreams: [[Endpoint]])]
+        do {
+            opened = try open(logger: logger)
+        } catch {
+            // systemd records the errno and shows the status in `systemctl status`.
+            notifier.failed(errno: error.errno ?? EINVAL, status: error.messages.first ?? "start-up failed")
+            throw error
+        }
+        // CAP_CHOWN was only for taking over passed sockets: give it up before Dispatch starts
+        // threads (capabilities belong to each thread).
+        Self.dropStartupCapabilities(logger: logger)
+
+        let supervisor = Supervisor(
+            relays: opened, configPath: configPath, notifier: notifier, logger: logger)
+        supervisor.installSignalHandlers()
+        // Signals are handled before the first client is taken.
+        for (relay, _) in opened {
+            supervisor.start(relay)
+        }
+        supervisor.ready()
+        dispatchMain()
+    }
+
+    /// Matches the sockets systemd passed to relays, then resolves and opens every relay; all or
+    /// none.
+    private func open(logger: Logger) throws(StartFailure) -> [(relay: Relay, upstreams: [[Endpoint]])] {
+        let passed: [PassedSocket]
+        do {
+            passed = try Activation.passedSockets()
+        } catch {
+            throw StartFailure(message: "cannot start: \(error.message)", exitCode: 2)
+        }
+        let assignment = SocketAssignment(passed: passed, relays: relays.map(\.name))
+        var failures: [(message: String, isTemporary: Bool, errno: Int32?)] = assignment.problems.map { ("cannot start: \($0)", false, EINVAL) }
+        for socket in passed where !socket.isListeningStream {
+            failures.append(("cannot start: \(socket.label) from systemd is not a listening TCP socket: give its .socket unit ListenStream=IP:PORT (not a path, ListenDatagram= or Accept=yes)", false, ENOTSOCK))
+        }
+        if !passed.isEmpty {
+            for spec in relays where assignment.sockets[spec.name] == nil {
+                logger.notice("no socket from systemd is named \(spec.name): the relay binds \(spec.listen) itself", metadata: ["relay": .string(spec.name)])
+            }
+        }
+        guard failures.isEmpty else {
+            throw StartFailure(messages: failures.map(\.message), exitCode: 2, errno: failures.first?.errno)
+        }
         // Every relay is tried, so that one run lists every failure; then all start, or none.
+        let label: (RelaySpec) -> String = { configPath == nil ? "" : "relay \($0.name): " }
+        var opened: [(relay: Relay, upstreams: [[Endpoint]])] = []
         for spec in relays {
             let upstreams: [[Endpoint]]
             do {
-                upstreams = try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }
+                upstreams = try Self.resolve(spec)
             } catch {
                 let kind = error.isTemporary ? "runtime failure" : "configuration error"
-                failures.append(("\(kind): \(label(spec))\(error.message)", error.isTemporary))
+                failures.append(("\(kind): \(label(spec))\(error.message)", error.isTemporary, error.errno ?? EINVAL))
                 continue
             }
             let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
             do {
-                try relay.open()
+                try relay.open(inherited: assignment.sockets[spec.name].map(Self.inherited))
                 opened.append((relay, upstreams))
             } catch {
-                failures.append(("cannot start: \(label(spec))\(error.message)", false))
+                failures.append(("cannot start: \(label(spec))\(error.message)", false, error.errno ?? EINVAL))
             }
         }
         guard failures.isEmpty else {
             for (relay, _) in opened { relay.close() }
             throw StartFailure(
                 messages: failures.map(\.message),
-                exitCode: failures.allSatisfy(\.isTemporary) ? 1 : 2)
+                exitCode: failures.allSatisfy(\.isTemporary) ? 1 : 2, errno: failures.first?.errno)
         }
-        let group = RelayGroup(relays: opened.map(\.relay))
-
-        let stop: @Sendable (String) -> Void = { name in
-            logger.info("stopping on \(name)")
-            group.stop {
-                logger.info("stopped")
-                exit(0)
-            }
-            // Every connection is closed by stop(); should one hang, do not hang with it.
-            DispatchQueue.main.asyncAfter(deadline: .now() + .seconds(5)) { exit(0) }
-        }
-        let sources = [
-            Self.onSignal(SIGTERM, "SIGTERM", stop), Self.onSignal(SIGINT, "SIGINT", stop),
-            // SIGHUP would end the process by default. Reloading the file comes with the systemd
-            // integration; until then, say so and keep serving.
-            Self.onSignal(SIGHUP, "SIGHUP") { _ in
-                if configPath == nil {
-                    logger.notice("SIGHUP: nothing to reload for a relay configured on the command line; still serving")
-                } else {
-                    logger.notice("SIGHUP: reloading the configuration file is not supported yet; restart to apply changes; still serving")
-                }
-            },
-        ]
-        // Signals are handled before the first client is taken.
-        for (relay, upstreams) in opened {
-            let spec = relay.spec
-            relay.onFatalError = { message in
-                logger.critical("\(message)")
-                exit(1)
-            }
-            relay.startAccepting()
-            let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
-                addresses.count == 1 && name.endpoint != nil
-                    ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
-            }.joined(separator: ", ")
-            logger.info(
-                "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
-                metadata: ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)])
-        }
-        withExtendedLifetime(sources) { dispatchMain() }
+        return opened
     }
 
-    /// Handles `number` on the main queue instead of its default action.
-    private static func onSignal(
-        _ number: Int32, _ name: String, _ handler: @escaping @Sendable (String) -> Void
-    ) -> DispatchSourceSignal {
-        signal(number, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
-        source.setEventHandler { handler(name) }
-        source.activate()
-        return source
+    static func resolve(_ spec: RelaySpec) throws(StartupError) -> [[Endpoint]] {
+        try spec.upstreams.map { upstream throws(StartupError) in try Resolver.resolve(upstream) }
+    }
+
+    private static func inherited(_ socket: PassedSocket) -> Relay.InheritedSocket {
+        Relay.InheritedSocket(fd: socket.fd, label: socket.label) { Capabilities.raise(.chown) }
+    }
+
+    /// Drops CAP_CHOWN (and CAP_SETPCAP, which only served to drop it from the bounding set):
+    /// nothing after start-up needs them, and a relay should not keep the power to change owners.
+    private static func dropStartupCapabilities(logger: Logger) {
+        let report = Capabilities.drop(.chown, alsoSetpcap: true)
+        guard report.held else { return }
+        if let problem = report.problem {
+            logger.warning("could not drop CAP_CHOWN: \(problem)")
+        } else if report.droppedFromBoundingSet {
+            logger.info("dropped CAP_CHOWN from every capability set")
+        } else {
+            logger.info("dropped CAP_CHOWN from the effective, permitted, inheritable and ambient sets (the bounding set keeps it without CAP_SETPCAP; with NoNewPrivileges=yes it cannot come back)")
+        }
     }
 }
 
-/// The daemon's relays, stopped together.
-private final class RelayGroup: Sendable {
-    let relays: [Relay]
+/// Which relay gets which socket systemd passed: by name, or directly for one socket and one
+/// relay. A relay without a socket binds its own listen address.
+struct SocketAssignment {
+    var sockets: [String: PassedSocket] = [:]
+    /// Why the sockets cannot be matched, one line each.
+    var problems: [String] = []
 
-    init(relays: [Relay]) {
-        self.relays = relays
-    }
-
-    /// Stops every relay; `completion` runs once all of them have stopped.
-    func stop(completion: @escaping @Sendable () -> Void) {
-        let group = DispatchGroup()
-        for relay in relays {
-            group.enter()
-            relay.stop { group.leave() }
+    init(passed: [PassedSocket], relays: [String]) {
+        if passed.count == 1, relays.count == 1, let relay = relays.first, let socket = passed.first {
+            sockets[relay] = socket
+            return
         }
-        group.notify(queue: .main, execute: completion)
+        var byName: [String: [PassedSocket]] = [:]
+        for socket in passed {
+            guard let name = socket.name else {
+                problems.append("\(socket.label) from systemd has no name, and with several sockets or relays each socket is matched to the relay of its name: set FileDescriptorName= in its .socket unit")
+                continue
+            }
+            byName[name, default: []].append(socket)
+        }
+        for (name, sockets) in byName.sorted(by: { $0.key < $1.key }) {
+            if sockets.count > 1 {
+                problems.append("\(sockets.map { "socket \($0.fd)" }.joined(separator: " and ")) from systemd are all named \"\(name)\", and a relay takes one socket: give each its own FileDescriptorName= and a relay of that name")
+            } else if let socket = sockets.first {
+                if relays.contains(name) {
+                    self.sockets[name] = socket
+                } else {
+                    problems.append("\(socket.label) from systemd has no relay named \"\(name)\" (relays: \(relays.joined(separator: ", "))): name a relay \"\(name)\", or set FileDescriptorName= to a relay's name")
+                }
+            }
+        }
     }
 }

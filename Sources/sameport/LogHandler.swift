@@ -16,6 +16,9 @@ struct StderrLogHandler: LogHandler {
     var logLevel: Logger.Level
     var metadata: Logger.Metadata = [:]
     let format: LogFormat
+    /// stderr is journald's stream: each line starts with its syslog priority (`<3>`), which
+    /// journald strips and stores, so that `journalctl -p` filters; the journal keeps its own time.
+    var journal = false
 
     /// Metadata keys printed first, in this order; the others follow sorted.
     private static let keyOrder = [
@@ -34,7 +37,7 @@ struct StderrLogHandler: LogHandler {
         let line: String
         switch format {
         case .text:
-            var text = "\(Self.timestamp()) \(event.level) \(event.message)"
+            var text = journal ? "\(event.level) \(event.message)" : "\(Self.timestamp()) \(event.level) \(event.message)"
             for key in keys {
                 text += " \(key)=\(Self.quoteIfNeeded("\(merged[key]!)"))"  // keys come from `merged`
             }
@@ -46,7 +49,7 @@ struct StderrLogHandler: LogHandler {
             }
             line = json + "}\n"
         }
-        var bytes = Array(line.utf8)
+        var bytes = Array(((journal ? Self.priorityPrefix(event.level) : "") + line).utf8)
         bytes.withUnsafeMutableBytes { buffer in
             var offset = 0
             while offset < buffer.count {
@@ -55,6 +58,18 @@ struct StderrLogHandler: LogHandler {
                 if written <= 0 { return }
                 offset += written
             }
+        }
+    }
+
+    /// sd-daemon(3)'s prefixes: `<2>` critical ... `<7>` debug.
+    static func priorityPrefix(_ level: Logger.Level) -> String {
+        switch level {
+        case .critical: "<2>"
+        case .error: "<3>"
+        case .warning: "<4>"
+        case .notice: "<5>"
+        case .info: "<6>"
+        case .debug, .trace: "<7>"
         }
     }
 

@@ -73,6 +73,9 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off.", valueName: "duration"))
     var idleTimeout: String?
 
+    @Option(help: ArgumentHelp("On SIGTERM, let open connections finish for this long before cutting them; 0 cuts them at once (default 30s). SIGINT always cuts at once.", valueName: "duration"))
+    var drainTimeout: String?
+
     @Option(help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog (default \(RelaySpec.defaultMaxConnections)).", valueName: "n"))
     var maxConnections: Int?
 
@@ -112,7 +115,7 @@ struct RunCommand: ParsableCommand {
         let given: [(String, Bool)] = [
             ("--listen", listen != nil), ("--upstream", !upstream.isEmpty), ("--egress", egress != nil),
             ("--on-busy", onBusy != nil), ("--connect-timeout", connectTimeout != nil),
-            ("--idle-timeout", idleTimeout != nil), ("--max-connections", maxConnections != nil),
+            ("--idle-timeout", idleTimeout != nil), ("--drain-timeout", drainTimeout != nil), ("--max-connections", maxConnections != nil),
             ("--queue-limit", queueLimit != nil), ("--buffer-size", bufferSize != nil),
             ("--allow", !allow.isEmpty), ("--deny", !deny.isEmpty), ("--splice", splice != nil),
             ("--pipe-size", pipeSize != nil), ("--splice-after", spliceAfter != nil), ("--name", name != nil),
@@ -147,7 +150,9 @@ struct RunCommand: ParsableCommand {
                     deny: try deny.map { text throws(OptionError) in try CIDR(parsing: text) }),
                 splice: try SpliceMode(parsing: splice ?? "on"),
                 pipeSize: pipeSize ?? RelaySpec.defaultPipeSize,
-                spliceAfter: spliceAfter ?? RelaySpec.defaultSpliceAfter)
+                spliceAfter: spliceAfter ?? RelaySpec.defaultSpliceAfter,
+                drainTimeout: try drainTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
+                    ?? RelaySpec.defaultDrainTimeout)
             if let problem = spec.problems().first { throw ValidationError(problem) }
             return spec
         } catch let error as ValidationError {

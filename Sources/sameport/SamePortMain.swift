@@ -64,11 +64,14 @@ struct StartFailure: Error {
     var exitCode: Int32
     /// Lines printed as they are before the messages: `FILE:LINE:COLUMN: problem`.
     var details: [String] = []
+    /// The errno behind the first failure, for systemd's ERRNO=; nil when there is none.
+    var errno: Int32?
 
-    init(messages: [String], exitCode: Int32, details: [String] = []) {
+    init(messages: [String], exitCode: Int32, details: [String] = [], errno: Int32? = nil) {
         self.messages = messages
         self.exitCode = exitCode
         self.details = details
+        self.errno = errno
     }
 
     init(message: String, exitCode: Int32) {

@@ -36,4 +36,35 @@ int sameport_set_pipe_size(int fd, int size);
 /// fcntl(F_GETPIPE_SZ): the pipe's size in bytes, or -1.
 int sameport_pipe_size(int fd);
 
+/// fcntl(F_SETFL/F_GETFL): makes an inherited socket non-blocking (systemd passes blocking ones
+/// unless NonBlocking=yes) and close-on-exec. 0, or -1 with errno.
+int sameport_set_nonblocking_cloexec(int fd);
+
+/// The capability sets (capget(2)/capset(2) through the raw syscalls, from <linux/capability.h>,
+/// so that libcap is not needed). Bit `cap` of each 64-bit set.
+struct sameport_capabilities {
+    unsigned long long effective;
+    unsigned long long permitted;
+    unsigned long long inheritable;
+};
+
+/// The calling thread's capability sets; 0, or -1 with errno.
+int sameport_capget(struct sameport_capabilities *caps);
+
+/// Sets the calling thread's capability sets (capset is per thread: call it before other threads
+/// exist, or accept that only this thread changes); 0, or -1 with errno.
+int sameport_capset(const struct sameport_capabilities *caps);
+
+/// prctl(PR_CAPBSET_READ/PR_CAPBSET_DROP/PR_CAP_AMBIENT_*): prctl is variadic, so Swift cannot
+/// call it. Each returns what prctl returns (-1 with errno on failure).
+int sameport_capbset_read(int cap);
+int sameport_capbset_drop(int cap);
+int sameport_cap_ambient_is_set(int cap);
+int sameport_cap_ambient_lower(int cap);
+
+/// CAP_CHOWN, CAP_SETPCAP and CAP_NET_BIND_SERVICE, from <linux/capability.h>.
+extern const int sameport_cap_chown;
+extern const int sameport_cap_setpcap;
+extern const int sameport_cap_net_bind_service;
+
 #endif

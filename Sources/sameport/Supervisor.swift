@@ -1,0 +1,291 @@
+import Dispatch
+import Glibc
+import Logging
+import SamePortCore
+import SamePortNet
+import SamePortSystemd
+
+/// The running relays and what the service manager hears about them: signals, reload (SIGHUP),
+/// drain (SIGTERM), status and watchdog.
+///
+/// Concurrency: confined to the main queue, where the signal sources and timers deliver.
+final class Supervisor: @unchecked Sendable {  // confined to the main queue
+    /// The relays of the current configuration, in its order.
+    private var relays: [Relay]
+    /// Relays a reload removed (or moved to another address), draining their connections.
+    private var retiring: [ObjectIdentifier: Relay] = [:]
+    private var upstreamLists: [ObjectIdentifier: [[Endpoint]]] = [:]
+    private let configPath: String?
+    private let notifier: Notifier
+    private let logger: Logger
+    private var sources: [DispatchSourceProtocol] = []
+    private var isStopping = false
+    private var isCutting = false
+    /// Said in front of the counts until the next good reload: why the last one failed.
+    private var statusNote: String?
+    private var lastStatus = ""
+
+    init(relays: [(relay: Relay, upstreams: [[Endpoint]])], configPath: String?, notifier: Notifier, logger: Logger) {
+        self.relays = relays.map(\.relay)
+        for (relay, upstreams) in relays { upstreamLists[ObjectIdentifier(relay)] = upstreams }
+        self.configPath = configPath
+        self.notifier = notifier
+        self.logger = logger
+    }
+
+    // MARK: Start
+
+    func installSignalHandlers() {
+        sources += [
+            onSignal(SIGTERM) { $0.stop(on: "SIGTERM", cut: false) },
+            onSignal(SIGINT) { $0.stop(on: "SIGINT", cut: true) },
+            onSignal(SIGHUP) { $0.reload() },
+        ]
+    }
+
+    /// Starts a relay's accepting and logs where it listens.
+    func start(_ relay: Relay) {
+        let spec = relay.spec
+        relay.onFatalError = { [logger] message in
+            logger.critical("\(message)")
+            exit(1)
+        }
+        relay.startAccepting()
+        let upstreams = upstreamLists[ObjectIdentifier(relay)] ?? []
+        let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
+            addresses.count == 1 && name.endpoint != nil
+                ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
+        }.joined(separator: ", ")
+        var metadata: Logger.Metadata = ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)]
+        if relay.isInherited { metadata["socket"] = "systemd" }
+        logger.info(
+            "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
+            metadata: metadata)
+    }
+
+    /// Every relay accepts: READY=1, then the status line and the watchdog keep going.
+    func ready() {
+        lastStatus = statusText()
+        notifier.ready(status: lastStatus)
+        guard notifier.isEnabled else { return }
+        sources.append(repeating(every: .seconds(1)) { $0.updateStatus() })
+        if let interval = Notifier.watchdogInterval() {
+            logger.info("watchdog: pinging systemd every \((interval / 2).shortDescription)")
+            sources.append(repeating(every: interval / 2) { $0.pingWatchdog() })
+        }
+    }
+
+    // MARK: Status and watchdog
+
+    private func statusText() -> String {
+        var open = 0, queued = 0, served = 0, draining = 0
+        for relay in relays {
+            let counts = relay.counts()
+            open += counts.open
+            queued += counts.queued
+            served += counts.served
+        }
+        for relay in retiring.values {
+            let counts = relay.counts()
+            draining += counts.open
+            served += counts.served
+        }
+        var text = "\(relays.count) relay\(relays.count == 1 ? "" : "s"), \(open) open connection\(open == 1 ? "" : "s"), \(queued) queued, \(served) served"
+        if draining > 0 { text += ", \(draining) draining from removed relays" }
+        if isStopping { text = "stopping: " + text }
+        if let statusNote { text = statusNote + "; " + text }
+        return text
+    }
+
+    /// Sends the status line if it changed; called once a second.
+    private func updateStatus() {
+        let text = statusText()
+        guard text != lastStatus else { return }
+        lastStatus = text
+        notifier.status(text)
+    }
+
+    /// WATCHDOG=1 goes out only after a task has gone through every relay's queue and then the
+    /// shared work queue the connections run on: a stuck relay or pump stops the pings, and
+    /// systemd restarts the service.
+    private func pingWatchdog() {
+        Self.hop(through: relays + retiring.values, notifier: notifier)
+    }
+
+    private static func hop(through relays: [Relay], notifier: Notifier) {
+        guard let next = relays.first else {
+            DispatchQueue.global().async { notifier.watchdog() }
+            return
+        }
+        let rest = Array(relays.dropFirst())
+        next.onQueue { hop(through: rest, notifier: notifier) }
+    }
+
+    // MARK: Stop
+
+    /// SIGTERM: stop accepting and let open connections finish for up to each relay's drain
+    /// timeout. SIGINT, or a second SIGTERM: cut them now.
+    private func stop(on signal: String, cut: Bool) {
+        let all = relays + retiring.values
+        let open = all.reduce(0) { $0 + $1.counts().open }
+        if isStopping {
+            guard !isCutting else { return }
+            isCutting = true
+            logger.notice("\(signal) while draining: cutting \(open) open connection\(open == 1 ? "" : "s") now")
+            for relay in all { relay.drain(timeout: .zero) {} }
+            exitLater(after: .seconds(5))
+            return
+        }
+        isStopping = true
+        isCutting = cut
+        let longest = all.map(\.spec.drainTimeout).max() ?? .zero
+        if cut || open == 0 || longest == .zero {
+            logger.info("stopping on \(signal)")
+        } else {
+            logger.info("stopping on \(signal): draining \(open) open connection\(open == 1 ? "" : "s") for up to \(longest.shortDescription) (SIGINT or a second SIGTERM cuts them)")
+        }
+        notifier.stopping(status: statusText())
+        let group = DispatchGroup()
+        for relay in all {
+            group.enter()
+            relay.drain(timeout: cut ? .zero : relay.spec.drainTimeout) { group.leave() }
+        }
+        group.notify(queue: .main) { [logger] in
+            logger.info("stopped")
+            exit(0)
+        }
+        // Every connection is cut by then; should one hang, do not hang with it.
+        exitLater(after: (cut ? .zero : longest) + .seconds(5))
+    }
+
+    private func exitLater(after delay: Duration) {
+        DispatchQueue.main.asyncAfter(deadline: .now() + delay.dispatchInterval) { [logger] in
+            logger.warning("stopped with connections still closing")
+            exit(0)
+        }
+    }
+
+    // MARK: Reload
+
+    /// SIGHUP: re-reads the configuration file and applies it without dropping open connections;
+    /// a bad file leaves the running configuration as it is.
+    private func reload() {
+        guard !isStopping else { return }
+        notifier.reloading()
+        defer {
+            lastStatus = statusText()
+            notifier.ready(status: lastStatus)
+        }
+        guard let configPath, configPath != "-" else {
+            logger.notice("SIGHUP: nothing to reload: the relay was \(configPath == nil ? "configured on the command line" : "read from standard input"); still serving")
+            return
+        }
+        logger.notice("SIGHUP: reloading \(configPath)")
+        do {
+            let summary = try apply(try ConfigFile.load(configPath))
+            statusNote = nil
+            logger.notice("reloaded \(configPath): \(summary)")
+        } catch {
+            for line in error.details + error.messages {
+                logger.error("reload failed, still running the previous configuration: \(line)")
+            }
+            let first = error.details.first ?? error.messages.first ?? "unknown error"
+            let more = error.details.count + error.messages.count - 1
+            statusNote = "reload failed (\(first)\(more > 0 ? "; \(more) more in the log" : "")), running the previous configuration"
+        }
+    }
+
+    /// Opens the relays the new specs add, then (all or nothing) starts them, applies changed
+    /// settings to kept relays, and retires the removed ones. Returns what changed, for the log.
+    private func apply(_ specs: [RelaySpec]) throws(StartFailure) -> String {
+        let current = Dictionary(relays.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        var kept: [(relay: Relay, spec: RelaySpec, upstreams: [[Endpoint]])] = []
+        var added: [Relay] = []
+        var failures: [String] = []
+        var next: [Relay] = []
+        for spec in specs {
+            let upstreams: [[Endpoint]]
+            do {
+                upstreams = try Daemon.resolve(spec)
+            } catch {
+                failures.append("relay \(spec.name): \(error.message)")
+                continue
+            }
+            if let relay = current[spec.name], relay.isInherited || relay.spec.listen == spec.listen {
+                kept.append((relay, spec, upstreams))
+                next.append(relay)
+                continue
+            }
+            let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
+            // A relay moving onto a port one of ours holds binds beside it until that one retires.
+            let shared = (relays + retiring.values).contains { $0.listenEndpoint?.port == spec.listen.port }
+            do {
+                try relay.open(sharedWithOwnRelay: shared)
+                upstreamLists[ObjectIdentifier(relay)] = upstreams
+                added.append(relay)
+                next.append(relay)
+            } catch {
+                failures.append("relay \(spec.name): cannot start: \(error.message)")
+            }
+        }
+        guard failures.isEmpty else {
+            for relay in added {
+                relay.close()
+                upstreamLists[ObjectIdentifier(relay)] = nil
+            }
+            throw StartFailure(messages: failures, exitCode: 2)
+        }
+        var changed: [String] = []
+        for (relay, spec, upstreams) in kept where relay.spec != spec || upstreamLists[ObjectIdentifier(relay)] != upstreams {
+            if relay.isInherited && relay.spec.listen != spec.listen {
+                logger.warning("listen changed to \(spec.listen), but the relay takes its socket from systemd: it stays on \(relay.listenEndpoint.map(\.description) ?? "its socket"); change ListenStream= and restart the service to move it", metadata: ["relay": .string(spec.name)])
+            }
+            relay.reconfigure(spec: spec, upstreams: upstreams)
+            upstreamLists[ObjectIdentifier(relay)] = upstreams
+            changed.append(spec.name)
+        }
+        let keptIDs = Set(next.map(ObjectIdentifier.init))
+        let removed = relays.filter { !keptIDs.contains(ObjectIdentifier($0)) }
+        for relay in removed { retire(relay) }
+        relays = next
+        for relay in added { start(relay) }
+        let unchanged = kept.count - changed.count
+        func list(_ names: [String]) -> String { names.isEmpty ? "none" : names.joined(separator: ", ") }
+        return "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name))); removed: \(list(removed.map(\.name))); changed: \(list(changed)); unchanged: \(unchanged)"
+    }
+
+    /// Stops a relay a reload removed: no new clients; its open connections finish (up to its
+    /// drain timeout) on the settings they started with.
+    private func retire(_ relay: Relay) {
+        let id = ObjectIdentifier(relay)
+        retiring[id] = relay
+        let open = relay.counts().open
+        logger.notice("relay \(relay.name) on \(relay.listenEndpoint.map(\.description) ?? "-") stops accepting: \(open) open connection\(open == 1 ? "" : "s") may finish for up to \(relay.spec.drainTimeout.shortDescription)", metadata: ["relay": .string(relay.name)])
+        relay.drain(timeout: relay.spec.drainTimeout) {
+            DispatchQueue.main.async { [self] in
+                retiring[id] = nil
+                upstreamLists[id] = nil
+                logger.info("relay \(relay.name) retired: its connections have ended", metadata: ["relay": .string(relay.name)])
+            }
+        }
+    }
+
+    // MARK: Sources
+
+    /// Handles `number` on the main queue instead of its default action.
+    private func onSignal(_ number: Int32, _ handler: @escaping @Sendable (Supervisor) -> Void) -> DispatchSourceSignal {
+        signal(number, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
+        source.setEventHandler { [unowned self] in handler(self) }
+        source.activate()
+        return source
+    }
+
+    private func repeating(every interval: Duration, _ handler: @escaping @Sendable (Supervisor) -> Void) -> DispatchSourceTimer {
+        let timer = DispatchSource.makeTimerSource(queue: .main)
+        timer.setEventHandler { [unowned self] in handler(self) }
+        timer.schedule(deadline: .now() + interval.dispatchInterval, repeating: interval.dispatchInterval, leeway: .milliseconds(10))
+        timer.activate()
+        return timer
+    }
+}
