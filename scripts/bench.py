@@ -462,7 +462,7 @@ class Bench:
         logfile = os.path.join(self.tmp, f"{tag}.log")
         listen, first = f"{HOST}:{port}", f"{HOST}:{upstreams[0]}"
         if config in ("sameport", "sameport-eph"):
-            argv = [self.binary, "--listen", listen, "--log-level", "warning",
+            argv = [self.binary, "--listen", listen, "--log-level", "warning", "--drain-timeout", "0",
                     "--max-connections", str(max(1024, self.idle + 64)), "--queue-limit", "1024"]
             for upstream in upstreams if config == "sameport" else upstreams[:1]:
                 argv += ["--upstream", f"{HOST}:{upstream}"]

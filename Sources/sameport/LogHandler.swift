@@ -16,8 +16,9 @@ struct StderrLogHandler: LogHandler {
     var logLevel: Logger.Level
     var metadata: Logger.Metadata = [:]
     let format: LogFormat
-    /// stderr is journald's stream: each line starts with its syslog priority (`<3>`), which
-    /// journald strips and stores, so that `journalctl -p` filters; the journal keeps its own time.
+    /// stderr is journald's stream: each text line starts with its syslog priority (`<3>`) instead
+    /// of a time and a level word; journald strips the prefix and stores the priority, so that
+    /// `journalctl -p` filters.
     var journal = false
 
     /// Metadata keys printed first, in this order; the others follow sorted.
@@ -37,7 +38,8 @@ struct StderrLogHandler: LogHandler {
         let line: String
         switch format {
         case .text:
-            var text = journal ? "\(event.level) \(event.message)" : "\(Self.timestamp()) \(event.level) \(event.message)"
+            // The journal keeps the time and the priority itself.
+            var text = journal ? "\(event.message)" : "\(Self.timestamp()) \(event.level) \(event.message)"
             for key in keys {
                 text += " \(key)=\(Self.quoteIfNeeded("\(merged[key]!)"))"  // keys come from `merged`
             }

@@ -129,11 +129,11 @@ struct CommandLineTests {
         #expect(version == "0.1.0\n")
     }
 
-    @Test("SIGTERM and SIGINT stop cleanly with exit 0; open connections end as shutdown", arguments: [SIGTERM, SIGINT])
+    @Test("SIGINT, and SIGTERM with --drain-timeout 0, stop at once with exit 0; open connections end as shutdown", arguments: [SIGTERM, SIGINT])
     func signals(signal: Int32) throws {
         let upstream = try TestServer(handler: TestServer.echo)
         defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], signal == SIGTERM ? ["--drain-timeout", "0"] : [])
         let client = try TestSocket.connect(to: listen)
         try client.sendAll(Array("x".utf8))
         #expect(try client.receive(exactly: 1, timeout: .seconds(5)).bytes == Array("x".utf8))

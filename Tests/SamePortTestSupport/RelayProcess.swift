@@ -117,8 +117,10 @@ public final class RelayProcess: @unchecked Sendable {  // `process` is only tou
     }
 
     /// Sends `signal`, waits up to `timeout`, then SIGKILL; returns the exit status (nil if killed).
+    /// SIGINT by default: sameport stops at once, cutting open connections; SIGTERM would let
+    /// them drain first (up to --drain-timeout).
     @discardableResult
-    public func stop(signal: Int32 = SIGTERM, timeout: Duration = .seconds(10)) -> Int32? {
+    public func stop(signal: Int32 = SIGINT, timeout: Duration = .seconds(10)) -> Int32? {
         guard isRunning else { return waitForExit(timeout: .seconds(1)) }
         kill(pid, signal)
         if let status = waitForExit(timeout: timeout) { return status }

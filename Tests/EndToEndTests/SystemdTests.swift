@@ -1,0 +1,434 @@
+import Foundation
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Testing
+
+/// A configuration file that any user may read, in a directory of its own; `write` replaces it
+/// (as an operator's editor would) before a reload.
+private final class SharedConfig: @unchecked Sendable {  // used by one test thread
+    let path: String
+    private let directory: String
+
+    init(_ text: String) throws {
+        var template = Array("/tmp/sameport-systemd-XXXXXX".utf8CString)
+        guard let created = mkdtemp(&template) else { throw TestError.failed("mkdtemp: \(errno)") }
+        directory = String(cString: created)
+        chmod(directory, 0o755)
+        path = directory + "/sameport.toml"
+        try write(text)
+    }
+
+    func write(_ text: String) throws {
+        try text.write(toFile: path + ".new", atomically: false, encoding: .utf8)
+        chmod(path + ".new", 0o644)
+        guard rename(path + ".new", path) == 0 else { throw TestError.system("rename", errno) }
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+/// A listening socket for systemd-socket-activate to create: its address and fd name.
+private struct ActivationSocket {
+    var listen: Endpoint
+    var name: String?
+}
+
+/// Starts `sameport ARGUMENTS` under systemd-socket-activate, which creates the sockets (as
+/// root, SO_REUSEPORT off), waits for a first client, then execs sameport with LISTEN_FDS,
+/// LISTEN_FDNAMES and the given environment. The PID stays the same across the exec.
+private func startActivated(
+    _ sockets: [ActivationSocket], _ arguments: [String], notify: NotifyListener? = nil,
+    environment: [String: String] = [:], prefix: [String] = [], binary: String = RelayProcess.binary,
+    datagram: Bool = false
+) throws -> RelayProcess {
+    var command = sockets.flatMap { ["-l", $0.listen.description] }
+    if datagram { command.append("--datagram") }
+    let names = sockets.compactMap(\.name)
+    if !names.isEmpty { command.append("--fdname=" + names.joined(separator: ":")) }
+    var variables = environment
+    if let notify { variables["NOTIFY_SOCKET"] = notify.path }
+    for (key, value) in variables.sorted(by: { $0.key < $1.key }) { command += ["-E", "\(key)=\(value)"] }
+    return try RelayProcess(command + prefix + [binary] + arguments, executable: "/usr/bin/systemd-socket-activate")
+}
+
+/// Connects once systemd-socket-activate listens (it binds after it starts): this first client
+/// is what makes it start the service.
+private func connectWhenListening(_ listen: Endpoint) throws -> TestSocket {
+    let deadline = ContinuousClock.now + .seconds(10)
+    while true {
+        do {
+            return try TestSocket.connect(to: listen)
+        } catch TestError.system(_, let code) where code == ECONNREFUSED && ContinuousClock.now < deadline {
+            usleep(20_000)
+        }
+    }
+}
+
+/// Connects a client and checks an echo through it.
+private func connectAndEcho(_ listen: Endpoint, _ text: String) throws -> TestSocket {
+    let client = try connectWhenListening(listen)
+    try client.sendAll(Array(text.utf8))
+    let (bytes, _) = try client.receive(exactly: text.utf8.count, timeout: .seconds(10))
+    #expect(String(decoding: bytes, as: UTF8.self) == text)
+    return client
+}
+
+/// Two free loopback ports.
+private func freePorts(_ count: Int) throws -> [UInt16] {
+    var ports: [UInt16] = []
+    while ports.count < count {
+        let port = try freePort()
+        if !ports.contains(port) { ports.append(port) }
+    }
+    return ports
+}
+
+/// The capability sets of every thread of `pid`: `CapEff` etc. as bit masks, one entry per thread.
+private func capabilitySets(_ pid: Int32) -> [[String: UInt64]] {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    return tasks.compactMap { task in
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8) else { return nil }
+        var sets: [String: UInt64] = [:]
+        for line in status.split(separator: "\n") where line.hasPrefix("Cap") {
+            let parts = line.split(separator: ":", maxSplits: 1)
+            if parts.count == 2 { sets[String(parts[0])] = UInt64(parts[1].trimmingCharacters(in: .whitespaces), radix: 16) }
+        }
+        return sets
+    }
+}
+
+private func relayConfig(name: String = "proxy", listen: Endpoint, upstream: Endpoint, extra: String = "") -> String {
+    """
+    [[relay]]
+    name = "\(name)"
+    listen = "\(listen)"
+    upstream = "\(upstream)"
+    \(extra)
+
+    """
+}
+
+@Suite("systemd integration (systemd-socket-activate, NOTIFY_SOCKET)", .serialized)
+struct SystemdTests {
+    init() {
+        _ = ignoreSIGPIPE
+    }
+
+    @Test("Socket activation: the named socket is used with SO_REUSEPORT fixed up; READY, STATUS, WATCHDOG, RELOADING, STOPPING arrive in order")
+    func activationAndNotifications() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let notify = try NotifyListener()
+        defer { notify.close() }
+        let port = try freePort()
+        let listen = Endpoint(.loopbackV4, port)
+        let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint))
+        let relay = try startActivated(
+            [ActivationSocket(listen: listen, name: "proxy")], ["run", "--config", config.path],
+            notify: notify, environment: ["WATCHDOG_USEC": "400000"])
+        defer { relay.stop() }
+
+        let client = try connectAndEcho(listen, "first client\n")
+        try relay.waitUntilListening()
+        #expect(relay.lines(containing: "socket 3 \"proxy\" from systemd had SO_REUSEPORT off, which the egress needs to bind \(listen): switched it on; set ReusePort=yes in the .socket unit").count == 1)
+        #expect(relay.lines(containing: "relay proxy listening on \(listen) -> \(upstream.endpoint)").first?.contains("socket=systemd") == true)
+        // The upstream sees the fixed source port, through the inherited socket.
+        #expect(upstream.peers == [listen])
+        client.close()
+        let ready = try notify.waitFor("READY=1") { $0["READY"] == "1" }
+        #expect(ready["STATUS"]?.hasPrefix("1 relay, ") == true, "\(ready)")
+        try notify.waitFor("STATUS with 1 served") { $0["STATUS"] == "1 relay, 0 open connections, 0 queued, 1 served" }
+        // WATCHDOG_USEC=400ms: a ping every 200 ms.
+        #expect(waitUntil(timeout: .seconds(5)) { notify.messages.filter { $0["WATCHDOG"] == "1" }.count >= 4 })
+
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reloaded \(config.path): 1 relay; added: none; removed: none; changed: none; unchanged: 1")
+        let sentAt = NotifyListener.monotonicMicroseconds()
+        let reloading = try notify.waitFor("RELOADING=1") { $0["RELOADING"] == "1" }
+        let stamp = UInt64(reloading["MONOTONIC_USEC"] ?? "") ?? 0
+        #expect(stamp > 0 && stamp <= reloading.monotonicMicroseconds && sentAt - min(sentAt, stamp) < 5_000_000, "MONOTONIC_USEC=\(stamp)")
+        let pingsBefore = notify.messages.filter { $0["WATCHDOG"] == "1" }.count
+        #expect(waitUntil(timeout: .seconds(5)) { notify.messages.filter { $0["WATCHDOG"] == "1" }.count >= pingsBefore + 2 })
+        #expect(relay.stop(signal: SIGTERM) == 0)
+        try notify.waitFor("STOPPING=1") { $0["STOPPING"] == "1" }
+
+        let messages = notify.messages
+        let order = messages.compactMap { message -> String? in
+            if message["READY"] == "1" { return "READY" }
+            if message["RELOADING"] == "1" { return "RELOADING" }
+            if message["STOPPING"] == "1" { return "STOPPING" }
+            return nil
+        }
+        #expect(order == ["READY", "RELOADING", "READY", "STOPPING"], "\(messages)")
+        // WATCHDOG=1 pings both before and after the reload; nothing after STOPPING but pings.
+        let reloadIndex = messages.firstIndex { $0["RELOADING"] == "1" } ?? 0
+        #expect(messages[..<reloadIndex].contains { $0["WATCHDOG"] == "1" })
+        #expect(messages[reloadIndex...].contains { $0["WATCHDOG"] == "1" })
+        // STATUS= changes at most once a second (the ones sent with READY/STOPPING aside).
+        let statusTimes = messages.filter { $0.assignments.keys.sorted() == ["STATUS"] }.map(\.monotonicMicroseconds)
+        for (earlier, later) in zip(statusTimes, statusTimes.dropFirst()) {
+            #expect(later - earlier >= 900_000, "STATUS updates \(later - earlier) us apart")
+        }
+    }
+
+    @Test("SIGHUP with a changed file keeps open connections, applies the change to the next ones, adds and removes relays; a bad file keeps the old configuration")
+    func reload() throws {
+        let first = try TestServer(handler: TestServer.echo)
+        let second = try TestServer(handler: TestServer.echo)
+        defer { first.stop(); second.stop() }
+        let notify = try NotifyListener()
+        defer { notify.close() }
+        let ports = try freePorts(2)
+        let listen = Endpoint(.loopbackV4, ports[0])
+        let extraListen = Endpoint(.loopbackV4, ports[1])
+        let config = try SharedConfig(relayConfig(listen: listen, upstream: first.endpoint))
+        let relay = try startActivated(
+            [ActivationSocket(listen: listen, name: "proxy")], ["run", "--config", config.path], notify: notify)
+        defer { relay.stop() }
+        let kept = try connectAndEcho(listen, "before the reload\n")
+        try relay.waitUntilListening()
+        #expect(first.peers == [listen])
+
+        // Change the upstream and add a relay.
+        try config.write(relayConfig(listen: listen, upstream: second.endpoint)
+            + relayConfig(name: "extra", listen: extraListen, upstream: second.endpoint))
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reloaded \(config.path): 2 relays; added: extra; removed: none; changed: proxy; unchanged: 0")
+        // The open connection goes on, to the upstream it started with.
+        try kept.sendAll(Array("after the reload\n".utf8))
+        #expect(String(decoding: try kept.receive(exactly: 17, timeout: .seconds(5)).bytes, as: UTF8.self) == "after the reload\n")
+        // The next connection takes the new upstream; the added relay serves, from its own port.
+        let next = try connectAndEcho(listen, "next\n")
+        let added = try connectAndEcho(extraListen, "added\n")
+        #expect(first.peers == [listen])
+        #expect(Set(second.peers) == [listen, extraListen])
+        #expect(relay.lines(containing: "connection ended").isEmpty, "no connection ended: \(relay.lines(containing: "connection ended"))")
+        // Frees proxy's 4-tuple to the second upstream (one connection per pair).
+        next.close()
+        try relay.waitForLines(containing: "connection ended relay=proxy")
+
+        // A bad file: logged, said in STATUS, and the running configuration stays.
+        try config.write("[[relay]\nname = \"proxy\"\n")
+        kill(relay.pid, SIGHUP)
+        let failure = try relay.waitForLines(containing: "reload failed, still running the previous configuration: \(config.path):1:")
+        #expect(failure.first?.contains(" error ") == true, "\(failure)")
+        try notify.waitFor("STATUS with the reload failure") {
+            ($0["STATUS"] ?? "").hasPrefix("reload failed (\(config.path):1:") && ($0["STATUS"] ?? "").contains("running the previous configuration; 2 relays, ")
+        }
+        _ = try connectAndEcho(listen, "still here\n").close()
+
+        // Remove the added relay while a client of it is connected: it stops accepting, and its
+        // connection finishes.
+        try config.write(relayConfig(listen: listen, upstream: second.endpoint))
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reloaded \(config.path): 1 relay; added: none; removed: extra; changed: none; unchanged: 1")
+        try added.sendAll(Array("draining\n".utf8))
+        #expect(String(decoding: try added.receive(exactly: 9, timeout: .seconds(5)).bytes, as: UTF8.self) == "draining\n")
+        #expect(throws: (any Error).self) { try TestSocket.connect(to: extraListen, timeout: .seconds(2)) }
+        added.close()
+        try relay.waitForLines(containing: "relay extra retired")
+        // The status no longer names the failure once a reload succeeded.
+        try notify.waitFor("READY after the good reload") { $0["READY"] == "1" && ($0["STATUS"] ?? "").hasPrefix("1 relay, ") }
+        kept.close()
+        #expect(relay.stop() == 0)
+    }
+
+    @Test("SIGTERM: STOPPING=1, no new clients, an open transfer drains to completion, exit 0")
+    func drainOnSIGTERM() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let notify = try NotifyListener()
+        defer { notify.close() }
+        let listen = Endpoint(.loopbackV4, try freePort())
+        let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint, extra: "drain_timeout = \"20s\""))
+        let relay = try startActivated(
+            [ActivationSocket(listen: listen, name: "proxy")], ["run", "--config", config.path], notify: notify)
+        defer { relay.stop() }
+        let client = try connectAndEcho(listen, "hello\n")
+        try relay.waitUntilListening()
+
+        kill(relay.pid, SIGTERM)
+        try relay.waitForLines(containing: "stopping on SIGTERM: draining 1 open connection for up to 20s")
+        try notify.waitFor("STOPPING=1") { $0["STOPPING"] == "1" }
+        #expect(throws: (any Error).self) { try TestSocket.connect(to: listen, timeout: .seconds(2)) }
+        // The transfer goes on after the signal: 8 MiB each way, checked.
+        let payload = pattern(count: 8 << 20, seed: 41)
+        let sender = Background { try? client.sendAll(payload, timeout: .seconds(60)); client.shutdownWrite() }
+        let (bytes, end) = try client.receiveToEnd(timeout: .seconds(60))
+        #expect(sender.join(timeout: .seconds(10)))
+        #expect(end == .eof)
+        #expect(bytes.count == payload.count)
+        #expect(bytes == payload)
+        #expect(relay.waitForExit(timeout: .seconds(10)) == 0)
+        let ended = relay.lines(containing: "connection ended")
+        #expect(ended.count == 1)
+        #expect(field("end", in: ended.first ?? "") == "completed")
+        #expect(field("bytes_to_client", in: ended.first ?? "") == "\(payload.count + 6)")
+        #expect(relay.lines(containing: "stopped").count == 1)
+    }
+
+    @Test("SIGTERM: a connection still open at the drain timeout is cut (end=shutdown), exit 0")
+    func drainTimeout() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let listen = Endpoint(.loopbackV4, try freePort())
+        let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint, extra: "drain_timeout = \"1s\""))
+        let relay = try startActivated([ActivationSocket(listen: listen, name: "proxy")], ["run", "--config", config.path])
+        defer { relay.stop() }
+        let client = try connectAndEcho(listen, "idle\n")
+        try relay.waitUntilListening()
+        let start = ContinuousClock.now
+        kill(relay.pid, SIGTERM)
+        #expect(try client.waitForEnd(timeout: .seconds(10)) == .reset)
+        let elapsed = ContinuousClock.now - start
+        #expect(elapsed >= .milliseconds(900) && elapsed < .seconds(5), "cut after \(elapsed)")
+        #expect(relay.waitForExit(timeout: .seconds(10)) == 0)
+        #expect(field("end", in: relay.lines(containing: "connection ended").first ?? "") == "shutdown")
+    }
+
+    @Test("A socket root created, passed to sameport running as nobody: without CAP_CHOWN a clear refusal with ERRNO=; with it the socket is taken over and CAP_CHOWN dropped from every thread")
+    func wrongOwner() throws {
+        guard geteuid() == 0 else { return }  // needs root to create the socket and to become nobody
+        let nobody = try NobodyBinary()
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+
+        // Without CAP_CHOWN.
+        do {
+            let notify = try NotifyListener()
+            defer { notify.close() }
+            let listen = Endpoint(.loopbackV4, try freePort())
+            let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint))
+            let relay = try startActivated(
+                [ActivationSocket(listen: listen, name: "proxy")], ["run", "--config", config.path],
+                notify: notify, prefix: NobodyBinary.prefix, binary: nobody.path)
+            defer { relay.stop() }
+            let client = try connectWhenListening(listen)
+            defer { client.close() }
+            #expect(relay.waitForExit(timeout: .seconds(10)) == 2)
+            let message = "sameport: cannot start: relay proxy: the egress cannot bind \(listen): socket 3 \"proxy\" from systemd belongs to uid 0, sameport runs as uid 65534, and the kernel shares a port (SO_REUSEPORT) only between sockets of one owner: run sameport as uid 0, or grant it CAP_CHOWN (AmbientCapabilities=CAP_CHOWN) to take the socket over"
+            #expect(relay.lines(containing: "sameport: ") == [message], "\(relay.output)")
+            let failure = try notify.waitFor("ERRNO=") { $0["ERRNO"] != nil }
+            #expect(failure["ERRNO"] == "\(EADDRINUSE)")
+            #expect(failure["STATUS"] == String(message.dropFirst("sameport: ".count)))
+            #expect(upstream.peers.isEmpty)
+        }
+
+        // With CAP_CHOWN (ambient, as AmbientCapabilities= gives it), and with CAP_SETPCAP too,
+        // which lets it go from the bounding set as well.
+        for (caps, boundingKeeps) in [("+chown", true), ("+chown,+setpcap", false)] {
+            let listen = Endpoint(.loopbackV4, try freePort())
+            let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint))
+            let prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,\(caps)", "--ambient-caps=-all,\(caps)"]
+            let relay = try startActivated(
+                [ActivationSocket(listen: listen, name: "proxy")], ["run", "--config", config.path],
+                prefix: prefix, binary: nobody.path)
+            defer { relay.stop() }
+            let client = try connectAndEcho(listen, "as nobody\n")
+            client.close()
+            try relay.waitUntilListening()
+            #expect(relay.lines(containing: "took over socket 3 \"proxy\" from uid 0 (CAP_CHOWN), so that the egress can bind \(listen)").count == 1, "\(relay.output)")
+            #expect(upstream.peers.last == listen)
+            let threads = capabilitySets(relay.pid)
+            #expect(!threads.isEmpty)
+            for sets in threads {
+                for name in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+                    #expect((sets[name] ?? 1) & 1 == 0, "\(name) still has CAP_CHOWN: \(sets)")
+                }
+                #expect(((sets["CapBnd"] ?? 0) & 1 != 0) == boundingKeeps, "CapBnd \(sets)")
+            }
+            #expect(relay.stop() == 0)
+        }
+    }
+
+    @Test("Sockets and relays that do not match are refused at start-up, each named; one unnamed socket goes to the one relay")
+    func matching() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let ports = try freePorts(3)
+        let a = Endpoint(.loopbackV4, ports[0]), b = Endpoint(.loopbackV4, ports[1]), own = Endpoint(.loopbackV4, ports[2])
+
+        // A socket named for no relay.
+        do {
+            let config = try SharedConfig(relayConfig(name: "a", listen: a, upstream: upstream.endpoint) + relayConfig(name: "b", listen: own, upstream: upstream.endpoint))
+            let relay = try startActivated(
+                [ActivationSocket(listen: a, name: "a"), ActivationSocket(listen: b, name: "web")], ["run", "--config", config.path])
+            defer { relay.stop() }
+            let client = try connectWhenListening(a)
+            defer { client.close() }
+            #expect(relay.waitForExit(timeout: .seconds(10)) == 2)
+            #expect(relay.lines(containing: "sameport: ") == [
+                "sameport: cannot start: socket 4 \"web\" from systemd has no relay named \"web\" (relays: a, b): name a relay \"web\", or set FileDescriptorName= to a relay's name",
+            ], "\(relay.output)")
+        }
+        // A datagram socket.
+        do {
+            let config = try SharedConfig(relayConfig(listen: a, upstream: upstream.endpoint))
+            let relay = try startActivated([ActivationSocket(listen: a, name: "proxy")], ["run", "--config", config.path], datagram: true)
+            defer { relay.stop() }
+            // A datagram to the socket starts the service; sent until it does (the socket is
+            // bound a moment after the start).
+            let probe = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+            defer { Glibc.close(probe) }
+            var address = sockaddr_in(sin_family: sa_family_t(AF_INET), sin_port: a.port.bigEndian, sin_addr: in_addr(s_addr: UInt32(0x7f00_0001).bigEndian), sin_zero: (0, 0, 0, 0, 0, 0, 0, 0))
+            let status = (0..<100).lazy.compactMap { _ -> Int32? in
+                _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(probe, "x", 1, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+                return relay.waitForExit(timeout: .milliseconds(100))
+            }.first
+            #expect(status == 2)
+            #expect(relay.lines(containing: "sameport: ") == [
+                "sameport: cannot start: socket 3 \"proxy\" from systemd is not a listening TCP socket: give its .socket unit ListenStream=IP:PORT (not a path, ListenDatagram= or Accept=yes)",
+            ], "\(relay.output)")
+        }
+        // One relay with a socket, one that binds its own address.
+        do {
+            let config = try SharedConfig(relayConfig(name: "a", listen: a, upstream: upstream.endpoint) + relayConfig(name: "b", listen: own, upstream: upstream.endpoint))
+            let relay = try startActivated([ActivationSocket(listen: a, name: "a")], ["run", "--config", config.path])
+            defer { relay.stop() }
+            _ = try connectAndEcho(a, "socket\n").close()
+            try relay.waitForLines(containing: "listening on", count: 2)
+            #expect(relay.lines(containing: "no socket from systemd is named b: the relay binds \(own) itself").count == 1)
+            _ = try connectAndEcho(own, "own\n").close()
+            #expect(relay.stop() == 0)
+        }
+        // One unnamed socket and a relay from flags.
+        do {
+            let relay = try startActivated([ActivationSocket(listen: b, name: nil)], ["--listen", b.description, "--upstream", upstream.endpoint.description])
+            defer { relay.stop() }
+            _ = try connectAndEcho(b, "unnamed\n").close()
+            try relay.waitUntilListening()
+            #expect(relay.lines(containing: "relay main listening on \(b)").first?.contains("socket=systemd") == true)
+            #expect(upstream.peers.last == b)
+        }
+    }
+
+    @Test("Under journald (JOURNAL_STREAM names stderr) each line starts with its syslog priority; otherwise not")
+    func journalPriorities() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let listen = Endpoint(.loopbackV4, try freePort())
+        // The variable must name stderr itself: sh reads the pipe's device and inode, then execs.
+        let script = "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec \"$0\" \"$@\""
+        let relay = try RelayProcess(
+            ["-c", script, RelayProcess.binary, "--listen", listen.description, "--upstream", upstream.endpoint.description, "--deny", "127.0.0.5"],
+            executable: "/bin/sh")
+        defer { relay.stop() }
+        try relay.waitUntilListening()
+        #expect(relay.lines(containing: "listening on").first?.hasPrefix("<6>relay main listening on \(listen)") == true, "\(relay.output)")
+        let refused = try TestSocket.connect(to: listen, from: Endpoint(IPAddress("127.0.0.5") ?? .loopbackV4, 0))
+        _ = try? refused.waitForEnd(timeout: .seconds(5))
+        let line = try relay.waitForLines(containing: "end=refused").first ?? ""
+        #expect(line.hasPrefix("<5>connection ended relay=main client=127.0.0.5:"), "\(line)")
+
+        // A JOURNAL_STREAM that is not stderr (inherited by a child whose stderr was redirected).
+        let plain = try RelayProcess(
+            ["--listen", "127.0.0.1:\(try freePort())", "--upstream", upstream.endpoint.description],
+            environment: ProcessInfo.processInfo.environment.merging(["JOURNAL_STREAM": "1:1"]) { $1 })
+        defer { plain.stop() }
+        try plain.waitUntilListening()
+        #expect(plain.lines(containing: "listening on").first?.contains(" info relay main listening on") == true, "\(plain.output)")
+    }
+}
