@@ -34,7 +34,7 @@ binary=${1:-${SAMEPORT_BIN:-$repo/.build/debug/sameport}}
 skip() { echo "$self: SKIP: $*"; exit 77; }
 [ "$(id -u)" -eq 0 ] || skip "needs root (systemd-nspawn, mount, nsenter)"
 command -v systemd-nspawn >/dev/null || skip "systemd-nspawn is missing: apt-get install systemd-container (scripts/setup.sh installs it)"
-for tool in nsenter unshare mount umount mountpoint flock timeout pgrep ss; do
+for tool in nsenter unshare setpriv mount umount mountpoint flock timeout pgrep ss; do
     command -v "$tool" >/dev/null || skip "$tool is missing"
 done
 [ -x /usr/bin/python3 ] || skip "/usr/bin/python3 is missing (the container's upstream and clients)"
@@ -50,6 +50,14 @@ fi
 # One run at a time: nspawn's cgroups (payload/, supervisor/) have fixed names.
 exec 9<"$script"
 flock -w 300 9 || { echo "FAIL: another $self run held the lock for 300 s"; exit 1; }
+
+# What a run killed outright (SIGKILL: no trap) left in /tmp: the empty mount point (rmdir only:
+# it fails on anything still mounted or not empty) and the work directory (never holds a mount).
+for stale in /tmp/sameport-nspawn-root.*; do [ -d "$stale" ] && ! mountpoint -q "$stale" && rmdir "$stale" 2>/dev/null || true; done
+for stale in /tmp/sameport-nspawn-work.*; do
+    [ -d "$stale" ] && ! awk -v p="$stale" 'index($5, p) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo &&
+        rm -rf "$stale" || true
+done
 
 started=$(date +%s%N)
 checks=0
@@ -114,7 +122,7 @@ diagnostics() {
 }
 
 cleanup() {
-    local status=$? pid base
+    local status=$? pid dir
     set +e
     trap - EXIT INT TERM HUP
     if [ "$status" -ne 0 ] && [ -n "$leader" ] && kill -0 "$leader" 2>/dev/null; then
@@ -146,7 +154,11 @@ cleanup() {
     fi
     remove_cgroup_leftovers
     if [ -d /run/systemd/nspawn ]; then
-        rm -rf "/run/systemd/nspawn/propagate/$machine"
+        # Ours, and those of runs killed outright (we hold the lock: none is running). Empty
+        # directories: rmdir.
+        for dir in /run/systemd/nspawn/propagate/sameport-test-*; do
+            [ ! -d "$dir" ] || rmdir "$dir"
+        done
         rmdir /run/systemd/nspawn/propagate /run/systemd/nspawn/locks /run/systemd/nspawn 2>/dev/null
     fi
     [ -n "$workdir" ] && rm -rf "$workdir"
@@ -194,11 +206,21 @@ fi
 if [ -n "${systemd_mount:-}" ]; then
     cgroup_bases+=("$systemd_mount$(sed -n 's/^[0-9]*:name=systemd://p' /proc/self/cgroup)")
 fi
+cgroup_procs() { find "$1" -name cgroup.procs -exec cat {} + 2>/dev/null | tr '\n' ' '; }
 for base in "${cgroup_bases[@]}"; do
     for dir in "$base/payload" "$base/supervisor"; do
         [ -d "$dir" ] || continue
-        busy=$(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null | tr '\n' ' ')
-        [ -z "${busy// /}" ] || fail "no other container in this cgroup; $dir holds processes $busy"
+        # A container of a run killed outright (SIGKILL) outlives it: its PID 1 (PID 1 of its own
+        # namespace, booted into sameport-test.target) is ours to end, and takes the rest with it.
+        for pid in $(cgroup_procs "$dir"); do
+            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'systemd.unit=sameport-test.target' &&
+                grep -Eq '^NSpid:.*[[:space:]]1$' "/proc/$pid/status" 2>/dev/null; then
+                echo "$self: ending the container of a run that was killed (its PID 1 is host PID $pid)"
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
+        done
+        wait_for 10 eval '[ -z "$(cgroup_procs "$dir" | tr -d " ")" ]' ||
+            fail "no other container in this cgroup; $dir holds processes $(cgroup_procs "$dir")"
         echo "$self: removing a stale $dir"
     done
 done
@@ -241,14 +263,16 @@ install_config() { cp "$1" "$workdir/etc/.next.toml" && mv -f "$workdir/etc/.nex
 
 mount --bind / "$rootdir"
 boot_start=$(now_ns)
-systemd-nspawn --register=no --keep-unit --volatile=overlay --private-network \
+# --pdeathsig: should this script be killed outright (no trap), nspawn gets SIGKILL and takes the
+# container with it; the lock (fd 9) stays with the script. The next run removes the cgroups.
+setpriv --pdeathsig KILL -- systemd-nspawn --register=no --keep-unit --volatile=overlay --private-network \
     --machine="$machine" -D "$rootdir" --console=read-only \
     --bind-ro="$binary:/usr/local/bin/sameport" \
     --bind-ro="$workdir/units:/etc/systemd/system" \
     --bind-ro="$workdir/etc:/etc/sameport" \
     --bind-ro="$helper:/usr/local/lib/sameport-test/helper.py" \
     --boot systemd.unit=sameport-test.target systemd.log_color=0 \
-    </dev/null >"$log" 2>&1 &
+    </dev/null >"$log" 2>&1 9<&- &
 nspawn_pid=$!
 
 find_leader() {
@@ -339,7 +363,7 @@ session_start() {  # PORT
     : >"$workdir/session.out"
     exec 8<>"$workdir/session.cmd"
     inside_timeout=180 innet /usr/bin/python3 "$helper" session --connect "127.0.0.1:$1" \
-        --commands "$workdir/session.cmd" --results "$workdir/session.out" --timeout 15 &
+        --commands "$workdir/session.cmd" --results "$workdir/session.out" --timeout 15 9<&- &
     session_pid=$!
     helpers+=("$session_pid")
     session_lines=0
