@@ -162,6 +162,9 @@ cleanup() {
         rmdir /run/systemd/nspawn/propagate /run/systemd/nspawn/locks /run/systemd/nspawn 2>/dev/null
     fi
     [ -n "$workdir" ] && rm -rf "$workdir"
+    if [ -z "$failure" ] && [ "$status" -ne 0 ] && [ "$status" -ne 77 ]; then
+        failure="FAIL: every command to succeed; one in a function failed (exit $status), see above"
+    fi
     if [ -n "$failure" ]; then
         echo "$failure"  # again, as the last line
     fi
@@ -263,8 +266,9 @@ install_config() { cp "$1" "$workdir/etc/.next.toml" && mv -f "$workdir/etc/.nex
 
 mount --bind / "$rootdir"
 boot_start=$(now_ns)
-# --pdeathsig: should this script be killed outright (no trap), nspawn gets SIGKILL and takes the
-# container with it; the lock (fd 9) stays with the script. The next run removes the cgroups.
+# --pdeathsig: should this script be killed outright (no trap), nspawn gets SIGKILL too. The
+# container's systemd outlives it; the next run ends it and removes the cgroups (see above).
+# The lock (fd 9) stays with the script.
 setpriv --pdeathsig KILL -- systemd-nspawn --register=no --keep-unit --volatile=overlay --private-network \
     --machine="$machine" -D "$rootdir" --console=read-only \
     --bind-ro="$binary:/usr/local/bin/sameport" \
