@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libsystemd-dev socat iproute2 util-linux procps)
+# systemd-container: systemd-nspawn, for scripts/systemd-container-test.sh (SystemdContainerTests).
+# python3: that test's upstream and clients (and scripts/bench.py).
+packages=(libsystemd-dev socat iproute2 util-linux procps systemd-container python3)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
