@@ -22,6 +22,8 @@ struct CheckCommand: ParsableCommand {
               on_busy = "queue"           queue, reject or ephemeral
               connect_timeout = "5s"      durations: 250ms, 5s, 10m, 1h
               idle_timeout = "0"          0: never
+              drain_timeout = "30s"       on SIGTERM (or removed by a reload): open connections may
+                                          finish for this long, then are cut; 0: cut at once
               max_connections = 1024
               queue_limit = 128
               buffer_size = 131072        bytes per direction, 4096 to 16777216

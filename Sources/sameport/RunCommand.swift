@@ -41,6 +41,18 @@ struct RunCommand: ParsableCommand {
             client in a deny block, or in no allow block when any is given, is reset at once and \
             logged with end=refused. Deny wins.
 
+            SIGNALS
+              SIGTERM   stop accepting; open connections drain (--drain-timeout)
+              SIGINT    stop now, cutting open connections (so does a 2nd SIGTERM)
+              SIGHUP    re-read --config FILE, keeping open connections
+
+            UNDER SYSTEMD
+              Sockets passed by systemd (LISTEN_FDS) go to the relay of the same name \
+            (FileDescriptorName=); one socket with one relay is matched directly. sameport switches \
+            SO_REUSEPORT on if needed, takes a root-owned socket over with CAP_CHOWN (then drops \
+            it), and sends READY=1, STATUS=, WATCHDOG=1, RELOADING=1 and STOPPING=1 (Type=notify). \
+            See packaging/systemd/.
+
             Durations are written 250ms, 5s, 10m or 1h. A port below 1024 needs root or \
             CAP_NET_BIND_SERVICE, for the egress sockets as well as the listener.
 

@@ -97,7 +97,7 @@ struct SamePortCommand: ParsableCommand {
             what happens when every upstream is taken.
 
             EXIT STATUS
-              0  stopped cleanly (SIGTERM or SIGINT)
+              0  stopped cleanly (SIGTERM, after draining, or SIGINT)
               1  runtime failure after start-up
               2  usage or configuration error, or a start-up refusal (address in use, permission denied)
             """,

@@ -28,6 +28,7 @@ struct ConfigurationReadingTests {
             [defaults]
             connect_timeout = "2s"
             idle_timeout = "10m"
+            drain_timeout = "2m"
             on_busy = "reject"
             max_connections = 50
             queue_limit = 7
@@ -46,6 +47,7 @@ struct ConfigurationReadingTests {
             egress = "ephemeral"
             on_busy = "queue"
             idle_timeout = "0"
+            drain_timeout = "0"
             allow = ["::1"]
             deny = ["fd00::/8"]
 
@@ -64,6 +66,9 @@ struct ConfigurationReadingTests {
         #expect(one.onBusy == .reject)
         #expect(one.connectTimeout == .seconds(2))
         #expect(one.idleTimeout == .seconds(600))
+        #expect(one.drainTimeout == .seconds(120))
+        #expect(two.drainTimeout == .zero)
+        #expect(specs[2].drainTimeout == .seconds(120))
         #expect(one.maxConnections == 50)
         #expect(one.queueLimit == 7)
         #expect(one.bufferSize == 65536)
@@ -155,8 +160,8 @@ struct ConfigurationProblemTests {
             upstream = "127.0.0.1:9000"
             queue_limit = -5
             """) == [
-            "f.toml:3:1: unknown key 'when' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
-            "f.toml:7:1: unknown key 'extra' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
+            "f.toml:3:1: unknown key 'when' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
+            "f.toml:7:1: unknown key 'extra' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
             "f.toml:14:15: the queue limit must be from 0 to 1000000, not -5",
         ])
     }
@@ -184,7 +189,7 @@ struct ConfigurationProblemTests {
             "f.toml:4:19: 'max_connections' must be an integer, not a string: write max_connections = 1024, without quotes",
             "f.toml:5:1: unknown key 'timeout_connect' in [[relay]]; did you mean 'connect_timeout'?",
             "f.toml:6:1: unknown key 'lissten' in [[relay]]; did you mean 'listen'?",
-            "f.toml:7:1: unknown key 'dest' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
+            "f.toml:7:1: unknown key 'dest' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
             "f.toml:12:12: no upstream has an IPv6 address to dial from ::1; give an IPv6 upstream, or listen on an address of the upstreams' family",
         ])
     }
@@ -205,7 +210,7 @@ struct ConfigurationProblemTests {
             """) == [
             "f.toml:2:1: unknown key 'conect_timeout' in [defaults]; did you mean 'connect_timeout'?",
             "f.toml:7:3: unknown key 'idle-timeout' in [[relay]]; did you mean 'idle_timeout'?",
-            "f.toml:8:1: unknown key 'colour' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
+            "f.toml:8:1: unknown key 'colour' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size",
             "f.toml:10:1: unknown table [relays] at the top level; did you mean [[relay]]?",
         ])
         #expect(problems("listen = \"127.0.0.1:7000\"\n[[relay]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:1\"\n")
@@ -238,6 +243,12 @@ struct ConfigurationProblemTests {
 
     @Test("Bad addresses, CIDRs, policies and durations, each at its value")
     func badValues() {
+        #expect(problems("""
+            [[relay]]
+            listen = "127.0.0.1:7000"
+            upstream = "127.0.0.1:9000"
+            drain_timeout = 30
+            """) == ["f.toml:4:17: 'drain_timeout' must be a duration string such as \"5s\" or \"250ms\", not an integer"])
         #expect(problems("""
             [[relay]]
             listen = "relay.example:7000"

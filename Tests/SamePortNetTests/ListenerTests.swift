@@ -13,7 +13,7 @@ struct ListenerTests {
         let queue = DispatchQueue(label: "test")
         let first = try Listener.open(Endpoint(.loopbackV4, try freePort()), dualStack: false, queue: queue)
         defer { queue.sync { first.close() } }
-        #expect(throws: StartupError("cannot listen on \(first.endpoint): Address already in use: another process is listening on port \(first.endpoint.port); stop it or choose another listen port")) {
+        #expect(throws: StartupError("cannot listen on \(first.endpoint): Address already in use: another process is listening on port \(first.endpoint.port); stop it or choose another listen port", errno: .addressInUse)) {
             _ = try Listener.open(first.endpoint, dualStack: false, queue: queue)
         }
         // The egress of the relay can still bind beside it: SO_REUSEPORT is on.
