@@ -203,6 +203,12 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         var added: [Relay] = []
         var failures: [String] = []
         var next: [Relay] = []
+        // A socket from systemd stays open in PID 1 whatever sameport does: a relay that gave it
+        // up would leave clients queued on a socket nobody accepts from.
+        let names = Set(specs.map(\.name))
+        for relay in relays where relay.isInherited && !names.contains(relay.name) {
+            failures.append("relay \(relay.name) takes its socket from systemd, so a reload cannot remove or rename it: keep the relay, or change the .socket unit and restart the service")
+        }
         for spec in specs {
             let upstreams: [[Endpoint]]
             do {

@@ -220,6 +220,13 @@ struct SystemdTests {
         }
         _ = try connectAndEcho(listen, "still here\n").close()
 
+        // The relay with systemd's socket cannot be renamed away by a reload.
+        try config.write(relayConfig(name: "renamed", listen: listen, upstream: second.endpoint)
+            + relayConfig(name: "extra", listen: extraListen, upstream: second.endpoint))
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: relay proxy takes its socket from systemd, so a reload cannot remove or rename it: keep the relay, or change the .socket unit and restart the service")
+        #expect(relay.lines(containing: "relay renamed listening").isEmpty)
+
         // Remove the added relay while a client of it is connected: it stops accepting, and its
         // connection finishes.
         try config.write(relayConfig(listen: listen, upstream: second.endpoint))
