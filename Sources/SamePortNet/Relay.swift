@@ -133,8 +133,13 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     private func prepareInherited(_ listener: Listener, _ inherited: InheritedSocket) throws(StartupError) {
         let socket = listener.listeningSocket
         let endpoint = listener.endpoint
-        if let configured = spec.listen.endpoint, configured.unmapped != endpoint.unmapped
-            || (spec.listen.host == .any && (!endpoint.address.isUnspecified || endpoint.port != spec.listen.port)) {
+        let differs: Bool
+        if let configured = spec.listen.endpoint {
+            differs = configured.unmapped != endpoint.unmapped
+        } else {
+            differs = spec.listen.host == .any && (!endpoint.address.isUnspecified || endpoint.port != spec.listen.port)
+        }
+        if differs {
             logger.warning("listen is \(spec.listen) in the configuration, but \(inherited.label) from systemd is bound to \(endpoint): serving \(endpoint); make listen and ListenStream= agree", metadata: ["relay": .string(name)])
         }
         if (try? socket.option(level: SOL_SOCKET, name: SO_REUSEPORT)) == 0 {
@@ -199,8 +204,8 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     /// Binds an egress socket the way connections will, then closes it: a refusal here (another
     /// user owns the listener, SO_REUSEPORT off, a foreign egress IP) is a start-up error, not a
     /// failure on every client later.
-    private func probeEgress(_ listenEndpoint: Endpoint) throws(StartupError) {
-        let binding = EgressBinding(mode: spec.egress, local: listenEndpoint)
+    private func probeEgress(_ listenEndpoint: Endpoint, spec: RelaySpec? = nil) throws(StartupError) {
+        let binding = EgressBinding(mode: (spec ?? self.spec).egress, local: listenEndpoint)
         do {
             try binding.makeSocket().close()
         } catch {
@@ -211,13 +216,21 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
 
     /// Refuses a relay whose egress can only be IPv4 (or IPv6) while no upstream has an address of
     /// that family: every client would fail. A wildcard listener can take either family.
-    private func checkFamilies(_ listenEndpoint: Endpoint) throws(StartupError) {
-        let egressAddress = EgressBinding(mode: spec.egress, local: listenEndpoint).address
+    private func checkFamilies(_ listenEndpoint: Endpoint, spec: RelaySpec? = nil, upstreams: [[Endpoint]]? = nil) throws(StartupError) {
+        let egressAddress = EgressBinding(mode: (spec ?? self.spec).egress, local: listenEndpoint).address
         guard !egressAddress.isUnspecified else { return }
         let family = egressAddress.familyName
-        guard selector.upstreams.contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
+        guard (upstreams ?? selector.upstreams).contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
             throw StartupError("no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
         }
+    }
+
+    /// The start-up checks of `open()` for a spec a reload would apply to this running relay: its
+    /// egress binds beside the listener, and some upstream has an address of its family.
+    public func check(spec newSpec: RelaySpec, upstreams: [[Endpoint]]) throws(StartupError) {
+        guard let listenEndpoint else { return }
+        try probeEgress(listenEndpoint, spec: newSpec)
+        try checkFamilies(listenEndpoint, spec: newSpec, upstreams: upstreams.map { $0.map(\.unmapped) })
     }
 
     /// Stops accepting, closes waiting clients, ends every connection, then calls `completion`.

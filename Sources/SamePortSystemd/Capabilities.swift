@@ -25,12 +25,6 @@ public enum Capabilities {
         }
     }
 
-    /// True when `capability` is permitted, and so can be made effective.
-    public static func isPermitted(_ capability: Capability) -> Bool {
-        var caps = sameport_capabilities()
-        return sameport_capget(&caps) == 0 && caps.permitted & capability.bit != 0
-    }
-
     /// Makes a permitted capability effective (a non-root process with ambient capabilities has
     /// them effective already; this covers one started with them permitted only). True if it is.
     @discardableResult

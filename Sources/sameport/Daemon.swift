@@ -25,14 +25,7 @@ struct Daemon {
         ProcessLimits.ignoreSIGPIPE()
         ProcessLimits.raiseOpenFileLimit()
 
-        let opened: [(relay: Relay, upstreams: [[Endpoint]])]
-        do {
-            opened = try open(logger: logger)
-        } catch {
-            // systemd records the errno and shows the status in `systemctl status`.
-            notifier.failed(errno: error.errno ?? EINVAL, status: error.messages.first ?? "start-up failed")
-            throw error
-        }
+        let opened = try open(logger: logger)
         // CAP_CHOWN was only for taking over passed sockets: give it up before Dispatch starts
         // threads (capabilities belong to each thread).
         Self.dropStartupCapabilities(logger: logger)
@@ -60,15 +53,15 @@ struct Daemon {
         let assignment = SocketAssignment(passed: passed, relays: relays.map(\.name))
         var failures: [(message: String, isTemporary: Bool, errno: Int32?)] = assignment.problems.map { ("cannot start: \($0)", false, EINVAL) }
         for socket in passed where !socket.isListeningStream {
-            failures.append(("cannot start: \(socket.label) from systemd is not a listening TCP socket: give its .socket unit ListenStream=IP:PORT (not a path, ListenDatagram= or Accept=yes)", false, ENOTSOCK))
+            failures.append(("cannot start: \(socket.label) from systemd is not a listening TCP socket: give its .socket unit ListenStream=IP:PORT (not a path, ListenDatagram= or Accept=yes)", false, EINVAL))
+        }
+        guard failures.isEmpty else {
+            throw StartFailure(messages: failures.map(\.message), exitCode: 2, errno: failures.first?.errno)
         }
         if !passed.isEmpty {
             for spec in relays where assignment.sockets[spec.name] == nil {
                 logger.notice("no socket from systemd is named \(spec.name): the relay binds \(spec.listen) itself", metadata: ["relay": .string(spec.name)])
             }
-        }
-        guard failures.isEmpty else {
-            throw StartFailure(messages: failures.map(\.message), exitCode: 2, errno: failures.first?.errno)
         }
         // Every relay is tried, so that one run lists every failure; then all start, or none.
         let label: (RelaySpec) -> String = { configPath == nil ? "" : "relay \($0.name): " }
@@ -112,6 +105,10 @@ struct Daemon {
     private static func dropStartupCapabilities(logger: Logger) {
         let report = Capabilities.drop(.chown, alsoSetpcap: true)
         guard report.held else { return }
+        // Capabilities belong to each thread: any thread started before this point keeps them.
+        if let threads = Capabilities.threadCount(), threads > 1 {
+            logger.warning("dropped CAP_CHOWN on the main thread, but \(threads - 1) other thread\(threads == 2 ? "" : "s") started earlier may keep it")
+        }
         if let problem = report.problem {
             logger.warning("could not drop CAP_CHOWN: \(problem)")
         } else if report.droppedFromBoundingSet {

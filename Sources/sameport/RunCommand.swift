@@ -1,4 +1,6 @@
 import ArgumentParser
+import Glibc
+import SamePortSystemd
 import SamePortCore
 
 /// `sameport run`: every relay of a configuration file, or one relay from command-line flags.
@@ -192,15 +194,24 @@ struct RunCommand: ParsableCommand {
     /// Validation happens here rather than in `validate()`, so that ArgumentParser reports an
     /// unknown option before a missing one.
     func run() throws {
-        let log = try logSettings()
-        if let config {
-            let given = relayFlagsGiven
-            guard given.isEmpty else {
-                throw ValidationError("--config cannot be mixed with \(given.joined(separator: ", ")): put the relay's settings in \(config), or drop --config")
+        do {
+            let log = try logSettings()
+            if let config {
+                let given = relayFlagsGiven
+                guard given.isEmpty else {
+                    throw ValidationError("--config cannot be mixed with \(given.joined(separator: ", ")): put the relay's settings in \(config), or drop --config")
+                }
+                try Daemon(relays: try ConfigFile.load(config), configPath: config, log: log).run()
             }
-            try Daemon(relays: try ConfigFile.load(config), configPath: config, log: log).run()
+            try Daemon(relays: [try relaySpec()], configPath: nil, log: log).run()
+        } catch let failure as StartFailure {
+            // Under systemd: the errno it records for the unit, and the cause in `systemctl status`.
+            Notifier().failed(errno: failure.errno ?? EINVAL, status: failure.details.first ?? failure.messages.first ?? "start-up failed")
+            throw failure
+        } catch let error as ValidationError {
+            Notifier().failed(errno: EINVAL, status: "usage error: \(error.message)")
+            throw error
         }
-        try Daemon(relays: [try relaySpec()], configPath: nil, log: log).run()
     }
 }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import SamePortSystemd
 
 /// The process entry: parses the command line and maps every failure to its exit code.
 ///
@@ -49,9 +50,10 @@ enum SamePortMain {
         printLine("sameport: \(message)")
     }
 
-    /// One line to stderr, in one write(2).
+    /// One line to stderr, in one write(2); under journald with the error priority (`<3>`), so
+    /// that `journalctl -p err` shows why the service did not start.
     static func printLine(_ text: String) {
-        var line = text + "\n"
+        var line = (Journal.isStderrJournal ? "<3>" : "") + text + "\n"
         line.withUTF8 { buffer in
             _ = write(2, buffer.baseAddress, buffer.count)
         }

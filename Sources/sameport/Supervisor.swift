@@ -21,6 +21,11 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var sources: [DispatchSourceProtocol] = []
     private var isStopping = false
     private var isCutting = false
+    private var isReloading = false
+    /// A SIGHUP came during a reload: reload once more when it is done.
+    private var reloadAgain = false
+    /// Clients served by relays that have retired, so that the total never goes down.
+    private var servedByRetired = 0
     /// Said in front of the counts until the next good reload: why the last one failed.
     private var statusNote: String?
     private var lastStatus = ""
@@ -78,7 +83,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     // MARK: Status and watchdog
 
     private func statusText() -> String {
-        var open = 0, queued = 0, served = 0, draining = 0
+        var open = 0, queued = 0, served = servedByRetired, draining = 0
         for relay in relays {
             let counts = relay.counts()
             open += counts.open
@@ -144,7 +149,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         } else {
             logger.info("stopping on \(signal): draining \(open) open connection\(open == 1 ? "" : "s") for up to \(longest.shortDescription) (SIGINT or a second SIGTERM cuts them)")
         }
-        notifier.stopping(status: statusText())
+        lastStatus = statusText()
+        notifier.stopping(status: lastStatus)
         let group = DispatchGroup()
         for relay in all {
             group.enter()
@@ -167,64 +173,120 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
 
     // MARK: Reload
 
+    /// A new configuration, read and resolved off the main queue.
+    private typealias Prepared = [(spec: RelaySpec, upstreams: [[Endpoint]])]
+
     /// SIGHUP: re-reads the configuration file and applies it without dropping open connections;
     /// a bad file leaves the running configuration as it is.
     private func reload() {
-        guard !isStopping else { return }
-        notifier.reloading()
-        defer {
-            lastStatus = statusText()
-            notifier.ready(status: lastStatus)
+        guard !isStopping else {
+            logger.notice("SIGHUP while stopping: not reloading")
+            return
         }
+        guard !isReloading else {
+            reloadAgain = true
+            logger.notice("SIGHUP during a reload: reloading again once it is done")
+            return
+        }
+        notifier.reloading()
         guard let configPath, configPath != "-" else {
             logger.notice("SIGHUP: nothing to reload: the relay was \(configPath == nil ? "configured on the command line" : "read from standard input"); still serving")
+            finishReload()
             return
         }
         logger.notice("SIGHUP: reloading \(configPath)")
-        do {
-            let summary = try apply(try ConfigFile.load(configPath))
-            statusNote = nil
-            logger.notice("reloaded \(configPath): \(summary)")
-        } catch {
-            for line in error.details + error.messages {
-                logger.error("reload failed, still running the previous configuration: \(line)")
+        isReloading = true
+        // Reading the file and resolving host names can block for seconds: not on the main queue,
+        // where signals, the status line and the watchdog are served.
+        DispatchQueue.global().async { [self] in
+            let prepared = Self.prepared(configPath)
+            DispatchQueue.main.async { [self] in
+                isReloading = false
+                guard !isStopping else { return }
+                do throws(StartFailure) {
+                    let summary = try apply(try prepared.get())
+                    statusNote = nil
+                    logger.notice("reloaded \(configPath): \(summary)")
+                } catch {
+                    for line in error.details + error.messages {
+                        logger.error("reload failed, still running the previous configuration: \(line)")
+                    }
+                    let first = error.details.first ?? error.messages.first ?? "unknown error"
+                    let more = error.details.count + error.messages.count - 1
+                    statusNote = "reload failed (\(first)\(more > 0 ? "; \(more) more in the log" : "")), running the previous configuration"
+                }
+                finishReload()
+                if reloadAgain {
+                    reloadAgain = false
+                    reload()
+                }
             }
-            let first = error.details.first ?? error.messages.first ?? "unknown error"
-            let more = error.details.count + error.messages.count - 1
-            statusNote = "reload failed (\(first)\(more > 0 ? "; \(more) more in the log" : "")), running the previous configuration"
         }
     }
 
-    /// Opens the relays the new specs add, then (all or nothing) starts them, applies changed
-    /// settings to kept relays, and retires the removed ones. Returns what changed, for the log.
-    private func apply(_ specs: [RelaySpec]) throws(StartFailure) -> String {
-        let current = Dictionary(relays.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
-        var kept: [(relay: Relay, spec: RelaySpec, upstreams: [[Endpoint]])] = []
-        var added: [Relay] = []
+    private func finishReload() {
+        lastStatus = statusText()
+        notifier.ready(status: lastStatus)
+    }
+
+    private static func prepared(_ path: String) -> Result<Prepared, StartFailure> {
+        do {
+            return .success(try prepare(path))
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    /// The file's relays with their upstreams resolved; every failure listed.
+    private static func prepare(_ path: String) throws(StartFailure) -> Prepared {
+        var prepared: Prepared = []
         var failures: [String] = []
-        var next: [Relay] = []
+        for spec in try ConfigFile.load(path) {
+            do {
+                prepared.append((spec, try Daemon.resolve(spec)))
+            } catch {
+                failures.append("relay \(spec.name): \(error.message)")
+            }
+        }
+        guard failures.isEmpty else { throw StartFailure(messages: failures, exitCode: 2) }
+        return prepared
+    }
+
+    /// Opens the relays the new specs add and checks the settings of the kept ones, then (all or
+    /// nothing) starts the new, applies the changed and retires the removed. Returns what changed.
+    private func apply(_ prepared: Prepared) throws(StartFailure) -> String {
+        let current = Dictionary(relays.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        var failures: [String] = []
         // A socket from systemd stays open in PID 1 whatever sameport does: a relay that gave it
         // up would leave clients queued on a socket nobody accepts from.
-        let names = Set(specs.map(\.name))
+        let names = Set(prepared.map(\.spec.name))
         for relay in relays where relay.isInherited && !names.contains(relay.name) {
             failures.append("relay \(relay.name) takes its socket from systemd, so a reload cannot remove or rename it: keep the relay, or change the .socket unit and restart the service")
         }
-        for spec in specs {
-            let upstreams: [[Endpoint]]
-            do {
-                upstreams = try Daemon.resolve(spec)
-            } catch {
-                failures.append("relay \(spec.name): \(error.message)")
-                continue
-            }
-            if let relay = current[spec.name], relay.isInherited || relay.spec.listen == spec.listen {
-                kept.append((relay, spec, upstreams))
-                next.append(relay)
+        // A relay is kept when its name stays and its listener can: same address, or systemd's.
+        func keeps(_ relay: Relay, _ spec: RelaySpec) -> Bool {
+            relay.isInherited || relay.spec.listen == spec.listen
+        }
+        let keptIDs = Set(prepared.compactMap { item in current[item.spec.name].flatMap { keeps($0, item.spec) ? ObjectIdentifier($0) : nil } })
+        let leaving = relays.filter { !keptIDs.contains(ObjectIdentifier($0)) } + retiring.values
+        var kept: [(relay: Relay, spec: RelaySpec, upstreams: [[Endpoint]])] = []
+        var added: [Relay] = []
+        var next: [Relay] = []
+        for (spec, upstreams) in prepared {
+            if let relay = current[spec.name], keeps(relay, spec) {
+                do {
+                    try relay.check(spec: spec, upstreams: upstreams)
+                    kept.append((relay, spec, upstreams))
+                    next.append(relay)
+                } catch {
+                    failures.append("relay \(spec.name): \(error.message)")
+                }
                 continue
             }
             let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
-            // A relay moving onto a port one of ours holds binds beside it until that one retires.
-            let shared = (relays + retiring.values).contains { $0.listenEndpoint?.port == spec.listen.port }
+            // Only a relay of ours that is going away may hold the new address: the new listener
+            // binds beside it (SO_REUSEPORT) until it closes. Anyone else's is refused as at start.
+            let shared = leaving.contains { $0.listenEndpoint.map { Self.overlaps($0, spec.listen) } ?? false }
             do {
                 try relay.open(sharedWithOwnRelay: shared)
                 upstreamLists[ObjectIdentifier(relay)] = upstreams
@@ -250,14 +312,22 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             upstreamLists[ObjectIdentifier(relay)] = upstreams
             changed.append(spec.name)
         }
-        let keptIDs = Set(next.map(ObjectIdentifier.init))
-        let removed = relays.filter { !keptIDs.contains(ObjectIdentifier($0)) }
+        let nextIDs = Set(next.map(ObjectIdentifier.init))
+        let removed = relays.filter { !nextIDs.contains(ObjectIdentifier($0)) }
         for relay in removed { retire(relay) }
         relays = next
         for relay in added { start(relay) }
         let unchanged = kept.count - changed.count
         func list(_ names: [String]) -> String { names.isEmpty ? "none" : names.joined(separator: ", ") }
         return "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name))); removed: \(list(removed.map(\.name))); changed: \(list(changed)); unchanged: \(unchanged)"
+    }
+
+    /// True when a listener bound to `bound` and one asked for `listen` would take the same
+    /// clients: the same port, and the same address or a wildcard on either side.
+    private static func overlaps(_ bound: Endpoint, _ listen: HostPort) -> Bool {
+        guard bound.port == listen.port else { return false }
+        guard case .ip(let address) = listen.host else { return true }  // `*`
+        return bound.address.isUnspecified || bound.address.unmapped == address.unmapped
     }
 
     /// Stops a relay a reload removed: no new clients; its open connections finish (up to its
@@ -271,7 +341,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             DispatchQueue.main.async { [self] in
                 retiring[id] = nil
                 upstreamLists[id] = nil
-                logger.info("relay \(relay.name) retired: its connections have ended", metadata: ["relay": .string(relay.name)])
+                servedByRetired += relay.counts().served
+                logger.info("relay \(relay.name) retired: it has no connection left", metadata: ["relay": .string(relay.name)])
             }
         }
     }

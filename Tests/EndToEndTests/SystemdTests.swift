@@ -236,11 +236,41 @@ struct SystemdTests {
         #expect(String(decoding: try added.receive(exactly: 9, timeout: .seconds(5)).bytes, as: UTF8.self) == "draining\n")
         #expect(throws: (any Error).self) { try TestSocket.connect(to: extraListen, timeout: .seconds(2)) }
         added.close()
-        try relay.waitForLines(containing: "relay extra retired")
+        try relay.waitForLines(containing: "relay extra retired: it has no connection left")
         // The status no longer names the failure once a reload succeeded.
         try notify.waitFor("READY after the good reload") { $0["READY"] == "1" && ($0["STATUS"] ?? "").hasPrefix("1 relay, ") }
         kept.close()
         #expect(relay.stop() == 0)
+    }
+
+    @Test("A reload is refused, changing nothing, when a kept relay's new egress cannot bind, or when a new relay's address is another process's (even another sameport's, with SO_REUSEPORT)")
+    func reloadRefusals() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        let blocker = try TestServer(handler: TestServer.hold)  // a listener without SO_REUSEPORT
+        defer { upstream.stop(); blocker.stop() }
+        let port = try freePort()
+        let listen = Endpoint(.loopbackV4, port)
+        let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint))
+        let relay = try RelayProcess(["run", "--config", config.path])
+        defer { relay.stop() }
+        try relay.waitUntilListening()
+        // Another sameport on 127.0.0.2 and the same port.
+        let other = Endpoint(IPAddress("127.0.0.2") ?? .loopbackV4, port)
+        let neighbour = try RelayProcess(["--listen", other.description, "--upstream", upstream.endpoint.description])
+        defer { neighbour.stop() }
+        try neighbour.waitUntilListening()
+
+        try config.write(relayConfig(listen: listen, upstream: upstream.endpoint, extra: "egress = \"\(blocker.endpoint)\""))
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: relay proxy: the egress cannot bind \(blocker.endpoint): Address already in use")
+
+        try config.write(relayConfig(listen: listen, upstream: upstream.endpoint) + relayConfig(name: "second", listen: other, upstream: upstream.endpoint))
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: relay second: cannot start: cannot listen on \(other): Address already in use")
+        #expect(relay.lines(containing: "reloaded").isEmpty)
+        // Still the old settings: dialled from the listening port.
+        _ = try connectAndEcho(listen, "unchanged\n").close()
+        #expect(upstream.peers.last == listen)
     }
 
     @Test("SIGTERM: STOPPING=1, no new clients, an open transfer drains to completion, exit 0")
@@ -429,6 +459,20 @@ struct SystemdTests {
         _ = try? refused.waitForEnd(timeout: .seconds(5))
         let line = try relay.waitForLines(containing: "end=refused").first ?? ""
         #expect(line.hasPrefix("<5>connection ended relay=main client=127.0.0.5:"), "\(line)")
+
+        // A start-up failure: its lines at the error priority, and ERRNO=/STATUS= for systemd.
+        let notify = try NotifyListener()
+        defer { notify.close() }
+        let config = try SharedConfig("[[relay]]\nlisten = \"127.0.0.1:1\"\n")
+        let failed = try RelayProcess(["-c", "NOTIFY_SOCKET=\(notify.path) " + script, RelayProcess.binary, "run", "--config", config.path], executable: "/bin/sh")
+        #expect(failed.waitForExit(timeout: .seconds(10)) == 2)
+        #expect(failed.output.split(separator: "\n").map(String.init) == [
+            "<3>\(config.path):1:1: relay #1 has no upstream: add upstream = \"HOST:PORT\" (or a list of them)",
+            "<3>sameport: configuration error: 1 problem in \(config.path); fix it and run 'sameport check --config \(config.path)'",
+        ])
+        let status = try notify.waitFor("ERRNO=") { $0["ERRNO"] != nil }
+        #expect(status["ERRNO"] == "\(EINVAL)")
+        #expect(status["STATUS"] == "\(config.path):1:1: relay #1 has no upstream: add upstream = \"HOST:PORT\" (or a list of them)")
 
         // A JOURNAL_STREAM that is not stderr (inherited by a child whose stderr was redirected).
         let plain = try RelayProcess(
