@@ -72,4 +72,3 @@ int sameport_cap_ambient_lower(int cap) { return prctl(PR_CAP_AMBIENT, PR_CAP_AM
 
 const int sameport_cap_chown = CAP_CHOWN;
 const int sameport_cap_setpcap = CAP_SETPCAP;
-const int sameport_cap_net_bind_service = CAP_NET_BIND_SERVICE;

@@ -43,6 +43,14 @@ public struct HostPort: Hashable, Sendable, CustomStringConvertible {
         return nil
     }
 
+    /// True when a listener asked for this address and one bound to `bound` would take the same
+    /// clients: the same port, and the same address or a wildcard on either side.
+    public func overlaps(_ bound: Endpoint) -> Bool {
+        guard bound.port == port else { return false }
+        guard case .ip(let address) = host else { return true }  // `*` (a name never listens)
+        return bound.address.isUnspecified || bound.address.unmapped == address.unmapped
+    }
+
     public var description: String {
         switch host {
         case .any: return "*:\(port)"

@@ -17,8 +17,11 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     public private(set) var listenEndpoint: Endpoint?
     /// True when the listener is a socket systemd passed (socket activation).
     public private(set) var isInherited = false
-    /// Called on `queue` if the listener fails for good; the process should stop with exit 1.
-    public var onFatalError: (@Sendable (String) -> Void)?
+    /// The socket from systemd belonged to another user and was made this process's (CAP_CHOWN).
+    public private(set) var tookOverSocket = false
+    /// Called on `queue` with a message and its errno if the listener fails for good; the process
+    /// should stop with exit 1.
+    public var onFatalError: (@Sendable (String, Int32) -> Void)?
 
     private let queue: DispatchQueue
     private let workQueue: DispatchQueue
@@ -150,31 +153,29 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             }
             logger.warning("\(inherited.label) from systemd had SO_REUSEPORT off, which the egress needs to bind \(endpoint): switched it on; set ReusePort=yes in the .socket unit", metadata: ["relay": .string(name)])
         }
-        let binding = EgressBinding(mode: spec.egress, local: endpoint)
-        do {
-            try binding.makeSocket().close()
-            return
-        } catch where error.errno == .addressInUse {
-            // The kernel shares a port only between sockets of one owner (the uid that created
-            // them): PID 1 (root) created this one.
-            guard let owner = socket.owner(), owner.uid != geteuid() else {
-                throw StartupError("the egress cannot bind \(binding): \(error.errno): \(EgressBinding.hint(for: error.errno) ?? "check --egress")", errno: error.errno)
-            }
-            let cause = "\(inherited.label) from systemd belongs to uid \(owner.uid), sameport runs as uid \(geteuid()), and the kernel shares a port (SO_REUSEPORT) only between sockets of one owner"
-            let cures = "run sameport as uid \(owner.uid), or grant it CAP_CHOWN (AmbientCapabilities=CAP_CHOWN) to take the socket over"
-            guard inherited.mayChangeOwner() else {
-                throw StartupError("the egress cannot bind \(binding): \(cause): \(cures)", errno: .addressInUse)
-            }
+        // The kernel shares a port only between sockets of one owner (the uid that created them),
+        // and PID 1 (root) created this one. Take it over whenever CAP_CHOWN allows, whatever the
+        // egress is now, so that a reload may switch the egress to the same port later.
+        let owner = socket.owner()
+        var takeOverFailure: SystemError?
+        if let owner, owner.uid != geteuid(), inherited.mayChangeOwner() {
             do {
                 try socket.changeOwner(uid: geteuid(), gid: getegid())
-                try binding.makeSocket().close()
+                tookOverSocket = true
+                logger.notice("took over \(inherited.label) from uid \(owner.uid) (CAP_CHOWN), so that the egress can bind \(endpoint)", metadata: ["relay": .string(name)])
             } catch {
-                throw StartupError("the egress cannot bind \(binding): \(cause), and taking it over failed (\(error)): \(cures)", errno: .addressInUse)
+                takeOverFailure = error
             }
-            logger.notice("took over \(inherited.label) from uid \(owner.uid) (CAP_CHOWN), so that the egress can bind \(binding)", metadata: ["relay": .string(name)])
-        } catch {
-            let hint = EgressBinding.hint(for: error.errno) ?? "check --egress"
-            throw StartupError("the egress cannot bind \(binding): \(error.errno): \(hint)", errno: error.errno)
+        }
+        do {
+            try probeEgress(endpoint)
+        } catch where error.errno == EADDRINUSE {
+            guard let owner, owner.uid != geteuid() else { throw error }
+            let binding = EgressBinding(mode: spec.egress, local: endpoint)
+            let cause = "\(inherited.label) from systemd belongs to uid \(owner.uid), sameport runs as uid \(geteuid()), and the kernel shares a port (SO_REUSEPORT) only between sockets of one owner"
+            let tried = takeOverFailure.map { ", and taking it over failed (\($0))" } ?? ""
+            let cures = "run sameport as uid \(owner.uid), or grant it CAP_CHOWN (AmbientCapabilities=CAP_CHOWN) to take the socket over"
+            throw StartupError("the egress cannot bind \(binding): \(cause)\(tried): \(cures)", errno: .addressInUse)
         }
     }
 
@@ -186,8 +187,12 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
             listener.onTemporaryFailure = { [unowned self] error in
                 logger.warning("accept paused for 100ms", metadata: ["relay": .string(spec.name), "cause": .stringConvertible(error)])
             }
-            listener.onFatalError = { [unowned self] error in
-                onFatalError?("relay \(spec.name): accept on \(listener.endpoint) failed: \(error)")
+            // The endpoint, not the listener: the listener holds this closure.
+            listener.onFatalError = { [unowned self, endpoint = listener.endpoint] error in
+                let cure = error.errno == .invalidArgument
+                    ? "the socket no longer listens (did a process sharing it shut it down?); restart sameport"
+                    : "restart sameport"
+                onFatalError?("relay \(spec.name): accept on \(endpoint) failed: \(error): \(cure)", error.errno.rawValue)
             }
             listener.setAccepting(true)
         }
@@ -231,11 +236,6 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         guard let listenEndpoint else { return }
         try probeEgress(listenEndpoint, spec: newSpec)
         try checkFamilies(listenEndpoint, spec: newSpec, upstreams: upstreams.map { $0.map(\.unmapped) })
-    }
-
-    /// Stops accepting, closes waiting clients, ends every connection, then calls `completion`.
-    public func stop(completion: @escaping @Sendable () -> Void) {
-        drain(timeout: .zero, completion: completion)
     }
 
     /// Stops accepting and closes waiting clients at once; lets open connections finish for up
@@ -447,6 +447,11 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         let now = DispatchTime.now().uptimeNanoseconds
         failingOver.removeAll { failover in
             guard let entry = connections[failover.id] else { return true }  // ended meanwhile
+            // Its `tried` holds the old list's indices: as in replaceUpstream, no new upstream.
+            guard entry.generation == generation else {
+                failover.answer(.noneLeft)
+                return true
+            }
             switch selector.reserve(egress: failover.egress, isIPv6: failover.isIPv6, excluding: failover.tried, now: now) {
             case .reserved(let next):
                 connections[failover.id] = (entry.connection, next, entry.generation)

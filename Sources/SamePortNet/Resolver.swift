@@ -19,7 +19,7 @@ public enum Resolver {
             guard status == 0 else {
                 let reason = String(cString: gai_strerror(status))
                 if status == EAI_AGAIN {
-                    throw StartupError("cannot resolve upstream '\(hostPort)' yet: \(reason); the resolver is not answering, try again (under systemd: After=network-online.target)", isTemporary: true)
+                    throw StartupError("cannot resolve upstream '\(hostPort)' yet: \(reason); the resolver is not answering, try again (under systemd: After=network-online.target)", isTemporary: true, errno: .wouldBlock)
                 }
                 throw StartupError("cannot resolve upstream '\(hostPort)': \(reason); check the name or give an IP address")
             }

@@ -29,11 +29,18 @@ public enum Activation {
     /// The sockets systemd passed (LISTEN_FDS, LISTEN_FDNAMES, checked against LISTEN_PID), in fd
     /// order from 3; empty when the process was not socket-activated. The variables are removed
     /// from the environment, so that nothing started later takes them for its own.
-    public static func passedSockets() throws(ActivationError) -> [PassedSocket] {
+    ///
+    /// - Parameter warn: told why sockets in the environment are not this process's to take
+    ///   (LISTEN_PID missing or naming another process: a wrapper that forked instead of exec'ing).
+    public static func passedSockets(warn: (String) -> Void) throws(ActivationError) -> [PassedSocket] {
+        // libsystemd answers a foreign LISTEN_PID with "no sockets" and malformed variables with a
+        // bare errno: read them first, so that each case can be told with its cause.
+        let environment = ListenEnvironment()
+        if let ignored = environment.ignoredBecause { warn(ignored) }
         var names: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?
         let count = sd_listen_fds_with_names(1, &names)
         guard count >= 0 else {
-            throw ActivationError(message: "cannot read the sockets passed by systemd (LISTEN_FDS, LISTEN_FDNAMES): \(String(cString: strerror(-count)))")
+            throw ActivationError(message: "cannot take the sockets passed by systemd: \(environment.diagnosis(-count))")
         }
         defer {
             if let names {
@@ -45,6 +52,55 @@ public enum Activation {
             let name = names?[Int(index)].map { String(cString: $0) }
             return PassedSocket(fd: SD_LISTEN_FDS_START + index, name: name == "unknown" || name == "" ? nil : name)
         }
+    }
+}
+
+/// LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES as the process found them, to explain what libsystemd
+/// refuses or ignores.
+struct ListenEnvironment {
+    var pid: String?
+    var fds: String?
+    var names: String?
+
+    init() {
+        func value(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+        pid = value("LISTEN_PID")
+        fds = value("LISTEN_FDS")
+        names = value("LISTEN_FDNAMES")
+    }
+
+    /// Why LISTEN_FDS is set but its sockets are not this process's; nil when they are, or when
+    /// there are none.
+    var ignoredBecause: String? {
+        guard let fds else { return nil }
+        let mine = getpid()
+        let fix = "the sockets are ignored; make sameport the service's main process (ExecStart=sameport ..., or exec it from a wrapper script) so that systemd passes them to it"
+        guard let pid else {
+            return "LISTEN_FDS=\(fds) is set without LISTEN_PID: \(fix)"
+        }
+        guard Int32(pid) == mine else {
+            return "LISTEN_FDS=\(fds) is for process \(pid) (LISTEN_PID), not this one (\(mine)): \(fix)"
+        }
+        return nil
+    }
+
+    /// What is wrong with the variables, for libsystemd's error `code`, and the cure.
+    func diagnosis(_ code: Int32) -> String {
+        let fix = "start sameport from a .socket unit, or unset LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID"
+        let first = Int(SD_LISTEN_FDS_START)
+        guard let fds, let count = Int(fds), count > 0, count <= Int(Int32.max) - first else {
+            return "LISTEN_FDS=\(fds ?? "") is not a number of sockets: \(fix)"
+        }
+        if let closed = (first..<first + count).lazy.first(where: { fcntl(Int32($0), F_GETFD) < 0 }) {
+            return "LISTEN_FDS=\(fds) passes descriptors \(first) to \(first + count - 1), but \(closed) is not open (closed before sameport started?): \(fix)"
+        }
+        if let names {
+            let nameCount = names.split(separator: ":", omittingEmptySubsequences: false).count
+            if nameCount != count {
+                return "LISTEN_FDNAMES=\(names) names \(nameCount) socket\(nameCount == 1 ? "" : "s"), but LISTEN_FDS=\(fds) passes \(count): give every socket one name (FileDescriptorName=), or \(fix)"
+            }
+        }
+        return "\(String(cString: strerror(code))) (errno \(code)): \(fix)"
     }
 }
 

@@ -46,10 +46,10 @@ public enum Capabilities {
         public var problem: String?
     }
 
-    /// Removes `capability` from the ambient, bounding (when CAP_SETPCAP allows it), inheritable,
-    /// permitted and effective sets of the calling thread. Dropping CAP_SETPCAP as well, when
-    /// `alsoSetpcap`, comes last, since the bounding-set drop needs it.
-    public static func drop(_ capability: Capability, alsoSetpcap: Bool) -> DropReport {
+    /// Removes `capability`, and CAP_SETPCAP with it, from the ambient, bounding (when CAP_SETPCAP
+    /// allows it), inheritable, permitted and effective sets of the calling thread. CAP_SETPCAP
+    /// goes last, since the bounding-set drop needs it.
+    public static func dropWithSetpcap(_ capability: Capability) -> DropReport {
         var caps = sameport_capabilities()
         guard sameport_capget(&caps) == 0 else {
             return DropReport(held: false, droppedFromBoundingSet: false, problem: "capget: \(String(cString: strerror(errno)))")
@@ -69,12 +69,11 @@ public enum Capabilities {
                 caps.effective |= Capability.setpcap.bit
                 _ = sameport_capset(&caps)
                 droppedFromBoundingSet = sameport_capbset_drop(capability.number) == 0
-                if alsoSetpcap { _ = sameport_capbset_drop(Capability.setpcap.number) }
+                _ = sameport_capbset_drop(Capability.setpcap.number)
             }
         }
-        var dropBits = capability.bit
-        if alsoSetpcap { dropBits |= Capability.setpcap.bit }
-        if alsoSetpcap, sameport_cap_ambient_is_set(Capability.setpcap.number) == 1 {
+        let dropBits = capability.bit | Capability.setpcap.bit
+        if sameport_cap_ambient_is_set(Capability.setpcap.number) == 1 {
             _ = sameport_cap_ambient_lower(Capability.setpcap.number)
         }
         _ = sameport_capget(&caps)

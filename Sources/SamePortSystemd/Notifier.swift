@@ -14,29 +14,34 @@ public struct Notifier: Sendable {
     /// Sends newline-separated `KEY=value` assignments in one datagram. Failures are ignored, as
     /// sd_notify(3) advises: a manager that went away is not the relay's problem.
     public func send(_ assignments: String...) {
+        send(assignments)
+    }
+
+    private func send(_ assignments: [String]) {
         guard isEnabled else { return }
         _ = sd_notify(0, assignments.joined(separator: "\n"))
     }
 
-    /// READY=1 with a status line.
-    public func ready(status: String) {
-        send("READY=1", "STATUS=\(Self.oneLine(status))")
+    /// READY=1, with a status line when one is given.
+    public func ready(status: String?) {
+        send(["READY=1"] + Self.statusAssignment(status))
     }
 
     public func status(_ text: String) {
-        send("STATUS=\(Self.oneLine(text))")
+        send(Self.statusAssignment(text))
     }
 
     /// RELOADING=1 with the CLOCK_MONOTONIC time in microseconds, which systemd 253+ checks.
-    public func reloading() {
+    public func reloading(status: String?) {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
         let microseconds = UInt64(now.tv_sec) * 1_000_000 + UInt64(now.tv_nsec) / 1_000
-        send("RELOADING=1", "MONOTONIC_USEC=\(microseconds)", "STATUS=reloading the configuration")
+        send(["RELOADING=1", "MONOTONIC_USEC=\(microseconds)"] + Self.statusAssignment(status))
     }
 
-    public func stopping(status: String) {
-        send("STOPPING=1", "STATUS=\(Self.oneLine(status))")
+    /// STOPPING=1, with a status line when one is given.
+    public func stopping(status: String?) {
+        send(["STOPPING=1"] + Self.statusAssignment(status))
     }
 
     public func watchdog() {
@@ -45,12 +50,12 @@ public struct Notifier: Sendable {
 
     /// A fatal start-up error: the errno systemd records for the unit, and the message as status.
     public func failed(errno: Int32, status: String) {
-        send("STATUS=\(Self.oneLine(status))", "ERRNO=\(errno)")
+        send(Self.statusAssignment(status) + ["ERRNO=\(errno)"])
     }
 
-    /// A status is one line; a newline would start a new assignment.
-    private static func oneLine(_ text: String) -> String {
-        String(text.map { $0 == "\n" || $0 == "\r" ? " " : $0 })
+    /// `STATUS=text` on one line (a newline would start a new assignment), or nothing.
+    private static func statusAssignment(_ text: String?) -> [String] {
+        text.map { ["STATUS=" + String($0.map { $0 == "\n" || $0 == "\r" ? " " : $0 })] } ?? []
     }
 
     /// The watchdog interval systemd asked for (WatchdogSec=, WATCHDOG_USEC for this PID), or nil.

@@ -52,6 +52,6 @@ enum ConfigFile {
     private static func unreadable(_ path: String, _ code: Int32) -> StartFailure {
         let reason = String(cString: strerror(code))
         let hint = code == ENOENT ? "check the path" : code == EACCES ? "check its permissions" : code == EISDIR ? "give the file, not its directory" : "check the file"
-        return StartFailure(message: "configuration error: cannot read \(path): \(reason) (errno \(code)); \(hint)", exitCode: 2)
+        return StartFailure(messages: ["configuration error: cannot read \(path): \(reason) (errno \(code)); \(hint)"], exitCode: 2, errno: code)
     }
 }

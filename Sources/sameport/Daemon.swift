@@ -28,7 +28,7 @@ struct Daemon {
         let opened = try open(logger: logger)
         // CAP_CHOWN was only for taking over passed sockets: give it up before Dispatch starts
         // threads (capabilities belong to each thread).
-        Self.dropStartupCapabilities(logger: logger)
+        Self.dropStartupCapabilities(afterTakeOver: opened.contains { $0.relay.tookOverSocket }, logger: logger)
 
         let supervisor = Supervisor(
             relays: opened, configPath: configPath, notifier: notifier, logger: logger)
@@ -46,7 +46,7 @@ struct Daemon {
     private func open(logger: Logger) throws(StartFailure) -> [(relay: Relay, upstreams: [[Endpoint]])] {
         let passed: [PassedSocket]
         do {
-            passed = try Activation.passedSockets()
+            passed = try Activation.passedSockets { logger.warning("\($0)") }
         } catch {
             throw StartFailure(message: "cannot start: \(error.message)", exitCode: 2)
         }
@@ -58,6 +58,9 @@ struct Daemon {
         guard failures.isEmpty else {
             throw StartFailure(messages: failures.map(\.message), exitCode: 2, errno: failures.first?.errno)
         }
+        if passed.count == 1, relays.count == 1, let socket = passed.first, let name = socket.name, name != relays[0].name {
+            logger.notice("\(socket.label) from systemd goes to the only relay, \(relays[0].name), whatever its name", metadata: ["relay": .string(relays[0].name)])
+        }
         if !passed.isEmpty {
             for spec in relays where assignment.sockets[spec.name] == nil {
                 logger.notice("no socket from systemd is named \(spec.name): the relay binds \(spec.listen) itself", metadata: ["relay": .string(spec.name)])
@@ -66,6 +69,8 @@ struct Daemon {
         // Every relay is tried, so that one run lists every failure; then all start, or none.
         let label: (RelaySpec) -> String = { configPath == nil ? "" : "relay \($0.name): " }
         var opened: [(relay: Relay, upstreams: [[Endpoint]])] = []
+        // Relays refused an address in use, which may be held by a socket systemd passed.
+        var addressInUse: [(failure: Int, spec: RelaySpec)] = []
         for spec in relays {
             let upstreams: [[Endpoint]]
             do {
@@ -80,8 +85,14 @@ struct Daemon {
                 try relay.open(inherited: assignment.sockets[spec.name].map(Self.inherited))
                 opened.append((relay, upstreams))
             } catch {
+                if error.errno == EADDRINUSE { addressInUse.append((failures.count, spec)) }
                 failures.append(("cannot start: \(label(spec))\(error.message)", false, error.errno ?? EINVAL))
             }
+        }
+        for (index, spec) in addressInUse {
+            guard let holder = opened.first(where: { $0.relay.isInherited && ($0.relay.listenEndpoint.map(spec.listen.overlaps) ?? false) })?.relay,
+                  let socket = assignment.sockets[holder.name] else { continue }
+            failures[index].message = "cannot start: \(label(spec))cannot listen on \(spec.listen): \(socket.label) from systemd, which relay \(holder.name) serves, is bound there: make each relay's listen the ListenStream= of its own socket"
         }
         guard failures.isEmpty else {
             for (relay, _) in opened { relay.close() }
@@ -102,8 +113,10 @@ struct Daemon {
 
     /// Drops CAP_CHOWN (and CAP_SETPCAP, which only served to drop it from the bounding set):
     /// nothing after start-up needs them, and a relay should not keep the power to change owners.
-    private static func dropStartupCapabilities(logger: Logger) {
-        let report = Capabilities.drop(.chown, alsoSetpcap: true)
+    /// Said at info after a socket take-over, at debug otherwise (root drops them on every start).
+    private static func dropStartupCapabilities(afterTakeOver tookOver: Bool, logger: Logger) {
+        let level: Logger.Level = tookOver ? .info : .debug
+        let report = Capabilities.dropWithSetpcap(.chown)
         guard report.held else { return }
         // Capabilities belong to each thread: any thread started before this point keeps them.
         if let threads = Capabilities.threadCount(), threads > 1 {
@@ -112,9 +125,9 @@ struct Daemon {
         if let problem = report.problem {
             logger.warning("could not drop CAP_CHOWN: \(problem)")
         } else if report.droppedFromBoundingSet {
-            logger.info("dropped CAP_CHOWN from every capability set")
+            logger.log(level: level, "dropped CAP_CHOWN from every capability set")
         } else {
-            logger.info("dropped CAP_CHOWN from the effective, permitted, inheritable and ambient sets (the bounding set keeps it without CAP_SETPCAP; with NoNewPrivileges=yes it cannot come back)")
+            logger.log(level: level, "dropped CAP_CHOWN from the effective, permitted, inheritable and ambient sets (the bounding set keeps it without CAP_SETPCAP; with NoNewPrivileges=yes it cannot come back)")
         }
     }
 }

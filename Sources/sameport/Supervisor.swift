@@ -28,7 +28,9 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var servedByRetired = 0
     /// Said in front of the counts until the next good reload: why the last one failed.
     private var statusNote: String?
+    /// The last STATUS= sent, and when (uptime ns): at most one a second, whatever sends it.
     private var lastStatus = ""
+    private var lastStatusAt: UInt64?
 
     init(relays: [(relay: Relay, upstreams: [[Endpoint]])], configPath: String?, notifier: Notifier, logger: Logger) {
         self.relays = relays.map(\.relay)
@@ -51,8 +53,9 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     /// Starts a relay's accepting and logs where it listens.
     func start(_ relay: Relay) {
         let spec = relay.spec
-        relay.onFatalError = { [logger] message in
+        relay.onFatalError = { [logger, notifier] message, code in
             logger.critical("\(message)")
+            notifier.failed(errno: code, status: message)
             exit(1)
         }
         relay.startAccepting()
@@ -70,13 +73,16 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
 
     /// Every relay accepts: READY=1, then the status line and the watchdog keep going.
     func ready() {
-        lastStatus = statusText()
-        notifier.ready(status: lastStatus)
+        notifier.ready(status: dueStatus(statusText()))
         guard notifier.isEnabled else { return }
-        sources.append(repeating(every: .seconds(1)) { $0.updateStatus() })
+        // Looks 4 times a second; sends at most once a second (`dueStatus`).
+        sources.append(repeating(every: .milliseconds(250)) { $0.updateStatus() })
         if let interval = Notifier.watchdogInterval() {
-            logger.info("watchdog: pinging systemd every \((interval / 2).shortDescription)")
-            sources.append(repeating(every: interval / 2) { $0.pingWatchdog() })
+            // Half the interval, as sd_watchdog_enabled(3) advises; never a busy loop, whatever
+            // WATCHDOG_USEC says (1 would make it a 500 ns timer).
+            let ping = max(interval / 2, .milliseconds(10))
+            logger.info("watchdog: pinging systemd every \(ping.shortDescription)")
+            sources.append(repeating(every: ping) { $0.pingWatchdog() })
         }
     }
 
@@ -102,12 +108,21 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         return text
     }
 
-    /// Sends the status line if it changed; called once a second.
+    /// Sends the status line if it changed and a second has passed since the last.
     private func updateStatus() {
         let text = statusText()
-        guard text != lastStatus else { return }
+        guard text != lastStatus, let due = dueStatus(text) else { return }
+        notifier.status(due)
+    }
+
+    /// `text`, taken as sent, when a second has passed since the last STATUS=; otherwise nil, and
+    /// the status timer sends the news once it is due.
+    private func dueStatus(_ text: String) -> String? {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if let lastStatusAt, now - lastStatusAt < 1_000_000_000 { return nil }
+        lastStatusAt = now
         lastStatus = text
-        notifier.status(text)
+        return text
     }
 
     /// WATCHDOG=1 goes out only after a task has gone through every relay's queue and then the
@@ -149,8 +164,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         } else {
             logger.info("stopping on \(signal): draining \(open) open connection\(open == 1 ? "" : "s") for up to \(longest.shortDescription) (SIGINT or a second SIGTERM cuts them)")
         }
-        lastStatus = statusText()
-        notifier.stopping(status: lastStatus)
+        notifier.stopping(status: dueStatus(statusText()))
         let group = DispatchGroup()
         for relay in all {
             group.enter()
@@ -188,7 +202,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             logger.notice("SIGHUP during a reload: reloading again once it is done")
             return
         }
-        notifier.reloading()
+        notifier.reloading(status: dueStatus("reloading the configuration"))
         guard let configPath, configPath != "-" else {
             logger.notice("SIGHUP: nothing to reload: the relay was \(configPath == nil ? "configured on the command line" : "read from standard input"); still serving")
             finishReload()
@@ -225,8 +239,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     }
 
     private func finishReload() {
-        lastStatus = statusText()
-        notifier.ready(status: lastStatus)
+        notifier.ready(status: dueStatus(statusText()))
     }
 
     private static func prepared(_ path: String) -> Result<Prepared, StartFailure> {
@@ -268,7 +281,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             relay.isInherited || relay.spec.listen == spec.listen
         }
         let keptIDs = Set(prepared.compactMap { item in current[item.spec.name].flatMap { keeps($0, item.spec) ? ObjectIdentifier($0) : nil } })
-        let leaving = relays.filter { !keptIDs.contains(ObjectIdentifier($0)) } + retiring.values
+        // Relays retired by an earlier reload closed their listeners: only this reload's count.
+        let leaving = relays.filter { !keptIDs.contains(ObjectIdentifier($0)) }
         var kept: [(relay: Relay, spec: RelaySpec, upstreams: [[Endpoint]])] = []
         var added: [Relay] = []
         var next: [Relay] = []
@@ -286,7 +300,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             let relay = Relay(spec: spec, upstreams: upstreams, logger: logger)
             // Only a relay of ours that is going away may hold the new address: the new listener
             // binds beside it (SO_REUSEPORT) until it closes. Anyone else's is refused as at start.
-            let shared = leaving.contains { $0.listenEndpoint.map { Self.overlaps($0, spec.listen) } ?? false }
+            let shared = leaving.contains { $0.listenEndpoint.map(spec.listen.overlaps) ?? false }
             do {
                 try relay.open(sharedWithOwnRelay: shared)
                 upstreamLists[ObjectIdentifier(relay)] = upstreams
@@ -320,14 +334,6 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         let unchanged = kept.count - changed.count
         func list(_ names: [String]) -> String { names.isEmpty ? "none" : names.joined(separator: ", ") }
         return "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name))); removed: \(list(removed.map(\.name))); changed: \(list(changed)); unchanged: \(unchanged)"
-    }
-
-    /// True when a listener bound to `bound` and one asked for `listen` would take the same
-    /// clients: the same port, and the same address or a wildcard on either side.
-    private static func overlaps(_ bound: Endpoint, _ listen: HostPort) -> Bool {
-        guard bound.port == listen.port else { return false }
-        guard case .ip(let address) = listen.host else { return true }  // `*`
-        return bound.address.isUnspecified || bound.address.unmapped == address.unmapped
     }
 
     /// Stops a relay a reload removed: no new clients; its open connections finish (up to its

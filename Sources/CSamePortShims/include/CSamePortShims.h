@@ -62,9 +62,8 @@ int sameport_capbset_drop(int cap);
 int sameport_cap_ambient_is_set(int cap);
 int sameport_cap_ambient_lower(int cap);
 
-/// CAP_CHOWN, CAP_SETPCAP and CAP_NET_BIND_SERVICE, from <linux/capability.h>.
+/// CAP_CHOWN and CAP_SETPCAP, from <linux/capability.h>.
 extern const int sameport_cap_chown;
 extern const int sameport_cap_setpcap;
-extern const int sameport_cap_net_bind_service;
 
 #endif
