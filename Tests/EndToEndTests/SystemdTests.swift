@@ -167,8 +167,8 @@ struct SystemdTests {
         let reloadIndex = messages.firstIndex { $0["RELOADING"] == "1" } ?? 0
         #expect(messages[..<reloadIndex].contains { $0["WATCHDOG"] == "1" })
         #expect(messages[reloadIndex...].contains { $0["WATCHDOG"] == "1" })
-        // STATUS= changes at most once a second (the ones sent with READY/STOPPING aside).
-        let statusTimes = messages.filter { $0.assignments.keys.sorted() == ["STATUS"] }.map(\.monotonicMicroseconds)
+        // STATUS= goes out at most once a second, alone or with READY/RELOADING/STOPPING.
+        let statusTimes = messages.filter { $0["STATUS"] != nil }.map(\.monotonicMicroseconds)
         for (earlier, later) in zip(statusTimes, statusTimes.dropFirst()) {
             #expect(later - earlier >= 900_000, "STATUS updates \(later - earlier) us apart")
         }
@@ -229,6 +229,7 @@ struct SystemdTests {
 
         // Remove the added relay while a client of it is connected: it stops accepting, and its
         // connection finishes.
+        let beforeGoodReload = notify.messages.count
         try config.write(relayConfig(listen: listen, upstream: second.endpoint))
         kill(relay.pid, SIGHUP)
         try relay.waitForLines(containing: "reloaded \(config.path): 1 relay; added: none; removed: extra; changed: none; unchanged: 1")
@@ -238,7 +239,8 @@ struct SystemdTests {
         added.close()
         try relay.waitForLines(containing: "relay extra retired: it has no connection left")
         // The status no longer names the failure once a reload succeeded.
-        try notify.waitFor("READY after the good reload") { $0["READY"] == "1" && ($0["STATUS"] ?? "").hasPrefix("1 relay, ") }
+        try notify.waitFor(after: beforeGoodReload, "READY after the good reload") { $0["READY"] == "1" }
+        try notify.waitFor(after: beforeGoodReload, "a status without the failure") { ($0["STATUS"] ?? "").hasPrefix("1 relay, ") }
         kept.close()
         #expect(relay.stop() == 0)
     }
@@ -271,6 +273,27 @@ struct SystemdTests {
         // Still the old settings: dialled from the listening port.
         _ = try connectAndEcho(listen, "unchanged\n").close()
         #expect(upstream.peers.last == listen)
+
+        // A relay removed while a client holds a connection through it, whose port another
+        // process then takes: added back, it is refused, not bound beside that process.
+        let xListen = Endpoint(.loopbackV4, try freePort())
+        let withX = relayConfig(listen: listen, upstream: upstream.endpoint) + relayConfig(name: "x", listen: xListen, upstream: upstream.endpoint)
+        try config.write(withX)
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reloaded \(config.path): 2 relays; added: x; removed: none")
+        let held = try connectAndEcho(xListen, "held\n")
+        defer { held.close() }
+        try config.write(relayConfig(listen: listen, upstream: upstream.endpoint))
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reloaded \(config.path): 1 relay; added: none; removed: x")
+        let taker = try RelayProcess(["--listen", xListen.description, "--upstream", upstream.endpoint.description])
+        defer { taker.stop() }
+        try taker.waitUntilListening()
+        try config.write(withX)
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: relay x: cannot start: cannot listen on \(xListen): Address already in use")
+        #expect(relay.lines(containing: "reloaded").count == 2, "\(relay.output)")
+        #expect(relay.lines(containing: "relay x listening").count == 1)
     }
 
     @Test("SIGTERM: STOPPING=1, no new clients, an open transfer drains to completion, exit 0")
@@ -379,6 +402,120 @@ struct SystemdTests {
             }
             #expect(relay.stop() == 0)
         }
+
+        // An egress that needs no take-over (ephemeral): the socket is taken over all the same, so
+        // that a reload can switch the egress to the same port.
+        do {
+            let listen = Endpoint(.loopbackV4, try freePort())
+            let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint, extra: "egress = \"ephemeral\""))
+            let prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,+chown", "--ambient-caps=-all,+chown"]
+            let relay = try startActivated(
+                [ActivationSocket(listen: listen, name: "proxy")], ["run", "--config", config.path],
+                prefix: prefix, binary: nobody.path)
+            defer { relay.stop() }
+            _ = try connectAndEcho(listen, "ephemeral\n").close()
+            try relay.waitUntilListening()
+            #expect(relay.lines(containing: "took over socket 3 \"proxy\" from uid 0 (CAP_CHOWN)").count == 1, "\(relay.output)")
+            #expect(upstream.peers.last?.port != listen.port)
+            try config.write(relayConfig(listen: listen, upstream: upstream.endpoint))
+            kill(relay.pid, SIGHUP)
+            try relay.waitForLines(containing: "reloaded \(config.path): 1 relay; added: none; removed: none; changed: proxy; unchanged: 0")
+            _ = try connectAndEcho(listen, "same port\n").close()
+            #expect(upstream.peers.last == listen)
+            #expect(relay.stop() == 0)
+        }
+    }
+
+    @Test("Activation mistakes are named with their cure: a wrapper that forks (LISTEN_PID of another process), LISTEN_FDNAMES or LISTEN_FDS that do not fit the sockets, a socket on another relay's address, a missing file (ERRNO=ENOENT); a socket of another name still goes to the one relay")
+    func activationMistakes() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let ports = try freePorts(3)
+        let a = Endpoint(.loopbackV4, ports[0]), b = Endpoint(.loopbackV4, ports[1]), c = Endpoint(.loopbackV4, ports[2])
+        let cure = "start sameport from a .socket unit, or unset LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID"
+
+        /// Starts sameport activated with one socket, connects (which starts it), expects exit 2.
+        func refused(_ socket: ActivationSocket, _ arguments: [String], environment: [String: String] = [:], prefix: [String] = []) throws -> RelayProcess {
+            let relay = try startActivated([socket], arguments, environment: environment, prefix: prefix)
+            let client = try connectWhenListening(socket.listen)
+            defer { client.close() }
+            #expect(relay.waitForExit(timeout: .seconds(10)) == 2, "\(relay.output)")
+            return relay
+        }
+
+        let config = try SharedConfig(relayConfig(listen: a, upstream: upstream.endpoint))
+        // A shell that runs sameport as its child: LISTEN_PID is the shell's, so the socket is
+        // not sameport's to take, and it says so before the bind fails on that very socket.
+        do {
+            let relay = try refused(ActivationSocket(listen: a, name: "proxy"), ["run", "--config", config.path], prefix: ["/bin/sh", "-c", "\"$0\" \"$@\"; exit $?"])
+            defer { relay.stop() }
+            let warning = relay.lines(containing: "(LISTEN_PID), not this one")
+            #expect(warning.count == 1, "\(relay.output)")
+            #expect(warning.first?.contains(" warning LISTEN_FDS=1 is for process \(relay.pid) (LISTEN_PID), not this one (") == true, "\(warning)")
+            #expect(warning.first?.hasSuffix("): the sockets are ignored; make sameport the service's main process (ExecStart=sameport ..., or exec it from a wrapper script) so that systemd passes them to it") == true, "\(warning)")
+        }
+        // Two names for one socket.
+        do {
+            let relay = try refused(ActivationSocket(listen: a, name: "proxy"), ["run", "--config", config.path], environment: ["LISTEN_FDNAMES": "proxy:extra"])
+            defer { relay.stop() }
+            #expect(relay.lines(containing: "sameport: ") == [
+                "sameport: cannot start: cannot take the sockets passed by systemd: LISTEN_FDNAMES=proxy:extra names 2 sockets, but LISTEN_FDS=1 passes 1: give every socket one name (FileDescriptorName=), or \(cure)",
+            ], "\(relay.output)")
+        }
+        // More sockets announced than passed.
+        do {
+            let relay = try refused(ActivationSocket(listen: a, name: "proxy"), ["run", "--config", config.path], environment: ["LISTEN_FDS": "40"])
+            defer { relay.stop() }
+            let lines = relay.lines(containing: "sameport: ")
+            #expect(lines.count == 1 && lines[0].hasPrefix("sameport: cannot start: cannot take the sockets passed by systemd: LISTEN_FDS=40 passes descriptors 3 to 42, but ") && lines[0].hasSuffix(" is not open (closed before sameport started?): \(cure)"), "\(relay.output)")
+        }
+        // Relay a's socket is bound to relay b's address.
+        do {
+            let two = try SharedConfig(relayConfig(name: "a", listen: a, upstream: upstream.endpoint) + relayConfig(name: "b", listen: b, upstream: upstream.endpoint))
+            let relay = try refused(ActivationSocket(listen: b, name: "a"), ["run", "--config", two.path])
+            defer { relay.stop() }
+            #expect(relay.lines(containing: "sameport: ") == [
+                "sameport: cannot start: relay b: cannot listen on \(b): socket 3 \"a\" from systemd, which relay a serves, is bound there: make each relay's listen the ListenStream= of its own socket",
+            ], "\(relay.output)")
+        }
+        // One socket of another name and one relay: matched, and said.
+        do {
+            let relay = try startActivated([ActivationSocket(listen: c, name: "other")], ["--listen", c.description, "--upstream", upstream.endpoint.description])
+            defer { relay.stop() }
+            _ = try connectAndEcho(c, "other\n").close()
+            try relay.waitUntilListening()
+            #expect(relay.lines(containing: "socket 3 \"other\" from systemd goes to the only relay, main, whatever its name").count == 1, "\(relay.output)")
+            #expect(upstream.peers.last == c)
+        }
+        // A missing file: ERRNO= says which errno.
+        do {
+            let notify = try NotifyListener()
+            defer { notify.close() }
+            let relay = try RelayProcess(
+                ["run", "--config", "/nonexistent/sameport.toml"],
+                environment: ProcessInfo.processInfo.environment.merging(["NOTIFY_SOCKET": notify.path]) { $1 })
+            defer { relay.stop() }
+            #expect(relay.waitForExit(timeout: .seconds(10)) == 2)
+            #expect(try notify.waitFor("ERRNO=") { $0["ERRNO"] != nil }["ERRNO"] == "\(ENOENT)")
+        }
+    }
+
+    @Test("A watchdog interval of 1 us (WATCHDOG_USEC=1) pings every 10 ms, not in a busy loop")
+    func watchdogFloor() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let notify = try NotifyListener()
+        defer { notify.close() }
+        let relay = try RelayProcess(
+            ["--listen", "127.0.0.1:\(try freePort())", "--upstream", upstream.endpoint.description],
+            environment: ProcessInfo.processInfo.environment.merging(["NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1"]) { $1 })
+        defer { relay.stop() }
+        try relay.waitForLines(containing: "watchdog: pinging systemd every 10ms")
+        let start = notify.messages.count
+        usleep(1_000_000)  // counting pings over one second, not waiting for an event
+        let pings = notify.messages.dropFirst(start).filter { $0["WATCHDOG"] == "1" }.count
+        #expect(pings >= 20 && pings <= 150, "\(pings) pings in a second")
+        #expect(relay.stop() == 0)
     }
 
     @Test("Sockets and relays that do not match are refused at start-up, each named; one unnamed socket goes to the one relay")

@@ -69,12 +69,13 @@ public final class NotifyListener: @unchecked Sendable {  // `fd` is read by one
     /// Every message so far, in arrival order.
     public var messages: [Message] { received.withLock { $0 } }
 
-    /// Waits until a message satisfies `condition`; returns it, or throws on timeout.
+    /// Waits until a message satisfies `condition`, among those after the first `after` received;
+    /// returns it, or throws on timeout.
     @discardableResult
-    public func waitFor(timeout: Duration = .seconds(10), _ what: String, _ condition: (Message) -> Bool) throws -> Message {
+    public func waitFor(timeout: Duration = .seconds(10), after: Int = 0, _ what: String, _ condition: (Message) -> Bool) throws -> Message {
         var found: Message?
         _ = waitUntil(timeout: timeout) {
-            found = messages.first(where: condition)
+            found = messages.dropFirst(after).first(where: condition)
             return found != nil
         }
         guard let found else { throw TestError.timeout("a notification with \(what); got: \(messages.map(\.description))") }
