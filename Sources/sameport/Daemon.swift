@@ -12,6 +12,10 @@ struct Daemon {
     /// Where the relays came from: the file's path, or nil for command-line flags.
     var configPath: String?
     var log: (level: Logger.Level, format: LogFormat)
+    /// How long a reload may take to read the file and resolve its host names.
+    var reloadTimeout = Daemon.defaultReloadTimeout
+
+    static let defaultReloadTimeout = Duration.seconds(60)
 
     /// Starts every relay and never returns: the process exits from a signal or a fatal error.
     /// Either every relay starts or none does: every failure is listed, and the process exits.
@@ -31,7 +35,7 @@ struct Daemon {
         Self.dropStartupCapabilities(afterTakeOver: opened.contains { $0.relay.tookOverSocket }, logger: logger)
 
         let supervisor = Supervisor(
-            relays: opened, configPath: configPath, notifier: notifier, logger: logger)
+            relays: opened, configPath: configPath, reloadTimeout: reloadTimeout, notifier: notifier, logger: logger)
         supervisor.installSignalHandlers()
         // Signals are handled before the first client is taken.
         for (relay, _) in opened {

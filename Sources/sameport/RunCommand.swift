@@ -46,7 +46,7 @@ struct RunCommand: ParsableCommand {
             SIGNALS
               SIGTERM   stop accepting; open connections drain (--drain-timeout)
               SIGINT    stop now, cutting open connections (so does a 2nd SIGTERM)
-              SIGHUP    re-read --config FILE, keeping open connections
+              SIGHUP    re-read --config FILE, keeping open connections (--reload-timeout)
 
             UNDER SYSTEMD
               Sockets passed by systemd (LISTEN_FDS) go to the relay of the same name \
@@ -118,6 +118,9 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name; default main).", valueName: "name"))
     var name: String?
 
+    @Option(help: ArgumentHelp("With --config: a reload (SIGHUP) whose reading of the file and resolving of its host names takes longer fails, and the running configuration stays (default 60s).", valueName: "duration"))
+    var reloadTimeout: String?
+
     @Option(help: ArgumentHelp("Least severe level logged: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     var logLevel: String = "info"
 
@@ -176,6 +179,18 @@ struct RunCommand: ParsableCommand {
         }
     }
 
+    /// --reload-timeout, above zero.
+    private func reloadTimeoutValue() throws -> Duration {
+        guard let reloadTimeout else { return Daemon.defaultReloadTimeout }
+        do {
+            let value = try Duration(parsing: reloadTimeout)
+            guard value > .zero else { throw ValidationError("--reload-timeout must be above 0: a reload needs some time to read the file") }
+            return value
+        } catch let error as DurationError {
+            throw ValidationError("--reload-timeout: \(error)")
+        }
+    }
+
     private static func optionalDuration(_ text: String) throws -> Duration? {
         let duration = try Duration(parsing: text)
         return duration == .zero ? nil : duration
@@ -201,7 +216,8 @@ struct RunCommand: ParsableCommand {
                 guard given.isEmpty else {
                     throw ValidationError("--config cannot be mixed with \(given.joined(separator: ", ")): put the relay's settings in \(config), or drop --config")
                 }
-                try Daemon(relays: try ConfigFile.load(config), configPath: config, log: log).run()
+                let reloadTimeout = try reloadTimeoutValue()
+                try Daemon(relays: try ConfigFile.load(config), configPath: config, log: log, reloadTimeout: reloadTimeout).run()
             }
             try Daemon(relays: [try relaySpec()], configPath: nil, log: log).run()
         } catch let failure as StartFailure {

@@ -16,12 +16,15 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var retiring: [ObjectIdentifier: Relay] = [:]
     private var upstreamLists: [ObjectIdentifier: [[Endpoint]]] = [:]
     private let configPath: String?
+    private let reloadTimeout: Duration
     private let notifier: Notifier
     private let logger: Logger
     private var sources: [DispatchSourceProtocol] = []
     private var isStopping = false
     private var isCutting = false
     private var isReloading = false
+    /// Counts reloads, so that the result of one that timed out is dropped when it comes at last.
+    private var reloadNumber = 0
     /// A SIGHUP came during a reload: reload once more when it is done.
     private var reloadAgain = false
     /// Clients served by relays that have retired, so that the total never goes down.
@@ -32,10 +35,11 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var lastStatus = ""
     private var lastStatusAt: UInt64?
 
-    init(relays: [(relay: Relay, upstreams: [[Endpoint]])], configPath: String?, notifier: Notifier, logger: Logger) {
+    init(relays: [(relay: Relay, upstreams: [[Endpoint]])], configPath: String?, reloadTimeout: Duration, notifier: Notifier, logger: Logger) {
         self.relays = relays.map(\.relay)
         for (relay, upstreams) in relays { upstreamLists[ObjectIdentifier(relay)] = upstreams }
         self.configPath = configPath
+        self.reloadTimeout = reloadTimeout
         self.notifier = notifier
         self.logger = logger
     }
@@ -210,36 +214,54 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
         logger.notice("SIGHUP: reloading \(configPath)")
         isReloading = true
-        // Reading the file and resolving host names can block for seconds: not on the main queue,
-        // where signals, the status line and the watchdog are served.
+        reloadNumber += 1
+        let number = reloadNumber
+        // Reading the file and resolving host names can block for seconds (or for good: a hung
+        // file system): not on the main queue, where signals, the status line and the watchdog
+        // are served; and not for longer than the reload timeout.
         DispatchQueue.global().async { [self] in
             let prepared = Self.prepared(configPath)
             DispatchQueue.main.async { [self] in
-                isReloading = false
-                guard !isStopping else { return }
+                guard isReloading, number == reloadNumber else {
+                    logger.notice("the reload that timed out has read \(configPath) at last; its result is dropped: send SIGHUP again")
+                    return
+                }
+                guard !isStopping else {
+                    isReloading = false
+                    return
+                }
                 do throws(StartFailure) {
                     let summary = try apply(try prepared.get())
                     statusNote = nil
                     logger.notice("reloaded \(configPath): \(summary)")
+                    finishReload()
                 } catch {
-                    for line in error.details + error.messages {
-                        logger.error("reload failed, still running the previous configuration: \(line)")
-                    }
-                    let first = error.details.first ?? error.messages.first ?? "unknown error"
-                    let more = error.details.count + error.messages.count - 1
-                    statusNote = "reload failed (\(first)\(more > 0 ? "; \(more) more in the log" : "")), running the previous configuration"
-                }
-                finishReload()
-                if reloadAgain {
-                    reloadAgain = false
-                    reload()
+                    finishReload(failedWith: error.details + error.messages)
                 }
             }
         }
+        DispatchQueue.main.asyncAfter(deadline: .now() + reloadTimeout.dispatchInterval) { [self] in
+            guard isReloading, number == reloadNumber, !isStopping else { return }
+            finishReload(failedWith: ["reading \(configPath) and resolving its host names took longer than \(reloadTimeout.shortDescription): check the file's file system and the resolver, or raise --reload-timeout"])
+        }
     }
 
-    private func finishReload() {
+    /// Ends a reload: READY=1, then the reload a SIGHUP asked for meanwhile. A failed one is logged
+    /// line by line and said in STATUS= until a reload succeeds.
+    private func finishReload(failedWith problems: [String] = []) {
+        isReloading = false
+        if let first = problems.first {
+            for line in problems {
+                logger.error("reload failed, still running the previous configuration: \(line)")
+            }
+            let more = problems.count - 1
+            statusNote = "reload failed (\(first)\(more > 0 ? "; \(more) more in the log" : "")), running the previous configuration"
+        }
         notifier.ready(status: dueStatus(statusText()))
+        if reloadAgain {
+            reloadAgain = false
+            reload()
+        }
     }
 
     private static func prepared(_ path: String) -> Result<Prepared, StartFailure> {

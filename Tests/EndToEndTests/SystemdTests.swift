@@ -296,6 +296,61 @@ struct SystemdTests {
         #expect(relay.lines(containing: "relay x listening").count == 1)
     }
 
+    @Test("A reload that cannot read its file (a FIFO nobody writes: a hung file system) fails after --reload-timeout with READY=1, and its late result is dropped; the next reload works")
+    func reloadTimeout() throws {
+        // Two upstreams: one connection stays open through the reload, and each pair takes one.
+        let upstream = try TestServer(handler: TestServer.echo)
+        let other = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop(); other.stop() }
+        let notify = try NotifyListener()
+        defer { notify.close() }
+        let ports = try freePorts(2)
+        let listen = Endpoint(.loopbackV4, ports[0]), extra = Endpoint(.loopbackV4, ports[1])
+        let main = relayConfig(listen: listen, upstream: upstream.endpoint).replacingOccurrences(
+            of: "upstream = \"\(upstream.endpoint)\"", with: "upstream = [\"\(upstream.endpoint)\", \"\(other.endpoint)\"]")
+        let config = try SharedConfig(main)
+        let relay = try RelayProcess(
+            ["run", "--config", config.path, "--reload-timeout", "1s"],
+            environment: ProcessInfo.processInfo.environment.merging(["NOTIFY_SOCKET": notify.path]) { $1 })
+        defer { relay.stop() }
+        try relay.waitUntilListening()
+        let kept = try connectAndEcho(listen, "before\n")
+        defer { kept.close() }
+
+        unlink(config.path)
+        #expect(mkfifo(config.path, 0o644) == 0)
+        let beforeReload = notify.messages.count
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: reading \(config.path) and resolving its host names took longer than 1s: check the file's file system and the resolver, or raise --reload-timeout")
+        try notify.waitFor(after: beforeReload, "READY=1 after the timed-out reload") { $0["READY"] == "1" }
+        try notify.waitFor(after: beforeReload, "the failure in STATUS=") { ($0["STATUS"] ?? "").hasPrefix("reload failed (reading \(config.path) ") }
+        _ = try connectAndEcho(listen, "still served\n").close()
+
+        // The blocked read ends at last, with a file that would add a relay: dropped.
+        // Non-blocking: succeeds only while sameport's open() waits for a writer (bounded retries).
+        let opened = (0..<100).lazy.map { _ -> Int32 in
+            let fd = open(config.path, O_WRONLY | O_NONBLOCK)
+            if fd < 0 { usleep(20_000) }
+            return fd
+        }.first(where: { $0 >= 0 })
+        let writer = opened ?? -1
+        #expect(writer >= 0)
+        let late = main + relayConfig(name: "extra", listen: extra, upstream: upstream.endpoint)
+        _ = Array(late.utf8).withUnsafeBytes { write(writer, $0.baseAddress, $0.count) }
+        close(writer)
+        try relay.waitForLines(containing: "the reload that timed out has read \(config.path) at last; its result is dropped: send SIGHUP again")
+        #expect(relay.lines(containing: "relay extra listening").isEmpty)
+
+        // A regular file again: the next reload applies it.
+        try config.write(late)
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reloaded \(config.path): 2 relays; added: extra")
+        _ = try connectAndEcho(extra, "added\n").close()
+        try kept.sendAll(Array("after\n".utf8))
+        #expect(String(decoding: try kept.receive(exactly: 6, timeout: .seconds(5)).bytes, as: UTF8.self) == "after\n")
+        #expect(relay.stop() == 0)
+    }
+
     @Test("SIGTERM: STOPPING=1, no new clients, an open transfer drains to completion, exit 0")
     func drainOnSIGTERM() throws {
         let upstream = try TestServer(handler: TestServer.echo)
