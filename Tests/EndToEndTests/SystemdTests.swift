@@ -555,6 +555,56 @@ struct SystemdTests {
         }
     }
 
+    /// A launcher that keeps its own copy of the socket it passes (as PID 1 does), and shuts it
+    /// down once sameport has served a client: every holder's accept then fails with EINVAL.
+    private static let shutdownLauncher = """
+        import os, socket, sys, time
+        port, argv = int(sys.argv[1]), sys.argv[2:]
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(16)
+        child = os.fork()
+        if child == 0:
+            os.dup2(listener.fileno(), 3)
+            os.set_inheritable(3, True)
+            os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="proxy", LISTEN_PID=str(os.getpid()))
+            os.execv(argv[0], argv)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as client:
+                    client.sendall(b"x")
+                    if client.recv(1) == b"x":
+                        break
+            except OSError:
+                time.sleep(0.05)
+        listener.shutdown(socket.SHUT_RD)
+        sys.exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+        """
+
+    @Test("A passed socket shut down by another holder: exit 1 with one line naming the cure, and STATUS=/ERRNO= for systemd")
+    func listenerShutDownByAnotherHolder() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let notify = try NotifyListener()
+        defer { notify.close() }
+        let listen = Endpoint(.loopbackV4, try freePort())
+        let config = try SharedConfig(relayConfig(listen: listen, upstream: upstream.endpoint))
+        let relay = try RelayProcess(
+            ["-c", Self.shutdownLauncher, "\(listen.port)", RelayProcess.binary, "run", "--config", config.path],
+            executable: "/usr/bin/python3",
+            environment: ProcessInfo.processInfo.environment.merging(["NOTIFY_SOCKET": notify.path]) { $1 })
+        defer { relay.stop() }
+        #expect(relay.waitForExit(timeout: .seconds(20)) == 1, "\(relay.output)")
+        let message = "relay proxy: accept on \(listen) failed: accept4: Invalid argument (errno 22): the socket no longer listens (did a process sharing it shut it down?); restart sameport"
+        #expect(relay.lines(containing: "accept on").count == 1 && relay.lines(containing: " critical \(message)").count == 1, "\(relay.output)")
+        let failure = try notify.waitFor("ERRNO=") { $0["ERRNO"] != nil }
+        #expect(failure["ERRNO"] == "\(EINVAL)")
+        #expect(failure["STATUS"] == message)
+    }
+
     @Test("A watchdog interval of 1 us (WATCHDOG_USEC=1) pings every 10 ms, not in a busy loop")
     func watchdogFloor() throws {
         let upstream = try TestServer(handler: TestServer.echo)
