@@ -47,8 +47,11 @@ public struct HostPort: Hashable, Sendable, CustomStringConvertible {
     /// clients: the same port, and the same address or a wildcard on either side.
     public func overlaps(_ bound: Endpoint) -> Bool {
         guard bound.port == port else { return false }
-        guard case .ip(let address) = host else { return true }  // `*` (a name never listens)
-        return bound.address.isUnspecified || bound.address.unmapped == address.unmapped
+        switch host {
+        case .any: return true
+        case .name: return false  // a name never listens
+        case .ip(let address): return bound.address.isUnspecified || bound.address.unmapped == address.unmapped
+        }
     }
 
     public var description: String {

@@ -165,6 +165,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
                 logger.notice("took over \(inherited.label) from uid \(owner.uid) (CAP_CHOWN), so that the egress can bind \(endpoint)", metadata: ["relay": .string(name)])
             } catch {
                 takeOverFailure = error
+                logger.warning("could not take over \(inherited.label) from uid \(owner.uid): \(error); the egress can bind \(endpoint) only if it needs no shared port (ephemeral, or another address)", metadata: ["relay": .string(name)])
             }
         }
         do {

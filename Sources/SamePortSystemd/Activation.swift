@@ -78,7 +78,8 @@ struct ListenEnvironment {
         guard let pid else {
             return "LISTEN_FDS=\(fds) is set without LISTEN_PID: \(fix)"
         }
-        guard Int32(pid) == mine else {
+        guard let number = Int32(pid) else { return nil }  // malformed: diagnosis(_:) says so
+        guard number == mine else {
             return "LISTEN_FDS=\(fds) is for process \(pid) (LISTEN_PID), not this one (\(mine)): \(fix)"
         }
         return nil
@@ -87,6 +88,9 @@ struct ListenEnvironment {
     /// What is wrong with the variables, for libsystemd's error `code`, and the cure.
     func diagnosis(_ code: Int32) -> String {
         let fix = "start sameport from a .socket unit, or unset LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID"
+        if let pid, Int32(pid) == nil {
+            return "LISTEN_PID=\(pid) is not a process ID: \(fix)"
+        }
         let first = Int(SD_LISTEN_FDS_START)
         guard let fds, let count = Int(fds), count > 0, count <= Int(Int32.max) - first else {
             return "LISTEN_FDS=\(fds ?? "") is not a number of sockets: \(fix)"

@@ -32,11 +32,11 @@ public struct Notifier: Sendable {
     }
 
     /// RELOADING=1 with the CLOCK_MONOTONIC time in microseconds, which systemd 253+ checks.
-    public func reloading(status: String?) {
+    public func reloading() {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
         let microseconds = UInt64(now.tv_sec) * 1_000_000 + UInt64(now.tv_nsec) / 1_000
-        send(["RELOADING=1", "MONOTONIC_USEC=\(microseconds)"] + Self.statusAssignment(status))
+        send("RELOADING=1", "MONOTONIC_USEC=\(microseconds)")
     }
 
     /// STOPPING=1, with a status line when one is given.

@@ -219,6 +219,9 @@ struct RunCommand: ParsableCommand {
                 let reloadTimeout = try reloadTimeoutValue()
                 try Daemon(relays: try ConfigFile.load(config), configPath: config, log: log, reloadTimeout: reloadTimeout).run()
             }
+            guard reloadTimeout == nil else {
+                throw ValidationError("--reload-timeout needs --config FILE: a relay from flags has no file to reload")
+            }
             try Daemon(relays: [try relaySpec()], configPath: nil, log: log).run()
         } catch let failure as StartFailure {
             // Under systemd: the errno it records for the unit, and the cause in `systemctl status`.

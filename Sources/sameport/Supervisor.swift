@@ -23,6 +23,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var isStopping = false
     private var isCutting = false
     private var isReloading = false
+    /// A reload's read of the file has not returned (it may outlive its reload: a hung file system).
+    private var isReading = false
     /// Counts reloads, so that the result of one that timed out is dropped when it comes at last.
     private var reloadNumber = 0
     /// A SIGHUP came during a reload: reload once more when it is done.
@@ -107,7 +109,11 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
         var text = "\(relays.count) relay\(relays.count == 1 ? "" : "s"), \(open) open connection\(open == 1 ? "" : "s"), \(queued) queued, \(served) served"
         if draining > 0 { text += ", \(draining) draining from removed relays" }
-        if isStopping { text = "stopping: " + text }
+        if isStopping {
+            text = "stopping: " + text
+        } else if isReloading {
+            text = "reloading: " + text
+        }
         if let statusNote { text = statusNote + "; " + text }
         return text
     }
@@ -206,7 +212,9 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             logger.notice("SIGHUP during a reload: reloading again once it is done")
             return
         }
-        notifier.reloading(status: dueStatus("reloading the configuration"))
+        // No STATUS= here: the one-a-second slot is kept for the READY=1 that ends the reload
+        // (with its outcome); a reload that takes longer shows "reloading: " through the timer.
+        notifier.reloading()
         guard let configPath, configPath != "-" else {
             logger.notice("SIGHUP: nothing to reload: the relay was \(configPath == nil ? "configured on the command line" : "read from standard input"); still serving")
             finishReload()
@@ -214,6 +222,13 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
         logger.notice("SIGHUP: reloading \(configPath)")
         isReloading = true
+        // One stuck read is enough: another would block another worker thread, which the
+        // connections need.
+        guard !isReading else {
+            finishReload(failedWith: ["an earlier reload is still reading \(configPath) or resolving its host names: check the file's file system and the resolver, then send SIGHUP again"])
+            return
+        }
+        isReading = true
         reloadNumber += 1
         let number = reloadNumber
         // Reading the file and resolving host names can block for seconds (or for good: a hung
@@ -222,6 +237,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         DispatchQueue.global().async { [self] in
             let prepared = Self.prepared(configPath)
             DispatchQueue.main.async { [self] in
+                isReading = false
                 guard isReloading, number == reloadNumber else {
                     logger.notice("the reload that timed out has read \(configPath) at last; its result is dropped: send SIGHUP again")
                     return

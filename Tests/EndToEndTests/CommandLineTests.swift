@@ -38,6 +38,8 @@ struct CommandLineTests {
          "sameport: usage error: --reload-timeout must be above 0: a reload needs some time to read the file (see 'sameport --help')"),
         (["--config", "/nonexistent.toml", "--reload-timeout", "5x"],
          "sameport: usage error: --reload-timeout: invalid duration '5x': expected a number with a unit: ms, s, m or h (for example 250ms, 5s, 10m) (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--reload-timeout", "5s"],
+         "sameport: usage error: --reload-timeout needs --config FILE: a relay from flags has no file to reload (see 'sameport --help')"),
         (["check"],
          "sameport: usage error: missing the file to check: sameport check --config FILE (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--egress", "::1:7001"],

@@ -76,6 +76,26 @@ private func connectAndEcho(_ listen: Endpoint, _ text: String) throws -> TestSo
     return client
 }
 
+/// The position just past the `number`th RELOADING=1 (from 1) once it has come: what a reload
+/// sends after it is about that reload, whatever came late from the one before.
+private func afterReloading(_ notify: NotifyListener, number: Int) throws -> Int {
+    var position: Int?
+    _ = waitUntil(timeout: .seconds(10)) {
+        let messages = notify.messages
+        position = messages.indices.filter { messages[$0]["RELOADING"] == "1" }.dropFirst(number - 1).first.map { $0 + 1 }
+        return position != nil
+    }
+    guard let position else { throw TestError.timeout("RELOADING=1 number \(number); got: \(notify.messages.map(\.description))") }
+    return position
+}
+
+/// READY, RELOADING and STOPPING in the order they came.
+private func lifecycle(_ notify: NotifyListener) -> [String] {
+    notify.messages.compactMap { message in
+        ["READY", "RELOADING", "STOPPING"].first { message[$0] == "1" }
+    }
+}
+
 /// Two free loopback ports.
 private func freePorts(_ count: Int) throws -> [UInt16] {
     var ports: [UInt16] = []
@@ -156,13 +176,7 @@ struct SystemdTests {
         try notify.waitFor("STOPPING=1") { $0["STOPPING"] == "1" }
 
         let messages = notify.messages
-        let order = messages.compactMap { message -> String? in
-            if message["READY"] == "1" { return "READY" }
-            if message["RELOADING"] == "1" { return "RELOADING" }
-            if message["STOPPING"] == "1" { return "STOPPING" }
-            return nil
-        }
-        #expect(order == ["READY", "RELOADING", "READY", "STOPPING"], "\(messages)")
+        #expect(lifecycle(notify) == ["READY", "RELOADING", "READY", "STOPPING"], "\(messages)")
         // WATCHDOG=1 pings both before and after the reload; nothing after STOPPING but pings.
         let reloadIndex = messages.firstIndex { $0["RELOADING"] == "1" } ?? 0
         #expect(messages[..<reloadIndex].contains { $0["WATCHDOG"] == "1" })
@@ -229,7 +243,7 @@ struct SystemdTests {
 
         // Remove the added relay while a client of it is connected: it stops accepting, and its
         // connection finishes.
-        let beforeGoodReload = notify.messages.count
+        let reloadsBefore = lifecycle(notify).filter { $0 == "RELOADING" }.count
         try config.write(relayConfig(listen: listen, upstream: second.endpoint))
         kill(relay.pid, SIGHUP)
         try relay.waitForLines(containing: "reloaded \(config.path): 1 relay; added: none; removed: extra; changed: none; unchanged: 1")
@@ -239,8 +253,9 @@ struct SystemdTests {
         added.close()
         try relay.waitForLines(containing: "relay extra retired: it has no connection left")
         // The status no longer names the failure once a reload succeeded.
-        try notify.waitFor(after: beforeGoodReload, "READY after the good reload") { $0["READY"] == "1" }
-        try notify.waitFor(after: beforeGoodReload, "a status without the failure") { ($0["STATUS"] ?? "").hasPrefix("1 relay, ") }
+        let goodReload = try afterReloading(notify, number: reloadsBefore + 1)
+        try notify.waitFor(after: goodReload, "READY after the good reload") { $0["READY"] == "1" }
+        try notify.waitFor(after: goodReload, "a status without the failure") { ($0["STATUS"] ?? "").hasPrefix("1 relay, ") }
         kept.close()
         #expect(relay.stop() == 0)
     }
@@ -310,7 +325,7 @@ struct SystemdTests {
             of: "upstream = \"\(upstream.endpoint)\"", with: "upstream = [\"\(upstream.endpoint)\", \"\(other.endpoint)\"]")
         let config = try SharedConfig(main)
         let relay = try RelayProcess(
-            ["run", "--config", config.path, "--reload-timeout", "1s"],
+            ["run", "--config", config.path, "--reload-timeout", "3s"],
             environment: ProcessInfo.processInfo.environment.merging(["NOTIFY_SOCKET": notify.path]) { $1 })
         defer { relay.stop() }
         try relay.waitUntilListening()
@@ -319,12 +334,19 @@ struct SystemdTests {
 
         unlink(config.path)
         #expect(mkfifo(config.path, 0o644) == 0)
-        let beforeReload = notify.messages.count
         kill(relay.pid, SIGHUP)
-        try relay.waitForLines(containing: "reload failed, still running the previous configuration: reading \(config.path) and resolving its host names took longer than 1s: check the file's file system and the resolver, or raise --reload-timeout")
-        try notify.waitFor(after: beforeReload, "READY=1 after the timed-out reload") { $0["READY"] == "1" }
-        try notify.waitFor(after: beforeReload, "the failure in STATUS=") { ($0["STATUS"] ?? "").hasPrefix("reload failed (reading \(config.path) ") }
+        let hung = try afterReloading(notify, number: 1)
+        // While it waits, the status says so (the timer sends it within a second or so).
+        try notify.waitFor(after: hung, "a reloading status") { ($0["STATUS"] ?? "").hasPrefix("reloading: 1 relay, 1 open connection, ") }
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: reading \(config.path) and resolving its host names took longer than 3s: check the file's file system and the resolver, or raise --reload-timeout")
+        try notify.waitFor(after: hung, "READY=1 after the timed-out reload") { $0["READY"] == "1" }
+        try notify.waitFor(after: hung, "the failure in STATUS=") { ($0["STATUS"] ?? "").hasPrefix("reload failed (reading \(config.path) ") }
         _ = try connectAndEcho(listen, "still served\n").close()
+
+        // The read is still stuck: another SIGHUP fails at once rather than block another thread.
+        kill(relay.pid, SIGHUP)
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: an earlier reload is still reading \(config.path) or resolving its host names: check the file's file system and the resolver, then send SIGHUP again")
+        try notify.waitFor(after: try afterReloading(notify, number: 2), "READY=1 after the refused reload") { $0["READY"] == "1" }
 
         // The blocked read ends at last, with a file that would add a relay: dropped.
         // Non-blocking: succeeds only while sameport's open() waits for a writer (bounded retries).
@@ -345,6 +367,9 @@ struct SystemdTests {
         try config.write(late)
         kill(relay.pid, SIGHUP)
         try relay.waitForLines(containing: "reloaded \(config.path): 2 relays; added: extra")
+        try notify.waitFor(after: try afterReloading(notify, number: 3), "READY=1 after the good reload") { $0["READY"] == "1" }
+        // Every reload ended with one READY=1; the dropped late result sent none.
+        #expect(lifecycle(notify) == ["READY", "RELOADING", "READY", "RELOADING", "READY", "RELOADING", "READY"], "\(notify.messages)")
         _ = try connectAndEcho(extra, "added\n").close()
         try kept.sendAll(Array("after\n".utf8))
         #expect(String(decoding: try kept.receive(exactly: 6, timeout: .seconds(5)).bytes, as: UTF8.self) == "after\n")
@@ -515,6 +540,14 @@ struct SystemdTests {
             defer { relay.stop() }
             #expect(relay.lines(containing: "sameport: ") == [
                 "sameport: cannot start: cannot take the sockets passed by systemd: LISTEN_FDNAMES=proxy:extra names 2 sockets, but LISTEN_FDS=1 passes 1: give every socket one name (FileDescriptorName=), or \(cure)",
+            ], "\(relay.output)")
+        }
+        // A LISTEN_PID that is no process ID.
+        do {
+            let relay = try refused(ActivationSocket(listen: a, name: "proxy"), ["run", "--config", config.path], environment: ["LISTEN_PID": "abc"])
+            defer { relay.stop() }
+            #expect(relay.lines(containing: "sameport: ") == [
+                "sameport: cannot start: cannot take the sockets passed by systemd: LISTEN_PID=abc is not a process ID: \(cure)",
             ], "\(relay.output)")
         }
         // More sockets announced than passed.
