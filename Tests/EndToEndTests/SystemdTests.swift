@@ -534,21 +534,14 @@ struct SystemdTests {
             #expect(warning.first?.contains(" warning LISTEN_FDS=1 is for process \(relay.pid) (LISTEN_PID), not this one (") == true, "\(warning)")
             #expect(warning.first?.hasSuffix("): the sockets are ignored; make sameport the service's main process (ExecStart=sameport ..., or exec it from a wrapper script) so that systemd passes them to it") == true, "\(warning)")
         }
-        // Two names for one socket.
-        do {
-            let relay = try refused(ActivationSocket(listen: a, name: "proxy"), ["run", "--config", config.path], environment: ["LISTEN_FDNAMES": "proxy:extra"])
+        // Two names for one socket; a LISTEN_PID that is no process ID.
+        for (variable, value, problem) in [
+            ("LISTEN_FDNAMES", "proxy:extra", "LISTEN_FDNAMES=proxy:extra names 2 sockets, but LISTEN_FDS=1 passes 1: give every socket one name (FileDescriptorName=), or \(cure)"),
+            ("LISTEN_PID", "abc", "LISTEN_PID=abc is not a process ID: \(cure)"),
+        ] {
+            let relay = try refused(ActivationSocket(listen: a, name: "proxy"), ["run", "--config", config.path], environment: [variable: value])
             defer { relay.stop() }
-            #expect(relay.lines(containing: "sameport: ") == [
-                "sameport: cannot start: cannot take the sockets passed by systemd: LISTEN_FDNAMES=proxy:extra names 2 sockets, but LISTEN_FDS=1 passes 1: give every socket one name (FileDescriptorName=), or \(cure)",
-            ], "\(relay.output)")
-        }
-        // A LISTEN_PID that is no process ID.
-        do {
-            let relay = try refused(ActivationSocket(listen: a, name: "proxy"), ["run", "--config", config.path], environment: ["LISTEN_PID": "abc"])
-            defer { relay.stop() }
-            #expect(relay.lines(containing: "sameport: ") == [
-                "sameport: cannot start: cannot take the sockets passed by systemd: LISTEN_PID=abc is not a process ID: \(cure)",
-            ], "\(relay.output)")
+            #expect(relay.lines(containing: "sameport: ") == ["sameport: cannot start: cannot take the sockets passed by systemd: \(problem)"], "\(relay.output)")
         }
         // More sockets announced than passed.
         do {
