@@ -171,7 +171,8 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         do {
             try probeEgress(endpoint)
         } catch where error.errno == EADDRINUSE {
-            guard let owner, owner.uid != geteuid() else { throw error }
+            // Owned by another user and not taken over: say so; otherwise the plain refusal.
+            guard let owner, owner.uid != geteuid(), !tookOverSocket else { throw error }
             let binding = EgressBinding(mode: spec.egress, local: endpoint)
             let cause = "\(inherited.label) from systemd belongs to uid \(owner.uid), sameport runs as uid \(geteuid()), and the kernel shares a port (SO_REUSEPORT) only between sockets of one owner"
             let tried = takeOverFailure.map { ", and taking it over failed (\($0))" } ?? ""

@@ -73,7 +73,8 @@ struct Daemon {
         // Every relay is tried, so that one run lists every failure; then all start, or none.
         let label: (RelaySpec) -> String = { configPath == nil ? "" : "relay \($0.name): " }
         var opened: [(relay: Relay, upstreams: [[Endpoint]])] = []
-        // Relays refused an address in use, which may be held by a socket systemd passed.
+        // Relays that bind their own address and found it in use: a socket systemd passed to
+        // another relay may hold it.
         var addressInUse: [(failure: Int, spec: RelaySpec)] = []
         for spec in relays {
             let upstreams: [[Endpoint]]
@@ -89,7 +90,9 @@ struct Daemon {
                 try relay.open(inherited: assignment.sockets[spec.name].map(Self.inherited))
                 opened.append((relay, upstreams))
             } catch {
-                if error.errno == EADDRINUSE { addressInUse.append((failures.count, spec)) }
+                if error.errno == EADDRINUSE, assignment.sockets[spec.name] == nil {
+                    addressInUse.append((failures.count, spec))
+                }
                 failures.append(("cannot start: \(label(spec))\(error.message)", false, error.errno ?? EINVAL))
             }
         }

@@ -25,8 +25,9 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var isReloading = false
     /// A reload's read of the file has not returned (it may outlive its reload: a hung file system).
     private var isReading = false
-    /// Counts reloads, so that the result of one that timed out is dropped when it comes at last.
-    private var reloadNumber = 0
+    /// Fails the running reload when its read takes longer than the reload timeout; cancelled
+    /// when the reload ends.
+    private var reloadDeadline: DispatchWorkItem?
     /// A SIGHUP came during a reload: reload once more when it is done.
     private var reloadAgain = false
     /// Clients served by relays that have retired, so that the total never goes down.
@@ -229,8 +230,6 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             return
         }
         isReading = true
-        reloadNumber += 1
-        let number = reloadNumber
         // Reading the file and resolving host names can block for seconds (or for good: a hung
         // file system): not on the main queue, where signals, the status line and the watchdog
         // are served; and not for longer than the reload timeout.
@@ -238,11 +237,14 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             let prepared = Self.prepared(configPath)
             DispatchQueue.main.async { [self] in
                 isReading = false
-                guard isReloading, number == reloadNumber else {
+                // A read in flight belongs to the running reload, if any: a SIGHUP that came
+                // while it was stuck ended its own reload at once.
+                guard isReloading else {
                     logger.notice("the reload that timed out has read \(configPath) at last; its result is dropped: send SIGHUP again")
                     return
                 }
                 guard !isStopping else {
+                    reloadDeadline?.cancel()
                     isReloading = false
                     return
                 }
@@ -256,15 +258,19 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
                 }
             }
         }
-        DispatchQueue.main.asyncAfter(deadline: .now() + reloadTimeout.dispatchInterval) { [self] in
-            guard isReloading, number == reloadNumber, !isStopping else { return }
+        let deadline = DispatchWorkItem { [self] in
+            guard !isStopping else { return }
             finishReload(failedWith: ["reading \(configPath) and resolving its host names took longer than \(reloadTimeout.shortDescription): check the file's file system and the resolver, or raise --reload-timeout"])
         }
+        reloadDeadline = deadline
+        DispatchQueue.main.asyncAfter(deadline: .now() + reloadTimeout.dispatchInterval, execute: deadline)
     }
 
     /// Ends a reload: READY=1, then the reload a SIGHUP asked for meanwhile. A failed one is logged
     /// line by line and said in STATUS= until a reload succeeds.
     private func finishReload(failedWith problems: [String] = []) {
+        reloadDeadline?.cancel()
+        reloadDeadline = nil
         isReloading = false
         if let first = problems.first {
             for line in problems {
