@@ -42,6 +42,7 @@ let package = Package(
         .executableTarget(
             name: "sameport",
             dependencies: [
+                "CSamePortShims",  // sameport_signal_pipe: signals, which the executable owns
                 "SamePortCore",
                 "SamePortConfig",
                 "SamePortNet",

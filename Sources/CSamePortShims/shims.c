@@ -1,6 +1,9 @@
 #include "CSamePortShims.h"
 
+#include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <string.h>
 #include <linux/capability.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -69,6 +72,38 @@ int sameport_capbset_read(int cap) { return prctl(PR_CAPBSET_READ, cap, 0, 0, 0)
 int sameport_capbset_drop(int cap) { return prctl(PR_CAPBSET_DROP, cap, 0, 0, 0); }
 int sameport_cap_ambient_is_set(int cap) { return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap, 0, 0); }
 int sameport_cap_ambient_lower(int cap) { return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0); }
+
+static int sameport_signal_write_end = -1;
+
+static void sameport_signal_to_pipe(int signo) {
+    int saved = errno;
+    unsigned char number = (unsigned char)signo;
+    // A full pipe already holds this signal many times over: nothing is lost by dropping it.
+    ssize_t written = write(sameport_signal_write_end, &number, 1);
+    (void)written;
+    errno = saved;
+}
+
+int sameport_signal_pipe(const int *signals, int count) {
+    int ends[2];
+    if (pipe2(ends, O_NONBLOCK | O_CLOEXEC) != 0) return -1;
+    sameport_signal_write_end = ends[1];
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = sameport_signal_to_pipe;
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    for (int i = 0; i < count; i++) {
+        if (sigaction(signals[i], &action, NULL) != 0) {
+            int saved = errno;
+            close(ends[0]);
+            close(ends[1]);
+            errno = saved;
+            return -1;
+        }
+    }
+    return ends[0];
+}
 
 const int sameport_cap_chown = CAP_CHOWN;
 const int sameport_cap_setpcap = CAP_SETPCAP;

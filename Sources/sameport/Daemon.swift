@@ -36,7 +36,7 @@ struct Daemon {
 
         let supervisor = Supervisor(
             relays: opened, configPath: configPath, reloadTimeout: reloadTimeout, notifier: notifier, logger: logger)
-        supervisor.installSignalHandlers()
+        try supervisor.installSignalHandlers()
         // Signals are handled before the first client is taken.
         for (relay, _) in opened {
             supervisor.start(relay)

@@ -1,3 +1,4 @@
+import CSamePortShims
 import Dispatch
 import Glibc
 import Logging
@@ -49,12 +50,35 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
 
     // MARK: Start
 
-    func installSignalHandlers() {
-        sources += [
-            onSignal(SIGTERM) { $0.stop(on: "SIGTERM", cut: false) },
-            onSignal(SIGINT) { $0.stop(on: "SIGINT", cut: true) },
-            onSignal(SIGHUP) { $0.reload() },
-        ]
+    /// Takes SIGTERM, SIGINT and SIGHUP from now on: each is handled on the main queue once it
+    /// runs, however early it came (see `sameport_signal_pipe`).
+    func installSignalHandlers() throws(StartFailure) {
+        let signals = [SIGTERM, SIGINT, SIGHUP]
+        let fd = signals.withUnsafeBufferPointer { sameport_signal_pipe($0.baseAddress, Int32($0.count)) }
+        guard fd >= 0 else {
+            throw StartFailure(messages: ["runtime failure: cannot set up signal handling: \(String(cString: strerror(errno))); try again"], exitCode: 1, errno: errno)
+        }
+        let source = DispatchSource.makeReadSource(fileDescriptor: fd, queue: .main)
+        source.setEventHandler { [unowned self] in
+            var numbers = [UInt8](repeating: 0, count: 64)
+            while true {
+                let count = read(fd, &numbers, numbers.count)
+                if count < 0 && errno == EINTR { continue }
+                guard count > 0 else { return }  // EAGAIN: every signal so far is handled
+                for number in numbers[..<count] { handle(Int32(number)) }
+            }
+        }
+        source.activate()
+        sources.append(source)
+    }
+
+    private func handle(_ signal: Int32) {
+        switch signal {
+        case SIGTERM: stop(on: "SIGTERM", cut: false)
+        case SIGINT: stop(on: "SIGINT", cut: true)
+        case SIGHUP: reload()
+        default: break
+        }
     }
 
     /// Starts a relay's accepting and logs where it listens.
@@ -398,15 +422,6 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     }
 
     // MARK: Sources
-
-    /// Handles `number` on the main queue instead of its default action.
-    private func onSignal(_ number: Int32, _ handler: @escaping @Sendable (Supervisor) -> Void) -> DispatchSourceSignal {
-        signal(number, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
-        source.setEventHandler { [unowned self] in handler(self) }
-        source.activate()
-        return source
-    }
 
     private func repeating(every interval: Duration, _ handler: @escaping @Sendable (Supervisor) -> Void) -> DispatchSourceTimer {
         let timer = DispatchSource.makeTimerSource(queue: .main)

@@ -62,6 +62,15 @@ int sameport_capbset_drop(int cap);
 int sameport_cap_ambient_is_set(int cap);
 int sameport_cap_ambient_lower(int cap);
 
+/// Routes `count` signals to a pipe: their handler writes each signal's number, one byte, to
+/// the pipe (write(2) is async-signal-safe), and the caller reads the returned end from a
+/// Dispatch source. libdispatch's own signal sources are not enough on Linux: it installs their
+/// handler only once its manager thread registers them, while dispatch_main() already waits in
+/// sigsuspend() with every signal unblocked, so a signal in between meets SIG_IGN and is lost.
+/// Bytes in a pipe wait for their reader. Returns the read end (non-blocking, close-on-exec), or
+/// -1 with errno.
+int sameport_signal_pipe(const int *signals, int count);
+
 /// CAP_CHOWN and CAP_SETPCAP, from <linux/capability.h>.
 extern const int sameport_cap_chown;
 extern const int sameport_cap_setpcap;
