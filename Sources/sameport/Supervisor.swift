@@ -9,7 +9,7 @@ import SamePortSystemd
 /// The running relays and what the service manager hears about them: signals, reload (SIGHUP),
 /// drain (SIGTERM), status and watchdog.
 ///
-/// Concurrency: confined to the main queue, where the signal sources and timers deliver.
+/// Concurrency: confined to the main queue, where the signal pipe's source and the timers deliver.
 final class Supervisor: @unchecked Sendable {  // confined to the main queue
     /// The relays of the current configuration, in its order.
     private var relays: [Relay]
