@@ -61,7 +61,7 @@ let package = Package(
         .testTarget(name: "SamePortConfigTests", dependencies: ["SamePortConfig", "SamePortCore"]),
         .testTarget(
             name: "SamePortNetTests",
-            dependencies: ["SamePortNet", "SamePortCore", "SamePortTestSupport"]
+            dependencies: ["SamePortNet", "SamePortCore", "SamePortTestSupport", "CSamePortShims"]
         ),
         .testTarget(
             name: "EndToEndTests",

@@ -7,6 +7,10 @@
 #include <linux/capability.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sched.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -107,3 +111,64 @@ int sameport_signal_pipe(const int *signals, int count) {
 
 const int sameport_cap_chown = CAP_CHOWN;
 const int sameport_cap_setpcap = CAP_SETPCAP;
+
+int sameport_epoll_create(void) {
+    return epoll_create1(EPOLL_CLOEXEC);
+}
+
+const int sameport_epoll_ctl_add = EPOLL_CTL_ADD;
+const int sameport_epoll_ctl_mod = EPOLL_CTL_MOD;
+const int sameport_epoll_ctl_del = EPOLL_CTL_DEL;
+
+int sameport_epoll_ctl(int epfd, int op, int fd, unsigned int events, unsigned long long data) {
+    struct epoll_event event;
+    memset(&event, 0, sizeof event);
+    event.events = events;
+    event.data.u64 = data;
+    return epoll_ctl(epfd, op, fd, &event);
+}
+
+int sameport_epoll_wait(int epfd, struct sameport_epoll_event *events, int max, long long timeout_ns) {
+    struct epoll_event raw[256];
+    if (max > 256) max = 256;
+    int count;
+    if (timeout_ns <= 0) {
+        count = epoll_wait(epfd, raw, max, timeout_ns < 0 ? -1 : 0);
+    } else {
+        static int no_pwait2 = 0;
+        count = -1;
+        if (!__atomic_load_n(&no_pwait2, __ATOMIC_RELAXED)) {
+            struct timespec timeout = { timeout_ns / 1000000000LL, timeout_ns % 1000000000LL };
+            count = epoll_pwait2(epfd, raw, max, &timeout, NULL);
+            if (count < 0 && errno == ENOSYS) __atomic_store_n(&no_pwait2, 1, __ATOMIC_RELAXED);
+        }
+        if (count < 0 && __atomic_load_n(&no_pwait2, __ATOMIC_RELAXED)) {
+            count = epoll_wait(epfd, raw, max, (int)((timeout_ns + 999999LL) / 1000000LL));
+        }
+    }
+    for (int i = 0; i < count; i++) {
+        events[i].events = raw[i].events;
+        events[i].data = raw[i].data.u64;
+    }
+    return count;
+}
+
+const unsigned int sameport_epollin = EPOLLIN;
+const unsigned int sameport_epollout = EPOLLOUT;
+const unsigned int sameport_epollrdhup = EPOLLRDHUP;
+const unsigned int sameport_epollerr = EPOLLERR;
+const unsigned int sameport_epollhup = EPOLLHUP;
+const unsigned int sameport_epollet = EPOLLET;
+const unsigned int sameport_epollexclusive = EPOLLEXCLUSIVE;
+
+int sameport_eventfd(void) {
+    return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+}
+
+int sameport_cpu_count(void) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
+    int count = CPU_COUNT(&set);
+    return count > 0 ? count : 1;
+}

@@ -1,49 +1,50 @@
+import CSamePortShims
 import Dispatch
 import Glibc
 import Logging
 import SamePortCore
 import Synchronization
 
+/// What the connections of one relay generation share: its settings and logger, held once.
+final class ConnectionContext: Sendable {
+    let relayName: String
+    let connectTimeout: Duration
+    let idleTimeout: Duration?
+    let bufferSize: Int
+    /// The pipe size asked for the splice path; nil: read/write only.
+    let pipeSize: Int?
+    /// The bytes each direction copies before it splices.
+    let spliceAfter: UInt64
+    let logger: Logger
+
+    init(spec: RelaySpec, logger: Logger) {
+        relayName = spec.name
+        connectTimeout = spec.connectTimeout
+        idleTimeout = spec.idleTimeout.flatMap { $0 > .zero ? $0 : nil }
+        bufferSize = spec.bufferSize
+        pipeSize = spec.splice == .on ? spec.pipeSize : nil
+        spliceAfter = UInt64(spec.spliceAfter)
+        self.logger = logger
+    }
+}
+
 /// One client and its upstream: dials from the egress, then pumps both directions until the end.
 ///
-/// Concurrency model: each connection has its own serial queue (targeting the shared work queue);
-/// its two channels, two directions and one timer all deliver there, so the state below needs no
-/// lock. The relay's bookkeeping lives on the relay's queue; `onEnd` is how a connection hands
-/// its end back to it.
+/// Concurrency model: a connection lives on the shard (`EventLoop`) that accepted its client; its
+/// sockets' events, its deadline and every call into it run on that shard's queue, so the state
+/// below needs no lock. The relay's bookkeeping is shared by its shards under a lock; the
+/// connection reports its end (and a failed upstream) to the relay from its shard.
 ///
 /// Dialling: every address of the chosen upstream is tried in order, each attempt bounded by the
 /// connect timeout. EADDRNOTAVAIL (the 4-tuple is held: TIME_WAIT, or another process) is retried
-/// with backoff, the whole retrying bounded by the connect timeout too. The upstream socket's write
-/// source, used to learn that connect() finished, is the same one the pump uses afterwards.
-final class Connection: @unchecked Sendable {  // confined to `queue`
-    /// What a connection needs from its relay.
-    struct Settings: Sendable {
-        var relayName: String
-        var connectTimeout: Duration
-        var idleTimeout: Duration?
-        var bufferSize: Int
-        /// The pipe size asked for the splice path; nil: read/write only.
-        var pipeSize: Int?
-        /// The bytes each direction copies before it splices.
-        var spliceAfter: UInt64
-        var logger: Logger
-    }
-
-    private enum State {
-        case starting
-        case connecting(channel: SocketChannel, address: Int)
-        case backingOff
-        /// Waiting for the relay to hand over another upstream (bounded by the connect timeout).
-        case awaitingUpstream
-        case relaying
-        case ended
-    }
-
-    let queue: DispatchQueue
-    /// Called on `queue` once, after the connection ended and its line was logged.
-    var onEnd: ((ConnectionEnd) -> Void)?
+/// with a short backoff, the whole retrying bounded by the connect timeout too. When every address
+/// failed, the relay hands over another upstream (failover) or the client is closed.
+///
+/// One deadline serves every phase: the connect timeout, the backoff, the wait for another
+/// upstream, and the idle timeout while relaying.
+final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  // confined to `loop`
     /// The relay's answer when a connection asks for another upstream.
-    enum Failover: Sendable {
+    enum UpstreamReplacement: Sendable {
         /// Try this upstream next.
         case reserved(UpstreamSelector.Reservation)
         /// Every upstream has been tried.
@@ -52,59 +53,124 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         case stopping
     }
 
-    /// Called on `queue` when every address of the reserved upstream failed: the relay frees that
-    /// reservation and answers once (from any queue) with another upstream not yet tried, as soon
-    /// as one is free, or says that none is left.
-    var onUpstreamFailed: ((_ tried: Set<Int>, _ answer: @escaping @Sendable (Failover) -> Void) -> Void)?
+    private enum State {
+        case starting
+        case connecting(address: Int)
+        case backingOff
+        /// Waiting for the relay to hand over another upstream (bounded by the connect timeout).
+        case awaitingUpstream
+        case relaying
+        case ended
+    }
 
-    private let settings: Settings
-    private let client: SocketChannel
-    private let clientEndpoint: Endpoint
-    private let binding: EgressBinding
-    private let acceptedAt: DispatchTime
-    private let timer: DispatchSourceTimer
+    private static let clientTag: UInt8 = 0
+    private static let upstreamTag: UInt8 = 1
+
+    unowned let loop: EventLoop
+    private let relay: Relay
+    private let context: ConnectionContext
+    private let client: Socket
+    private var clientRegistration: UInt64?
+    private var upstream: Socket?
+    private var upstreamRegistration: UInt64?
+    let clientEndpoint: Endpoint
+    let binding: EgressBinding
+    private let acceptedAt: UInt64
     private var state = State.starting
-    private var reservation: UpstreamSelector.Reservation
-    private var triedUpstreams: Set<Int>
-    private var upstream: SocketChannel?
-    private var egressEndpoint: Endpoint?
+    /// The upstream booked for this connection, and the others it tried before (failover).
+    private(set) var reservation: UpstreamSelector.Reservation
+    private var earlierUpstreams: [Int] = []
+    private var clientToUpstream: Direction
+    private var upstreamToClient: Direction
     private var upstreamEndpoint: Endpoint?
-    private var directions: (clientToUpstream: Direction, upstreamToClient: Direction)?
+    /// The egress the kernel chose (ephemeral bindings only; a fixed one is the binding).
+    private var chosenEgress: Endpoint?
     /// Why each address failed in the current round of attempts.
     private var failures: [String] = []
     private var sawAddressNotAvailable = false
-    private var retryDeadline: DispatchTime?
-    private var backoff = Backoff()
-    private var watchdogInterval = Connection.watchdogFloor
-    /// When the connect in progress times out.
-    private var connectDeadline = DispatchTime.distantFuture
-    private var progressAtLastWatch: UInt64 = 0
+    private var retryDeadline: UInt64?
+    private var backoff = Connection.addressBackoff()
+
+    var deadlineIndex = -1
+    var deadline: UInt64 = 0
+
+    /// The backoff for a held 4-tuple: short first, since the pair is usually held by a
+    /// connection that is closing right now (LAST_ACK on loopback takes microseconds).
+    private static func addressBackoff() -> Backoff {
+        Backoff(initial: .microseconds(200), maximum: .milliseconds(50))
+    }
 
     init(
-        client: Socket, clientEndpoint: Endpoint, acceptedAt: DispatchTime, binding: EgressBinding,
-        reservation: UpstreamSelector.Reservation, settings: Settings, queue: DispatchQueue
+        client: Socket, clientEndpoint: Endpoint, acceptedAt: UInt64, binding: EgressBinding,
+        reservation: UpstreamSelector.Reservation, context: ConnectionContext, relay: Relay, loop: EventLoop
     ) {
-        self.queue = queue
-        self.client = SocketChannel(socket: client, queue: queue)
+        self.loop = loop
+        self.relay = relay
+        self.context = context
+        self.client = client
         self.clientEndpoint = clientEndpoint
         self.acceptedAt = acceptedAt
         self.binding = binding
         self.reservation = reservation
-        triedUpstreams = [reservation.upstreamIndex]
-        self.settings = settings
-        timer = DispatchSource.makeTimerSource(queue: queue)
-        timer.setEventHandler { [unowned self] in timerFired() }
-        timer.activate()
+        clientToUpstream = Direction(
+            fromSide: .client, capacity: context.bufferSize, pipeSize: context.pipeSize,
+            spliceAfter: context.spliceAfter, now: acceptedAt)
+        upstreamToClient = Direction(
+            fromSide: .upstream, capacity: context.bufferSize, pipeSize: context.pipeSize,
+            spliceAfter: context.spliceAfter, now: acceptedAt)
     }
 
-    /// Starts dialling the upstream, on the connection's queue.
+    deinit {
+        clientToUpstream.release()
+        upstreamToClient.release()
+    }
+
+    /// Starts dialling the upstream; on `loop`.
     func start() {
-        queue.async { self.attempt(address: 0) }
+        guard case .starting = state else { return }
+        do {
+            clientRegistration = try loop.registerSocket(client, handler: self, tag: Self.clientTag)
+        } catch {
+            return finish(.failed(cause: "client: \(error)"))
+        }
+        attempt(address: 0)
     }
 
-    /// Ends the connection from outside (the relay is stopping).
+    /// Ends the connection from outside (the relay is stopping); on `loop`.
     func stop() {
-        queue.async { self.finish(.shutdown) }
+        finish(.shutdown)
+    }
+
+    // MARK: Events
+
+    func handle(events: UInt32, tag: UInt8) {
+        switch state {
+        case .connecting:
+            if tag == Self.upstreamTag { concludeConnect(events: events) }
+        case .relaying:
+            relay(events: events, on: tag == Self.clientTag ? .client : .upstream)
+        case .starting, .backingOff, .awaitingUpstream, .ended:
+            break  // the client's events wait until relaying: the pumps start by reading
+        }
+    }
+
+    func deadlineReached(now: UInt64) {
+        switch state {
+        case .connecting:
+            concludeConnect(events: 0, deadlinePassed: true)
+        case .backingOff:
+            attempt(address: 0)
+        case .awaitingUpstream:
+            failDial("no other upstream became free within \(context.connectTimeout.shortDescription)")
+        case .relaying:
+            checkIdle(now: now)
+        case .starting, .ended:
+            break
+        }
+    }
+
+    private func setDeadline(after duration: Duration) {
+        loop.setDeadline(self, at: DispatchTime.now().uptimeNanoseconds &+ UInt64(max(0, duration.nanoseconds)))
     }
 
     // MARK: Dialling
@@ -119,59 +185,55 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             let hint = EgressBinding.hint(for: error.errno).map { " (\($0))" } ?? ""
             return finish(.connectFailed(cause: "egress \(binding): \(error)\(hint)"))
         }
+        let connectedAtOnce: Bool
         do {
-            // Connected at once or in progress: either way the channel's events conclude it.
-            _ = try socket.connect(to: address)
-            let channel = SocketChannel(socket: socket, queue: queue)
-            state = .connecting(channel: channel, address: index)
-            // Readable during connect means it finished too: refused (a hang-up) or data already.
-            channel.onWritable = { [unowned self] in concludeConnect(deadlinePassed: false) }
-            channel.onReadable = { [unowned self] in concludeConnect(deadlinePassed: false) }
-            channel.setWriting(true)
-            channel.setReading(true)
-            connectDeadline = .now() + settings.connectTimeout.dispatchInterval
-            // The connect's own event decides, even when connect() already finished on loopback:
-            // concluding before libdispatch has delivered an event on the new channel's sources
-            // (suspending or cancelling them right after they were activated) crashed its event
-            // loop under churn in CI, twice (swift-corelibs-libdispatch #833, #949). The timer
-            // looks at the socket every 250 ms in case that event is lost.
-            armConnectTimer()
+            connectedAtOnce = try socket.connect(to: address)
         } catch {
             socket.close()
             if error.errno == .addressNotAvailable { sawAddressNotAvailable = true }
             failures.append("\(address): \(error)")
-            attempt(address: index + 1)
+            return attempt(address: index + 1)
         }
+        // Registered after connect(): the registration reports the socket's state as it is then,
+        // so a connect that finished meanwhile is not missed (edge-triggered epoll).
+        do {
+            upstreamRegistration = try loop.registerSocket(socket, handler: self, tag: Self.upstreamTag)
+        } catch {
+            socket.close()
+            return finish(.failed(cause: "upstream: \(error)"))
+        }
+        upstream = socket
+        state = .connecting(address: index)
+        if connectedAtOnce {
+            return didConnect(address: address)
+        }
+        setDeadline(after: context.connectTimeout)
     }
 
-    /// Decides how a connect in progress ended: on its event, at the connect deadline, or when
-    /// looked at before either (`unlessInProgress`: if it has not ended, the timer is armed
-    /// again). A socket says itself whether it connected or failed, also when its completion
-    /// event was lost (see the watchdog). SO_ERROR is read once: reading it clears it.
-    private func concludeConnect(deadlinePassed: Bool, unlessInProgress: Bool = false) {
-        guard case .connecting(let channel, let index) = state else { return }
+    /// Decides how a connect in progress ended: on its socket's event, or at the deadline.
+    /// SO_ERROR is read once: reading it clears it.
+    private func concludeConnect(events: UInt32, deadlinePassed: Bool = false) {
+        guard case .connecting(let index) = state, let upstream else { return }
         let address = reservation.addresses[index]
-        let error = channel.socket.pendingError()
-        let connected = error == nil && (try? channel.socket.peerEndpoint()) != nil
-        if error == nil && !connected && unlessInProgress && !deadlinePassed {
-            return armConnectTimer()
+        let error = upstream.pendingError()
+        if error == nil {
+            if events & sameport_epollout != 0 { return didConnect(address: address) }
+            if !deadlinePassed { return }  // not finished yet
+            // At the deadline with no error: connected if it has a peer, else still in progress.
+            if (try? upstream.peerEndpoint()) != nil { return didConnect(address: address) }
         }
-        if error == nil, !deadlinePassed || connected {
-            timer.schedule(deadline: .distantFuture)
-            return didConnect(channel, address: address)
-        }
-        channel.close()
+        closeUpstream(reset: false)
         let cause = error.map { "\(SystemError("connect", $0))" }
-            ?? "connect timed out after \(settings.connectTimeout.shortDescription)"
+            ?? "connect timed out after \(context.connectTimeout.shortDescription)"
         failures.append("\(address): \(cause)")
         attempt(address: index + 1)
     }
 
     /// Every address of the upstream failed: retry a held 4-tuple, fail over, or give up.
     private func roundFailed() {
-        let now = DispatchTime.now()
+        let now = DispatchTime.now().uptimeNanoseconds
         if sawAddressNotAvailable {
-            let deadline = retryDeadline ?? now + settings.connectTimeout.dispatchInterval
+            let deadline = retryDeadline ?? now &+ UInt64(max(0, context.connectTimeout.nanoseconds))
             retryDeadline = deadline
             guard now < deadline else {
                 return failDial("the 4-tuple from \(binding) stayed held (TIME_WAIT or another process); add upstreams or use --on-busy ephemeral")
@@ -179,31 +241,31 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
             state = .backingOff
             failures.removeAll()
             sawAddressNotAvailable = false
-            timer.schedule(deadline: min(now + backoff.nextDelay().dispatchInterval, deadline), leeway: .milliseconds(1))
+            loop.setDeadline(self, at: min(now &+ UInt64(max(0, backoff.nextDelay().nanoseconds)), deadline))
             return
         }
-        guard let onUpstreamFailed else { return failDial() }
         // Fail over to another upstream: at once if one is free, else when one frees up, within
         // the connect timeout.
         state = .awaitingUpstream
-        armTimer(after: settings.connectTimeout)
-        onUpstreamFailed(triedUpstreams) { [self] answer in
-            queue.async { [self] in
-                guard case .awaitingUpstream = state else { return }
-                switch answer {
-                case .reserved(let next):
-                    timer.schedule(deadline: .distantFuture)
-                    reservation = next
-                    triedUpstreams.insert(next.upstreamIndex)
-                    backoff = Backoff()
-                    retryDeadline = nil
-                    attempt(address: 0)
-                case .noneLeft:
-                    failDial()
-                case .stopping:
-                    finish(.shutdown)
-                }
-            }
+        setDeadline(after: context.connectTimeout)
+        earlierUpstreams.append(reservation.upstreamIndex)
+        relay.upstreamFailed(self, tried: Set(earlierUpstreams))
+    }
+
+    /// The relay's answer to `Relay.upstreamFailed`; on `loop`.
+    func replaceUpstream(_ answer: UpstreamReplacement) {
+        guard case .awaitingUpstream = state else { return }
+        switch answer {
+        case .reserved(let next):
+            loop.cancelDeadline(self)
+            reservation = next
+            backoff = Self.addressBackoff()
+            retryDeadline = nil
+            attempt(address: 0)
+        case .noneLeft:
+            failDial()
+        case .stopping:
+            finish(.shutdown)
         }
     }
 
@@ -212,190 +274,175 @@ final class Connection: @unchecked Sendable {  // confined to `queue`
         finish(.connectFailed(cause: (failures + (last.map { [$0] } ?? [])).joined(separator: "; ")))
     }
 
-    /// The connect timer: at the connect deadline, or at the watchdog's interval before it.
-    private func armConnectTimer() {
-        timer.schedule(deadline: min(connectDeadline, .now() + Self.watchdogFloor.dispatchInterval), leeway: .milliseconds(10))
-    }
-
-    private func armTimer(after duration: Duration) {
-        timer.schedule(deadline: .now() + duration.dispatchInterval, leeway: .milliseconds(10))
-    }
-
-    private func timerFired() {
-        switch state {
-        case .connecting:
-            // At the deadline, or earlier as a watchdog: the event that says a connect finished
-            // can be lost like any other (see `watchdogFloor`), and the socket knows anyway.
-            concludeConnect(deadlinePassed: DispatchTime.now() >= connectDeadline, unlessInProgress: true)
-        case .backingOff:
-            attempt(address: 0)
-        case .awaitingUpstream:
-            failDial("no other upstream became free within \(settings.connectTimeout.shortDescription)")
-        case .relaying:
-            timerFiredWhileRelaying()
-        case .starting, .ended:
-            break
-        }
-    }
-
     // MARK: Relaying
 
-    private func didConnect(_ channel: SocketChannel, address: Endpoint) {
-        channel.setWriting(false)
-        channel.setReading(false)
+    private func didConnect(address: Endpoint) {
+        loop.cancelDeadline(self)
         state = .relaying
-        upstream = channel
         upstreamEndpoint = address
-        egressEndpoint = try? channel.socket.localEndpoint()
-        settings.logger.debug("connected", metadata: [
-            "relay": .string(settings.relayName), "client": .stringConvertible(clientEndpoint),
-            "egress": .string(egressEndpoint.map(\.description) ?? "-"), "upstream": .stringConvertible(address)])
+        guard let upstream else { return }
+        if binding.bookedEndpoint == nil { chosenEgress = try? upstream.localEndpoint() }
+        if context.logger.logLevel <= .debug {
+            context.logger.debug("connected", metadata: [
+                "relay": .string(context.relayName), "client": .stringConvertible(clientEndpoint),
+                "egress": .string(egressDescription), "upstream": .stringConvertible(address)])
+        }
         // A relay forwards what it reads as soon as it reads it: Nagle would only add delay.
-        for socket in [client.socket, channel.socket] {
+        for socket in [client, upstream] {
             try? socket.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
         }
-        let clientToUpstream = Direction(
-            from: client, fromSide: .client, to: channel, capacity: settings.bufferSize,
-            pipeSize: settings.pipeSize, spliceAfter: settings.spliceAfter)
-        let upstreamToClient = Direction(
-            from: channel, fromSide: .upstream, to: client, capacity: settings.bufferSize,
-            pipeSize: settings.pipeSize, spliceAfter: settings.spliceAfter)
-        directions = (clientToUpstream, upstreamToClient)
-        for direction in [clientToUpstream, upstreamToClient] {
-            direction.from.onReadable = direction.pump
-            direction.to.onWritable = direction.pump
-            direction.onEvent = { [unowned self] event in directionEvent(event) }
-        }
-        scheduleTimer()
-        clientToUpstream.pump()
-        upstreamToClient.pump()
+        if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
+        pump(.clientToUpstream)
+        pump(.upstreamToClient)
     }
 
-    private func directionEvent(_ event: Direction.Event) {
-        switch event {
+    private enum Which {
+        case clientToUpstream
+        case upstreamToClient
+    }
+
+    /// Drives the directions that this socket's event can unblock.
+    private func relay(events: UInt32, on side: Side) {
+        let readable = events & (sameport_epollin | sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
+        let writable = events & (sameport_epollout | sameport_epollhup | sameport_epollerr) != 0
+        let from: Which = side == .client ? .clientToUpstream : .upstreamToClient
+        let to: Which = side == .client ? .upstreamToClient : .clientToUpstream
+        if readable, direction(from).waitingFor == .read { pump(from) }
+        if writable, direction(to).waitingFor == .write { pump(to) }
+        // An error on a socket that neither direction is reading or writing now (a reset client
+        // while its upstream is quiet) is found here rather than at the next byte.
+        if events & sameport_epollerr != 0, case .relaying = state,
+           let socket = side == .client ? client : upstream, let error = socket.pendingError() {
+            directionFailed(side: side, SystemError("recv", error))
+        }
+    }
+
+    private func direction(_ which: Which) -> Direction {
+        which == .clientToUpstream ? clientToUpstream : upstreamToClient
+    }
+
+    private func pump(_ which: Which) {
+        guard case .relaying = state, let upstream else { return }
+        let outcome: Direction.Outcome
+        let refusal: String?
+        switch which {
+        case .clientToUpstream:
+            outcome = clientToUpstream.pump(from: client, to: upstream)
+            refusal = clientToUpstream.spliceRefusal
+            clientToUpstream.spliceRefusal = nil
+        case .upstreamToClient:
+            outcome = upstreamToClient.pump(from: upstream, to: client)
+            refusal = upstreamToClient.spliceRefusal
+            upstreamToClient.spliceRefusal = nil
+        }
+        if let refusal { logSpliceRefusal(refusal) }
+        switch outcome {
+        case .awaitingRead, .awaitingWrite:
+            break
+        case .yielded:
+            loop.execute { [self] in pump(which) }
         case .finished:
-            if let directions, directions.clientToUpstream.isFinished, directions.upstreamToClient.isFinished {
-                finish(.completed)
-            }
+            if clientToUpstream.isFinished, upstreamToClient.isFinished { finish(.completed) }
         case .failed(let side, let error):
-            switch error.errno {
-            case .connectionReset, .brokenPipe:
-                finish(side == .client ? .clientReset : .upstreamReset)
-            default:
-                finish(.failed(cause: "\(side): \(error)"))
-            }
-        case .spliceUnavailable(let cause):
-            // Not worth a line per connection: the first time per process, at debug.
-            if !Self.loggedSpliceUnavailable.exchange(true, ordering: .relaxed) {
-                settings.logger.debug("splice unavailable, copying instead (logged once)", metadata: [
-                    "relay": .string(settings.relayName), "cause": .string(cause)])
-            }
+            directionFailed(side: side, error)
+        }
+    }
+
+    private func directionFailed(side: Side, _ error: SystemError) {
+        switch error.errno {
+        case .connectionReset, .brokenPipe:
+            finish(side == .client ? .clientReset : .upstreamReset)
+        default:
+            finish(.failed(cause: "\(side): \(error)"))
         }
     }
 
     /// Whether the splice fallback has been logged by this process.
     private static let loggedSpliceUnavailable = Atomic<Bool>(false)
 
-    /// Bounds of the stall watchdog's interval: short while bytes move, backing off when idle.
-    ///
-    /// libdispatch on Linux can lose a read or write event: when one fd's read and write sources
-    /// share an epoll registration and the peer hangs up (SR-9033, swift-corelibs-libdispatch #833)
-    /// or both directions are busy. Seen here without this watchdog: one connection in a few
-    /// hundred of Tests/EndToEndTests/ResourceTests.swift never saw its upstream's EOF, and one
-    /// 64 MiB two-way transfer stalled for good. Re-driving both pumps from the connection's timer
-    /// turns a lost event into a delay of at most this interval; a pump with nothing to do costs
-    /// one read(2) or splice(2) that returns EAGAIN.
-    private static let watchdogFloor = Duration.milliseconds(250)
-    private static let watchdogCeiling = Duration.seconds(5)
-
-    private func timerFiredWhileRelaying() {
-        guard let directions else { return }
-        let before = progress(directions)
-        for direction in [directions.clientToUpstream, directions.upstreamToClient] where !direction.isFinished {
-            direction.pump()
+    private func logSpliceRefusal(_ cause: String) {
+        // Not worth a line per connection: the first time per process, at debug.
+        if !Self.loggedSpliceUnavailable.exchange(true, ordering: .relaxed) {
+            context.logger.debug("splice unavailable, copying instead (logged once)", metadata: [
+                "relay": .string(context.relayName), "cause": .string(cause)])
         }
-        guard case .relaying = state else { return }
-        let after = progress(directions)
-        if after != before {
-            settings.logger.debug("the watchdog moved bytes: an event was late or lost", metadata: [
-                "relay": .string(settings.relayName), "client": .stringConvertible(clientEndpoint)])
-        }
-        if after == progressAtLastWatch {
-            // Idle since the last look: its buffers can go until bytes move again.
-            directions.clientToUpstream.releaseIdleBuffer()
-            directions.upstreamToClient.releaseIdleBuffer()
-        }
-        watchdogInterval = after == progressAtLastWatch
-            ? min(watchdogInterval * 2, Self.watchdogCeiling) : Self.watchdogFloor
-        progressAtLastWatch = after
-        scheduleTimer()
     }
 
-    /// Bytes moved plus finished directions: changes whenever a connection makes progress.
-    private func progress(_ directions: (clientToUpstream: Direction, upstreamToClient: Direction)) -> UInt64 {
-        directions.clientToUpstream.bytes &+ directions.upstreamToClient.bytes
-            &+ (directions.clientToUpstream.isFinished ? 1 : 0) &+ (directions.upstreamToClient.isFinished ? 1 : 0)
-    }
-
-    /// Arms the connection timer for the idle deadline or the watchdog, whichever comes first.
-    private func scheduleTimer() {
-        guard case .relaying = state, let directions else { return }
-        var deadline = DispatchTime.now() + watchdogInterval.dispatchInterval
-        if let idleTimeout = settings.idleTimeout, idleTimeout > .zero {
-            directions.clientToUpstream.noteKernelProgress()
-            directions.upstreamToClient.noteKernelProgress()
-            let last = max(directions.clientToUpstream.lastActivity, directions.upstreamToClient.lastActivity)
-            let idleDeadline = DispatchTime(uptimeNanoseconds: last) + idleTimeout.dispatchInterval
-            if DispatchTime.now() >= idleDeadline { return finish(.idleTimeout) }
-            deadline = min(deadline, idleDeadline)
-        }
-        timer.schedule(deadline: deadline, leeway: .milliseconds(20))
+    /// The idle deadline: ends the connection if nothing moved for the idle timeout, counting
+    /// what the kernel delivered from the send queues; otherwise waits for the new deadline.
+    private func checkIdle(now: UInt64) {
+        guard let idleTimeout = context.idleTimeout, let upstream else { return }
+        clientToUpstream.noteKernelProgress(to: upstream)
+        upstreamToClient.noteKernelProgress(to: client)
+        let last = max(clientToUpstream.lastActivity, upstreamToClient.lastActivity)
+        let idleDeadline = last &+ UInt64(max(0, idleTimeout.nanoseconds))
+        if now >= idleDeadline { return finish(.idleTimeout) }
+        loop.setDeadline(self, at: idleDeadline)
     }
 
     // MARK: Ending
 
+    private var egressDescription: String {
+        chosenEgress.map(\.description) ?? binding.bookedEndpoint.map(\.description) ?? binding.description
+    }
+
+    private func closeUpstream(reset: Bool) {
+        guard let upstream else { return }
+        if let upstreamRegistration { loop.deregister(fd: upstream.fd, id: upstreamRegistration) }
+        if reset { upstream.setResetOnClose() }
+        upstream.close()
+        self.upstream = nil
+        upstreamRegistration = nil
+    }
+
+    private func closeClient(reset: Bool) {
+        if let clientRegistration { loop.deregister(fd: client.fd, id: clientRegistration) }
+        clientRegistration = nil
+        if reset { client.setResetOnClose() }
+        client.close()
+    }
+
     private func finish(_ end: ConnectionEnd) {
-        if case .ended = state { return }
-        if case .connecting(let channel, _) = state { channel.close() }
+        let wasRelaying: Bool
+        switch state {
+        case .ended: return
+        case .relaying: wasRelaying = true
+        default: wasRelaying = false
+        }
         state = .ended
-        timer.cancel()
+        loop.cancelDeadline(self)
         // A reset on one side becomes a reset on the other; a clean end closes with FIN.
         switch end {
         case .clientReset:
-            client.close()
-            upstream?.close(reset: true)
+            closeClient(reset: false)
+            closeUpstream(reset: true)
         case .upstreamReset:
-            upstream?.close()
-            client.close(reset: true)
+            closeUpstream(reset: false)
+            closeClient(reset: true)
         case .failed:
-            upstream?.close(reset: true)
-            client.close(reset: true)
+            closeUpstream(reset: true)
+            closeClient(reset: true)
         case .completed:
-            upstream?.close()
-            client.close()
+            closeUpstream(reset: false)
+            closeClient(reset: false)
         default:
             // Cut short (idle timeout, stop, no upstream): a direction that has not seen its EOF
             // ends with a reset to its receiver, so that a cut stream never looks complete.
-            upstream?.close(reset: directions.map { !$0.clientToUpstream.isFinished } ?? false)
-            client.close(reset: directions.map { !$0.upstreamToClient.isFinished } ?? false)
+            closeUpstream(reset: wasRelaying && !clientToUpstream.isFinished)
+            closeClient(reset: wasRelaying && !upstreamToClient.isFinished)
         }
         ConnectionLog(
-            relay: settings.relayName, client: clientEndpoint.description,
-            egress: egressEndpoint.map(\.description) ?? binding.description,
+            relay: context.relayName, client: clientEndpoint.description,
+            egress: egressDescription,
             upstream: upstreamEndpoint.map(\.description)
                 ?? reservation.addresses.map(\.description).joined(separator: ","),
-            bytesToUpstream: directions?.clientToUpstream.bytes ?? 0,
-            bytesToClient: directions?.upstreamToClient.bytes ?? 0,
-            duration: acceptedAt.elapsed, end: end
-        ).log(to: settings.logger)
-        directions?.clientToUpstream.onEvent = nil
-        directions?.upstreamToClient.onEvent = nil
-        // The pipes hold no Dispatch source: they close at once.
-        directions?.clientToUpstream.releasePipe()
-        directions?.upstreamToClient.releasePipe()
-        onUpstreamFailed = nil
-        onEnd?(end)
-        onEnd = nil
+            bytesToUpstream: clientToUpstream.bytes,
+            bytesToClient: upstreamToClient.bytes,
+            duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: end
+        ).log(to: context.logger)
+        clientToUpstream.release()
+        upstreamToClient.release()
+        relay.connectionEnded(self)
     }
 }
 

@@ -27,45 +27,69 @@ public enum Side: String, Sendable {
 ///
 /// Either way the buffer (the memory or the pipe, see `SplicePipe`) is bounded and used linearly:
 /// the direction takes bytes in only when it is empty, and delivers all of it before taking more.
-/// While the receiving socket is full the sending socket's read source stays suspended, and the
-/// kernel's receive window pushes back on the sender (back-pressure).
+/// While the receiving socket is full the direction reads nothing, and the kernel's receive window
+/// pushes back on the sender (back-pressure). The copy path reads into the thread's scratch and
+/// writes straight on; its own buffer holds only what the receiver could not take, and is given
+/// back once delivered, so an idle direction holds no memory.
+///
+/// `pump` moves as much as the sockets allow and says what it waits for: the sending socket to be
+/// readable, the receiving one to be writable, its turn again (it yields after `roundsPerWakeup`
+/// rounds so that one busy connection cannot hold its shard), or nothing (finished or failed).
+/// The shard's sockets are edge-triggered: the pump always stops at EAGAIN (or yields), so the next
+/// edge of what it waits for is what drives it again.
 ///
 /// EOF becomes shutdown(SHUT_WR) on the other socket once every pending byte is delivered; the
 /// direction is then finished. A read or write error ends the direction with `failed`, naming the
 /// side whose socket failed. `bytes` counts bytes delivered to the receiving socket.
 ///
-/// Concurrency: confined to the connection's queue, like the channels it drives.
-final class Direction: @unchecked Sendable {  // confined to the connection's queue
-    enum Event {
+/// A plain value kept inside its `Connection`, on the connection's shard; `release()` gives its
+/// buffer and pipe back.
+struct Direction {
+    /// What `pump` ended with.
+    enum Outcome {
+        /// Waiting for the sending socket to be readable.
+        case awaitingRead
+        /// Waiting for the receiving socket to be writable.
+        case awaitingWrite
+        /// More to do: pump again soon, without waiting for an event.
+        case yielded
         /// EOF was read and forwarded as a half-close.
         case finished
         /// A read or write failed; `side` is the socket that failed.
         case failed(side: Side, error: SystemError)
-        /// splice(2) cannot be used (`cause` says why): the direction copies from now on.
-        case spliceUnavailable(cause: String)
     }
 
-    private enum Path {
+    private enum Path: UInt8 {
         case splice
         case copy
     }
 
-    let from: SocketChannel
-    let to: SocketChannel
+    /// What the direction waits for before it can move bytes again.
+    enum Wait: UInt8 {
+        case nothing
+        case read
+        case write
+    }
+
     let fromSide: Side
-    /// Called on the connection's queue when the direction finishes or fails.
-    var onEvent: ((Event) -> Void)?
-    /// Bytes written to `to`: delivered to the receiving socket.
+    /// Bytes written to the receiving socket.
     private(set) var bytes: UInt64 = 0
     /// When bytes last moved either way through this direction, in DispatchTime uptime
     /// nanoseconds. Writes count too: a slow reader being fed is not idle.
     private(set) var lastActivity: UInt64
     private(set) var isFinished = false
+    private(set) var waitingFor = Wait.nothing
+    /// Set when the direction gave up splicing, with why: the connection logs it (once per process).
+    var spliceRefusal: String?
 
     /// The receiving socket's send queue when last looked at, for `noteKernelProgress`.
-    private var unsentAtLastLook = -1
+    private var unsentAtLastLook: Int32 = -1
     private var sawEOF = false
     private var path = Path.copy
+    /// Whether a splice into (out of) the pipe has ever moved a byte: only the first splice's
+    /// refusal means that splice is unavailable; a later one is an error.
+    private var splicedIn = false
+    private var splicedOut = false
     /// Switch to splice once `bytes` reaches this; nil: copy for good.
     private var spliceAt: UInt64?
 
@@ -80,65 +104,75 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
     /// Open while the direction splices.
     private var pipe: SplicePipe?
     private var pipeBytes = 0
-    /// Whether a splice into (out of) the pipe has ever moved a byte: only the first splice's
-    /// refusal means that splice is unavailable; a later one is an error.
-    private var splicedIn = false
-    private var splicedOut = false
 
     /// Fills (and empties) the buffer or pipe at most this many times per wake-up, so one busy
-    /// connection cannot hold a thread.
+    /// connection cannot hold its shard.
     private static let roundsPerWakeup = 16
 
     /// - Parameters:
     ///   - capacity: the copy path's buffer size.
     ///   - pipeSize: the size asked for the splice path's pipe; nil to copy only.
     ///   - spliceAfter: with a pipe size, the bytes to copy before splicing.
-    init(from: SocketChannel, fromSide: Side, to: SocketChannel, capacity: Int, pipeSize: Int?, spliceAfter: UInt64) {
-        self.from = from
+    init(fromSide: Side, capacity: Int, pipeSize: Int?, spliceAfter: UInt64, now: UInt64) {
         self.fromSide = fromSide
-        self.to = to
         self.capacity = capacity
         self.pipeSize = pipeSize ?? 0
         self.spliceAt = pipeSize == nil ? nil : spliceAfter
-        self.lastActivity = DispatchTime.now().uptimeNanoseconds
+        self.lastActivity = now
     }
 
-    deinit {
-        buffer?.deallocate()
-        pipe?.close()
-    }
-
-    /// Moves as many bytes as the sockets allow, then waits on the source that can unblock it.
-    func pump() {
+    /// Moves as many bytes as the sockets allow, from `from` to `to`; says what it waits for.
+    mutating func pump(from: Socket, to: Socket) -> Outcome {
+        guard !isFinished else { return .finished }
+        let outcome: Outcome
         switch path {
-        case .splice: pumpSplice(rounds: 0)
-        case .copy: pumpCopy(rounds: 0)
+        case .splice: outcome = pumpSplice(from: from, to: to, rounds: 0)
+        case .copy: outcome = pumpCopy(from: from, to: to, rounds: 0)
         }
+        switch outcome {
+        case .awaitingRead: waitingFor = .read
+        case .awaitingWrite: waitingFor = .write
+        case .yielded, .finished, .failed: waitingFor = .nothing
+        }
+        return outcome
     }
 
-    /// Closes the pipe, if any: the connection has ended (or this direction has).
-    func releasePipe() {
+    /// Bytes taken in and not yet delivered (in the buffer or the pipe).
+    var buffered: Int { end - start + pipeBytes }
+
+    /// Gives back the buffer and the pipe: the connection has ended.
+    mutating func release() {
+        buffer?.deallocate()
+        buffer = nil
+        start = 0
+        end = 0
+        releasePipe()
+    }
+
+    private mutating func releasePipe() {
         pipe?.close()
         pipe = nil
         pipeBytes = 0
     }
 
+    private static var now: UInt64 { DispatchTime.now().uptimeNanoseconds }
+
     // MARK: The splice path
 
-    private func pumpSplice(rounds startingRounds: Int) {
+    private mutating func pumpSplice(from: Socket, to: Socket, rounds startingRounds: Int) -> Outcome {
         guard let pipe else {
             path = .copy  // cannot happen: the pipe is open while the path is splice
-            return pumpCopy(rounds: startingRounds)
+            return pumpCopy(from: from, to: to, rounds: startingRounds)
         }
         var rounds = startingRounds
-        while !isFinished, !from.isClosed, !to.isClosed {
+        while true {
             // Deliver everything in the pipe before taking more in.
             while pipeBytes > 0 {
                 let result: IOResult<Int>
                 do {
-                    result = try pipe.drain(to: to.socket, count: pipeBytes)
+                    result = try pipe.drain(to: to, count: pipeBytes)
                 } catch {
-                    if !splicedOut, Self.refusesSplice(error) { return fallBackToCopy(error, rounds: rounds) }
+                    if !splicedOut, Self.refusesSplice(error) { return fallBackToCopy(error, from: from, to: to, rounds: rounds) }
                     return fail(side: fromSide.other, error)
                 }
                 switch result {
@@ -149,43 +183,33 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
                     splicedOut = true
                     pipeBytes -= moved
                     bytes += UInt64(moved)
-                    lastActivity = DispatchTime.now().uptimeNanoseconds
+                    lastActivity = Self.now
                 case .wouldBlock:
-                    from.setReading(false)
-                    to.setWriting(true)
-                    return
+                    return .awaitingWrite
                 }
             }
-            to.setWriting(false)
-            if sawEOF { return forwardEOF() }
-            if rounds == Self.roundsPerWakeup {
-                // Yield the thread, and come back without waiting for an event: the source may
-                // not fire again when all that is left is EOF.
-                from.queue.async { [self] in pump() }
-                return
-            }
+            if sawEOF { return forwardEOF(to: to) }
+            if rounds == Self.roundsPerWakeup { return .yielded }
             rounds += 1
             // The pipe is empty here: one splice takes what the socket holds, up to a full pipe
             // (the kernel walks the whole receive queue in one call).
             let result: IOResult<Int>
             do {
-                result = try pipe.fill(from: from.socket, count: pipe.capacity)
+                result = try pipe.fill(from: from, count: pipe.capacity)
             } catch {
-                if !splicedIn, Self.refusesSplice(error) { return fallBackToCopy(error, rounds: rounds) }
+                if !splicedIn, Self.refusesSplice(error) { return fallBackToCopy(error, from: from, to: to, rounds: rounds) }
                 return fail(side: fromSide, error)
             }
             switch result {
             case .processed(0):
                 sawEOF = true
-                from.setReading(false)
             case .processed(let count):
                 splicedIn = true
                 pipeBytes = count
-                lastActivity = DispatchTime.now().uptimeNanoseconds
+                lastActivity = Self.now
             case .wouldBlock:
                 // The pipe is empty, so it is the socket that is.
-                from.setReading(true)
-                return
+                return .awaitingRead
             }
         }
     }
@@ -197,29 +221,29 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
 
     /// Opens the pipe and splices from now on; copies for good if no pipe can be had. The buffer
     /// is empty: it is given back.
-    private func startSplicing(rounds: Int) {
+    private mutating func startSplicing(from: Socket, to: Socket, rounds: Int) -> Outcome {
         spliceAt = nil
         let pipe: SplicePipe
         do {
             pipe = try SplicePipe(size: pipeSize)
         } catch {
-            onEvent?(.spliceUnavailable(cause: "\(error)"))
-            return pumpCopy(rounds: rounds)
+            spliceRefusal = "\(error)"
+            return pumpCopy(from: from, to: to, rounds: rounds)
         }
         guard pipe.isWorthSplicing(asked: pipeSize) else {
             pipe.close()
-            onEvent?(.spliceUnavailable(cause: "the kernel granted a \(pipe.capacity)-byte pipe (pipe-user-pages-soft reached?)"))
-            return pumpCopy(rounds: rounds)
+            spliceRefusal = "the kernel granted a \(pipe.capacity)-byte pipe (pipe-user-pages-soft reached?)"
+            return pumpCopy(from: from, to: to, rounds: rounds)
         }
         self.pipe = pipe
         buffer?.deallocate()
         buffer = nil
         path = .splice
-        pumpSplice(rounds: rounds)
+        return pumpSplice(from: from, to: to, rounds: rounds)
     }
 
     /// Switches this direction to the copy path for good, keeping the bytes already in the pipe.
-    private func fallBackToCopy(_ reason: SystemError, rounds: Int) {
+    private mutating func fallBackToCopy(_ reason: SystemError, from: Socket, to: Socket, rounds: Int) -> Outcome {
         path = .copy
         spliceAt = nil
         if let pipe, pipeBytes > 0 {
@@ -237,66 +261,67 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
             }
         }
         releasePipe()
-        onEvent?(.spliceUnavailable(cause: "\(reason)"))
-        pumpCopy(rounds: rounds)
+        spliceRefusal = "\(reason)"
+        return pumpCopy(from: from, to: to, rounds: rounds)
     }
 
     // MARK: The copy path
 
-    private func pumpCopy(rounds startingRounds: Int) {
+    private mutating func pumpCopy(from: Socket, to: Socket, rounds startingRounds: Int) -> Outcome {
         var reads = startingRounds
-        while !isFinished, !from.isClosed, !to.isClosed {
+        while true {
             // Write everything buffered before reading more.
-            while start < end, let buffer {
-                let result: IOResult<Int>
-                do {
-                    result = try to.socket.write(from: UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
-                } catch {
-                    return fail(side: fromSide.other, error)
+            if let buffer, start < end {
+                while start < end {
+                    let result: IOResult<Int>
+                    do {
+                        result = try to.write(from: UnsafeRawBufferPointer(rebasing: buffer[start..<end]))
+                    } catch {
+                        return fail(side: fromSide.other, error)
+                    }
+                    switch result {
+                    case .processed(let written):
+                        start += written
+                        bytes += UInt64(written)
+                        lastActivity = Self.now
+                    case .wouldBlock:
+                        return .awaitingWrite
+                    }
                 }
-                switch result {
-                case .processed(let written):
-                    start += written
-                    bytes += UInt64(written)
-                    lastActivity = DispatchTime.now().uptimeNanoseconds
-                case .wouldBlock:
-                    from.setReading(false)
-                    to.setWriting(true)
-                    return
-                }
+                // Delivered: an idle direction holds no buffer.
+                buffer.deallocate()
+                self.buffer = nil
             }
             start = 0
             end = 0
-            to.setWriting(false)
-            if sawEOF { return forwardEOF() }
-            if reads == Self.roundsPerWakeup {
-                // Yield the thread, and come back without waiting for an event: the source may
-                // not fire again when all that is left is EOF.
-                from.queue.async { [self] in pump() }
-                return
-            }
-            if let spliceAt, bytes >= spliceAt { return startSplicing(rounds: reads) }
+            if sawEOF { return forwardEOF(to: to) }
+            if reads == Self.roundsPerWakeup { return .yielded }
+            if let spliceAt, bytes >= spliceAt { return startSplicing(from: from, to: to, rounds: reads) }
             reads += 1
             // With nothing held, read into the thread's scratch and write straight on (see
             // `ScratchBuffer`); the direction's own buffer is for what the receiver cannot take.
-            let scratch = buffer == nil ? ScratchBuffer.current(size: capacity) : nil
+            let scratch = ScratchBuffer.current(size: capacity)
+            let target = scratch ?? allocatedBuffer()
             let result: IOResult<Int>
             do {
-                result = try from.socket.read(into: scratch ?? allocatedBuffer())
+                result = try from.read(into: target)
             } catch {
                 return fail(side: fromSide, error)
             }
             switch result {
             case .processed(0):
                 sawEOF = true
-                from.setReading(false)
             case .processed(let count):
-                lastActivity = DispatchTime.now().uptimeNanoseconds
+                lastActivity = Self.now
                 guard let scratch else {
-                    end = count
+                    end = count  // read into the direction's own buffer: written at the loop's top
                     continue
                 }
-                guard let written = writeThrough(UnsafeRawBufferPointer(rebasing: scratch[0..<count])) else { return }
+                let written: Int
+                switch writeThrough(UnsafeRawBufferPointer(rebasing: scratch[0..<count]), to: to) {
+                case .success(let count): written = count
+                case .failure(let error): return fail(side: fromSide.other, error)
+                }
                 if written < count {
                     // The receiver is full: keep the rest, and wait for it to drain (writing it
                     // again now would only return EAGAIN).
@@ -304,52 +329,36 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
                     rest.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[written..<count]))
                     start = 0
                     end = count - written
-                    from.setReading(false)
-                    to.setWriting(true)
-                    return
+                    return .awaitingWrite
                 }
             case .wouldBlock:
-                from.setReading(true)
-                return
+                return .awaitingRead
             }
         }
     }
 
-    /// Writes `bytes` to the receiving socket until it is full; how many it took, or nil when the
-    /// write failed (the direction has failed).
-    private func writeThrough(_ bytes: UnsafeRawBufferPointer) -> Int? {
+    /// Writes `bytes` to the receiving socket until it is full; how many it took.
+    private mutating func writeThrough(_ bytes: UnsafeRawBufferPointer, to: Socket) -> Result<Int, SystemError> {
         var written = 0
         while written < bytes.count {
             let result: IOResult<Int>
             do {
-                result = try to.socket.write(from: UnsafeRawBufferPointer(rebasing: bytes[written...]))
+                result = try to.write(from: UnsafeRawBufferPointer(rebasing: bytes[written...]))
             } catch {
-                fail(side: fromSide.other, error)
-                return nil
+                return .failure(error)
             }
             switch result {
             case .processed(let count):
                 written += count
                 self.bytes += UInt64(count)
             case .wouldBlock:
-                return written
+                return .success(written)
             }
         }
-        return written
+        return .success(written)
     }
 
-    /// Gives back the copy path's buffer when it holds nothing: called for a connection that has
-    /// been idle for a watchdog interval, so that an idle connection holds no buffer (it is
-    /// allocated again on the next byte). Never on the hot path.
-    func releaseIdleBuffer() {
-        guard let buffer, start == end else { return }
-        buffer.deallocate()
-        self.buffer = nil
-        start = 0
-        end = 0
-    }
-
-    private func allocatedBuffer() -> UnsafeMutableRawBufferPointer {
+    private mutating func allocatedBuffer() -> UnsafeMutableRawBufferPointer {
         if let buffer { return buffer }
         let allocated = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 16)
         buffer = allocated
@@ -358,29 +367,29 @@ final class Direction: @unchecked Sendable {  // confined to the connection's qu
 
     // MARK: Both paths
 
-    /// Counts the kernel delivering what this direction already wrote as activity.
+    /// Counts the kernel delivering what this direction already wrote to `to` as activity.
     ///
     /// While the receiver reads slowly, the relay waits for the socket to become writable, which
     /// the kernel reports only once much of its send queue is free; the bytes still move. A send
     /// queue that shrank (or grew) since the last look is progress; one that stayed put is not.
-    func noteKernelProgress() {
-        let unsent = to.socket.unsentBytes()
+    mutating func noteKernelProgress(to: Socket) {
+        let unsent = Int32(clamping: to.unsentBytes())
         if unsent != unsentAtLastLook {
-            if unsentAtLastLook > 0 || unsent > 0 { lastActivity = DispatchTime.now().uptimeNanoseconds }
+            if unsentAtLastLook > 0 || unsent > 0 { lastActivity = Self.now }
             unsentAtLastLook = unsent
         }
     }
 
     /// Every byte before the EOF is delivered: pass the EOF on as a half-close.
-    private func forwardEOF() {
-        to.socket.shutdownWrite()
+    private mutating func forwardEOF(to: Socket) -> Outcome {
+        to.shutdownWrite()
         isFinished = true
         releasePipe()
-        onEvent?(.finished)
+        return .finished
     }
 
-    private func fail(side: Side, _ error: SystemError) {
+    private mutating func fail(side: Side, _ error: SystemError) -> Outcome {
         isFinished = true
-        onEvent?(.failed(side: side, error: error))
+        return .failed(side: side, error: error)
     }
 }

@@ -2,6 +2,7 @@ import Dispatch
 import CSamePortShims
 import Glibc
 import SamePortCore
+import Synchronization
 
 /// A start-up failure: one line that names the cause and the fix.
 public struct StartupError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -21,26 +22,22 @@ public struct StartupError: Error, Equatable, Sendable, CustomStringConvertible 
     public var description: String { message }
 }
 
-/// A listening socket and the Dispatch read source that accepts its clients.
+/// A listening socket, served by every shard of the process.
 ///
-/// Concurrency: confined to the relay's queue, where the source delivers.
-final class Listener: @unchecked Sendable {  // confined to `queue`
+/// The socket is registered in each shard's epoll set, level-triggered with EPOLLEXCLUSIVE: the
+/// kernel wakes one shard per incoming client, and that shard accepts in a batch (until EAGAIN or
+/// `acceptBatch`) and keeps the connections it accepted. A shard stops accepting by deleting its
+/// registration (at the connection limit, or pausing after EMFILE) and adds it back to resume; the
+/// kernel's backlog holds clients meanwhile.
+///
+/// Concurrency: `setAccepting` and `close` may be called from any thread; each shard's part runs on
+/// that shard.
+final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, set once before use
     /// The address the socket is bound to.
     let endpoint: Endpoint
-    /// Called on `queue` for each accepted client; the callee owns the socket.
-    var onAccept: ((Socket, Endpoint?) -> Void)?
-    /// Called on `queue` when accept fails in a way that retrying cannot cure.
-    var onFatalError: ((SystemError) -> Void)?
-    /// Called on `queue` when accepting pauses for lack of descriptors or memory.
-    var onTemporaryFailure: ((SystemError) -> Void)?
-
     private let socket: Socket
-    private let queue: DispatchQueue
-    private let source: DispatchSourceRead
-    private var isSourceResumed = false
-    private var wantsAccepting = false
-    private var isBackingOff = false
-    private var isClosed = false
+    private var acceptors: [Acceptor] = []
+    private let isClosed = Atomic<Bool>(false)
 
     private static let backlog: Int32 = 4096
 
@@ -51,9 +48,9 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
     ///
     /// - Parameter exclusive: false skips that probe, for a reload that moves a relay onto an
     ///   address another of this process's relays still holds.
-    static func open(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool = true, queue: DispatchQueue) throws(StartupError) -> Listener {
+    static func open(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool = true) throws(StartupError) -> Listener {
         do {
-            return try bind(endpoint, dualStack: dualStack, exclusive: exclusive, queue: queue)
+            return try bind(endpoint, dualStack: dualStack, exclusive: exclusive)
         } catch {
             throw StartupError("cannot listen on \(endpoint): \(error.errno)\(hint(for: error.errno, endpoint: endpoint))", errno: error.errno)
         }
@@ -61,17 +58,17 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
 
     /// Listens on every local address: one dual-stack [::]:port socket, or 0.0.0.0:port on a
     /// host without IPv6.
-    static func openWildcard(port: UInt16, exclusive: Bool = true, queue: DispatchQueue) throws(StartupError) -> Listener {
+    static func openWildcard(port: UInt16, exclusive: Bool = true) throws(StartupError) -> Listener {
         do {
-            return try bind(Endpoint(.anyV6, port), dualStack: true, exclusive: exclusive, queue: queue)
+            return try bind(Endpoint(.anyV6, port), dualStack: true, exclusive: exclusive)
         } catch where error.errno == .addressFamilyNotSupported {
-            return try open(Endpoint(.anyV4, port), dualStack: false, exclusive: exclusive, queue: queue)
+            return try open(Endpoint(.anyV4, port), dualStack: false, exclusive: exclusive)
         } catch {
             throw StartupError("cannot listen on *:\(port): \(error.errno)\(hint(for: error.errno, endpoint: Endpoint(.anyV6, port)))", errno: error.errno)
         }
     }
 
-    private static func bind(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool, queue: DispatchQueue) throws(SystemError) -> Listener {
+    private static func bind(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool) throws(SystemError) -> Listener {
         if exclusive {
             let probe = try makeSocket(endpoint, dualStack: dualStack, reusePort: false)
             probe.close()
@@ -79,7 +76,7 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
         let socket = try makeSocket(endpoint, dualStack: dualStack, reusePort: true)
         do throws(SystemError) {
             try socket.listen(backlog: backlog)
-            return Listener(socket: socket, endpoint: try socket.localEndpoint(), queue: queue)
+            return Listener(socket: socket, endpoint: try socket.localEndpoint())
         } catch {
             socket.close()
             throw error
@@ -89,11 +86,11 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
     /// Takes over a listening socket that systemd passed: made non-blocking (systemd passes
     /// blocking sockets unless NonBlocking=yes) and close-on-exec. The socket is shared with
     /// PID 1, which keeps it open: it is closed when the relay stops, never shut down.
-    static func adopt(fd: Int32, label: String, queue: DispatchQueue) throws(StartupError) -> Listener {
+    static func adopt(fd: Int32, label: String) throws(StartupError) -> Listener {
         let socket = Socket(fd: fd)
         do {
             _ = try systemCall("fcntl") { sameport_set_nonblocking_cloexec(fd) }
-            return Listener(socket: socket, endpoint: try socket.localEndpoint(), queue: queue)
+            return Listener(socket: socket, endpoint: try socket.localEndpoint())
         } catch {
             throw StartupError("cannot use \(label) from systemd: \(error)", errno: error.errno)
         }
@@ -136,45 +133,116 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
         }
     }
 
-    private init(socket: Socket, endpoint: Endpoint, queue: DispatchQueue) {
+    private init(socket: Socket, endpoint: Endpoint) {
         self.socket = socket
         self.endpoint = endpoint
-        self.queue = queue
-        source = DispatchSource.makeReadSource(fileDescriptor: socket.fd, queue: queue)
-        source.setEventHandler { [unowned self] in acceptAll() }
-        source.setCancelHandler { [socket] in socket.closeWatched() }
+    }
+
+    /// Starts serving the socket on every shard of `group`: each accepted client goes to
+    /// `onAccept` on the shard that accepted it. `onFatalError` hears of a socket that no longer
+    /// accepts; `onTemporaryFailure` of a pause (out of descriptors or memory).
+    func serve(
+        on group: EventLoopGroup, onAccept: @escaping @Sendable (Socket, Endpoint?, EventLoop) -> Void,
+        onFatalError: @escaping @Sendable (SystemError) -> Void,
+        onTemporaryFailure: @escaping @Sendable (SystemError) -> Void
+    ) {
+        guard acceptors.isEmpty else { return }
+        acceptors = group.loops.map {
+            Acceptor(socket: socket, loop: $0, onAccept: onAccept, onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
+        }
     }
 
     /// Starts or stops taking clients off the accept queue (the kernel keeps queueing them).
     func setAccepting(_ accepting: Bool) {
-        wantsAccepting = accepting
-        updateSource()
+        for acceptor in acceptors {
+            acceptor.loop.execute { acceptor.setAccepting(accepting) }
+        }
     }
 
-    /// Stops accepting for good and closes the socket once the source is cancelled.
+    /// Stops accepting for good; the socket is closed once every shard has let go of it.
     func close() {
-        guard !isClosed else { return }
+        guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        guard !acceptors.isEmpty else { return socket.close() }
+        let remaining = Atomic<Int>(acceptors.count)
+        let socket = self.socket
+        let countDown: @Sendable () -> Void = {
+            if remaining.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { socket.close() }
+        }
+        for acceptor in acceptors {
+            acceptor.loop.execute {
+                acceptor.close()
+                countDown()
+            }
+        }
+    }
+}
+
+/// One shard's part of a listener: its registration, and the accepting.
+private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable {  // confined to `loop`
+    let loop: EventLoop
+    private let socket: Socket
+    private let onAccept: @Sendable (Socket, Endpoint?, EventLoop) -> Void
+    private let onFatalError: @Sendable (SystemError) -> Void
+    private let onTemporaryFailure: @Sendable (SystemError) -> Void
+    private var registration: UInt64?
+    private var wantsAccepting = false
+    private var isBackingOff = false
+    private var isClosed = false
+    var deadlineIndex = -1
+    var deadline: UInt64 = 0
+
+    /// Clients accepted per event at most: others are served by the next event (level-triggered).
+    private static let acceptBatch = 64
+
+    init(
+        socket: Socket, loop: EventLoop, onAccept: @escaping @Sendable (Socket, Endpoint?, EventLoop) -> Void,
+        onFatalError: @escaping @Sendable (SystemError) -> Void,
+        onTemporaryFailure: @escaping @Sendable (SystemError) -> Void
+    ) {
+        self.socket = socket
+        self.loop = loop
+        self.onAccept = onAccept
+        self.onFatalError = onFatalError
+        self.onTemporaryFailure = onTemporaryFailure
+    }
+
+    func setAccepting(_ accepting: Bool) {
+        wantsAccepting = accepting
+        updateRegistration()
+    }
+
+    func close() {
         isClosed = true
-        if !isSourceResumed { source.resume() }
-        source.cancel()
+        loop.cancelDeadline(self)
+        updateRegistration()
     }
 
-    private func updateSource() {
-        let resumed = wantsAccepting && !isBackingOff && !isClosed
-        guard resumed != isSourceResumed, !isClosed else { return }
-        isSourceResumed = resumed
-        if resumed { source.resume() } else { source.suspend() }
+    private func updateRegistration() {
+        let registered = wantsAccepting && !isBackingOff && !isClosed
+        if registered, registration == nil {
+            do {
+                registration = try loop.register(
+                    fd: socket.fd, events: sameport_epollin | sameport_epollexclusive, handler: self, tag: 0)
+            } catch {
+                onFatalError(error)
+            }
+        } else if !registered, let registration {
+            loop.deregister(fd: socket.fd, id: registration)
+            self.registration = nil
+        }
     }
 
-    private func acceptAll() {
-        while wantsAccepting, !isBackingOff, !isClosed {
+    func handle(events: UInt32, tag: UInt8) {
+        for _ in 0..<Self.acceptBatch {
+            guard registration != nil else { return }
             do {
                 guard let (client, peer) = try socket.accept() else { return }
-                onAccept?(client, peer)
+                onAccept(client, peer, loop)
             } catch {
                 switch error.errno {
                 case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
-                    onFatalError?(error)  // the listening socket itself is broken
+                    setAccepting(false)
+                    onFatalError(error)  // the listening socket itself is broken
                     return
                 case .connectionAborted, .protocolError, .protocolNotAvailable, .hostDown, .noNetwork,
                      .hostUnreachable, .operationNotSupported, .networkUnreachable, .networkDown, .timedOut:
@@ -183,15 +251,17 @@ final class Listener: @unchecked Sendable {  // confined to `queue`
                     // Out of descriptors or memory, or refused by a security module (EPERM, EACCES,
                     // which recur on every retry): pause instead of spinning on a readable socket.
                     isBackingOff = true
-                    updateSource()
-                    queue.asyncAfter(deadline: .now() + .milliseconds(100)) { [self] in
-                        isBackingOff = false
-                        updateSource()
-                    }
-                    onTemporaryFailure?(error)
+                    updateRegistration()
+                    loop.setDeadline(self, at: DispatchTime.now().uptimeNanoseconds &+ 100_000_000)
+                    onTemporaryFailure(error)
                     return
                 }
             }
         }
+    }
+
+    func deadlineReached(now: UInt64) {
+        isBackingOff = false
+        updateRegistration()
     }
 }

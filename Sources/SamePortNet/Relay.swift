@@ -2,80 +2,87 @@ import Dispatch
 import Glibc
 import Logging
 import SamePortCore
+import Synchronization
 
 /// One relay: a listener, the bookkeeping of the 4-tuples in use, the clients waiting for one,
 /// and the open connections.
 ///
-/// Concurrency model: everything here runs on the relay's serial `queue` (accepts, bookkeeping,
-/// waiters' timers); each connection runs on its own queue and reports its end back here.
-public final class Relay: @unchecked Sendable {  // confined to `queue` after `start()`
+/// Concurrency model: the listener is served by every shard (`EventLoopGroup`), and a connection
+/// lives on the shard that accepted its client. What the shards share (the 4-tuple bookings, the
+/// wait queue, the open connections, the counters) is `Shared`, behind one lock held only for
+/// bookkeeping: no syscall but a reset check of a queued client, no log line. Work that follows
+/// from a change (start a connection, answer a failover, end a queued client) is collected while
+/// the lock is held and done after it is released, on the shard that owns it.
+public final class Relay: @unchecked Sendable {  // mutable state is in `shared`; the rest is set before start
     /// The relay's name: what a reload matches relays by, and a passed socket's name.
     public let name: String
-    /// The spec new connections are made with; a reload may replace it (`reconfigure`).
-    public private(set) var spec: RelaySpec
     /// The address the listener is bound to (with the real port, once started).
     public private(set) var listenEndpoint: Endpoint?
     /// True when the listener is a socket systemd passed (socket activation).
     public private(set) var isInherited = false
     /// The socket from systemd belonged to another user and was made this process's (CAP_CHOWN).
     public private(set) var tookOverSocket = false
-    /// Called on `queue` with a message and its errno if the listener fails for good; the process
-    /// should stop with exit 1.
+    /// Called (on a shard) with a message and its errno if the listener fails for good; the
+    /// process should stop with exit 1. Set before `startAccepting()`.
     public var onFatalError: (@Sendable (String, Int32) -> Void)?
 
-    private let queue: DispatchQueue
-    private let workQueue: DispatchQueue
     private let logger: Logger
-    private var selector: UpstreamSelector
-    private var waiting: WaitQueue<Waiter>
-    /// Open connections, with the upstream each has booked (none while it fails over) and the
-    /// generation of the spec it started under.
-    private var connections: [ObjectIdentifier: (connection: Connection, reservation: UpstreamSelector.Reservation?, generation: Int)] = [:]
-    private var listener: Listener?
-    private var isStopping = false
-    private var stopCompletions: [@Sendable () -> Void] = []
-    /// Bumped by each `reconfigure`: upstream indices of older connections mean another list.
-    private var generation = 0
-    /// Clients handed to a connection since start.
-    private var served = 0
-
-    /// A connection whose upstream failed, waiting for another one to free up.
-    private struct Failover {
-        var id: ObjectIdentifier
-        var egress: Endpoint?
-        var isIPv6: Bool
-        var tried: Set<Int>
-        var answer: @Sendable (Connection.Failover) -> Void
-    }
-    /// Connections failing over, served before queued clients: they were accepted earlier.
-    private var failingOver: [Failover] = []
+    private var group: EventLoopGroup?
+    private let shared: Mutex<Shared>
 
     /// How long an upstream that refused or timed out is passed over (nginx's fail_timeout).
     private static let downTime = Duration.seconds(10)
 
-    /// A client that found every upstream in use and is waiting for one.
-    private struct Waiter {
-        var client: Socket
-        var clientEndpoint: Endpoint
-        var binding: EgressBinding
-        var acceptedAt: DispatchTime
-        /// Bounds the wait in the queue; created only for queued clients, because libdispatch
-        /// crashes on releasing a source that was never activated.
-        var timer: DispatchSourceTimer?
+    /// An open connection, with the upstream it has booked (none while it fails over) and the
+    /// generation of the spec it started under.
+    private struct Entry {
+        var connection: Connection
+        var reservation: UpstreamSelector.Reservation?
+        var generation: Int
     }
+
+    /// A connection whose upstream failed, waiting for another one to free up.
+    private struct Failover {
+        var connection: Connection
+        var tried: Set<Int>
+    }
+
+    /// What the shards share, behind `shared`'s lock.
+    private struct Shared {
+        var spec: RelaySpec
+        var context: ConnectionContext
+        /// Bumped by each `reconfigure`: upstream indices of older connections mean another list.
+        var generation = 0
+        var selector: UpstreamSelector
+        var waiting: WaitQueue<QueuedClient>
+        var connections: [ObjectIdentifier: Entry] = [:]
+        /// Connections failing over, served before queued clients: they were accepted earlier.
+        var failingOver: [Failover] = []
+        var listener: Listener?
+        /// What the listener was last told (`updateAccepting`).
+        var accepting = false
+        var isStopping = false
+        var stopCompletions: [@Sendable () -> Void] = []
+        /// Clients handed to a connection since start.
+        var served = 0
+    }
+
+    /// Work to do once the lock is released.
+    private typealias Actions = [() -> Void]
 
     /// - Parameters:
     ///   - spec: a spec with no `problems()`.
     ///   - upstreams: the resolved addresses of each of `spec.upstreams`, in the same order.
     public init(spec: RelaySpec, upstreams: [[Endpoint]], logger: Logger) {
         self.name = spec.name
-        self.spec = spec
         self.logger = logger
-        queue = DispatchQueue(label: "sameport.relay.\(spec.name)")
-        workQueue = DispatchQueue.global()
-        selector = UpstreamSelector(upstreams: upstreams)
-        waiting = WaitQueue(limit: spec.queueLimit)
+        shared = Mutex(Shared(
+            spec: spec, context: ConnectionContext(spec: spec, logger: logger),
+            selector: UpstreamSelector(upstreams: upstreams), waiting: WaitQueue(limit: spec.queueLimit)))
     }
+
+    /// The spec new connections are made with; a reload may replace it (`reconfigure`).
+    public var spec: RelaySpec { shared.withLock { $0.spec } }
 
     /// A listening socket systemd passed, for `open(inherited:)`.
     public struct InheritedSocket: Sendable {
@@ -99,16 +106,21 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     /// - Parameter sharedWithOwnRelay: the address is held by another relay of this process that a
     ///   reload is replacing: bind beside it (SO_REUSEPORT) instead of refusing a taken port.
     public func open(inherited: InheritedSocket? = nil, sharedWithOwnRelay: Bool = false) throws(StartupError) {
-        DescriptorGraveyard.prepare()
+        let group: EventLoopGroup
+        do {
+            group = try EventLoopGroup.shared()
+        } catch {
+            throw StartupError("cannot start the event loops: \(error): raise the limit on open files (LimitNOFILE=) or on epoll instances (fs.epoll.max_user_watches)", isTemporary: true, errno: error.errno)
+        }
         let listener: Listener
         if let inherited {
-            listener = try Listener.adopt(fd: inherited.fd, label: inherited.label, queue: queue)
+            listener = try Listener.adopt(fd: inherited.fd, label: inherited.label)
         } else {
             switch spec.listen.host {
             case .any:
-                listener = try Listener.openWildcard(port: spec.listen.port, exclusive: !sharedWithOwnRelay, queue: queue)
+                listener = try Listener.openWildcard(port: spec.listen.port, exclusive: !sharedWithOwnRelay)
             case .ip(let address):
-                listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, exclusive: !sharedWithOwnRelay, queue: queue)
+                listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, exclusive: !sharedWithOwnRelay)
             case .name:
                 throw StartupError("cannot listen on \(spec.listen): listen on an IP address or *:PORT")
             }
@@ -127,7 +139,8 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         }
         listenEndpoint = listener.endpoint
         isInherited = inherited != nil
-        self.listener = listener
+        self.group = group
+        shared.withLock { $0.listener = listener }
     }
 
     /// The checks a socket from systemd gets before the relay is ready: it must be a listening
@@ -181,31 +194,35 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         }
     }
 
-    /// Starts taking clients on the listener `open()` bound.
+    /// Starts taking clients on the listener `open()` bound, on every shard.
     public func startAccepting() {
-        queue.sync {
-            guard let listener else { return }
-            listener.onAccept = { [unowned self] in accepted($0, peer: $1) }
-            listener.onTemporaryFailure = { [unowned self] error in
-                logger.warning("accept paused for 100ms", metadata: ["relay": .string(spec.name), "cause": .stringConvertible(error)])
-            }
-            // The endpoint, not the listener: the listener holds this closure.
-            listener.onFatalError = { [unowned self, endpoint = listener.endpoint] error in
+        guard let listener = shared.withLock({ $0.listener }), let group else { return }
+        group.start()
+        let name = name
+        // Every shard meets a broken socket: the process hears of it once.
+        let reported = Atomic<Bool>(false)
+        listener.serve(
+            on: group,
+            onAccept: { [self] client, peer, loop in accepted(client, peer: peer, on: loop) },
+            onFatalError: { [self, endpoint = listener.endpoint] error in
+                guard !reported.exchange(true, ordering: .relaxed) else { return }
                 let cure = error.errno == .invalidArgument
                     ? "the socket no longer listens (did a process sharing it shut it down?); restart sameport"
                     : "restart sameport"
-                onFatalError?("relay \(spec.name): accept on \(endpoint) failed: \(error): \(cure)", error.errno.rawValue)
-            }
-            listener.setAccepting(true)
-        }
+                onFatalError?("relay \(name): accept on \(endpoint) failed: \(error): \(cure)", error.errno.rawValue)
+            },
+            onTemporaryFailure: { [logger] error in
+                logger.warning("accept paused for 100ms", metadata: ["relay": .string(name), "cause": .stringConvertible(error)])
+            })
+        shared.withLock { updateAccepting(&$0) }
     }
 
     /// Closes the listener of a relay that was opened but will not run (another relay failed).
     public func close() {
-        queue.sync {
-            listener?.close()
-            listener = nil
-        }
+        shared.withLock { shared -> Listener? in
+            defer { shared.listener = nil }
+            return shared.listener
+        }?.close()
     }
 
     /// Binds an egress socket the way connections will, then closes it: a refusal here (another
@@ -227,7 +244,7 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
         let egressAddress = EgressBinding(mode: (spec ?? self.spec).egress, local: listenEndpoint).address
         guard !egressAddress.isUnspecified else { return }
         let family = egressAddress.familyName
-        guard (upstreams ?? selector.upstreams).contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
+        guard (upstreams ?? shared.withLock { $0.selector.upstreams }).contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
             throw StartupError("no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
         }
     }
@@ -244,30 +261,34 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     /// to `timeout`, then ends those left (logged `end=shutdown`); then calls `completion`. A
     /// second call (a shorter timeout: a second signal) cuts sooner; both completions run.
     public func drain(timeout: Duration, completion: @escaping @Sendable () -> Void) {
-        queue.async { [self] in
-            isStopping = true
-            stopCompletions.append(completion)
-            listener?.close()
-            listener = nil
-            for waiter in waiting.removeAll() {
-                endWaiter(waiter, .shutdown)
+        var actions: Actions = []
+        let (listener, isEmpty, completions) = shared.withLock { shared in
+            shared.isStopping = true
+            shared.stopCompletions.append(completion)
+            let listener = shared.listener
+            shared.listener = nil
+            for waiter in shared.waiting.removeAll() {
+                actions.append { [self] in endQueued(waiter, .shutdown) }
             }
-            for failover in failingOver {
-                failover.answer(.stopping)
+            for failover in shared.failingOver {
+                actions.append { Self.answer(failover.connection, .stopping) }
             }
-            failingOver.removeAll()
-            if timeout <= .zero {
-                cutConnections()
-            } else if !connections.isEmpty {
-                queue.asyncAfter(deadline: .now() + timeout.dispatchInterval) { [self] in cutConnections() }
-            }
-            finishStopIfDone()
+            shared.failingOver.removeAll()
+            return (listener, shared.connections.isEmpty, finishStopIfDone(&shared))
         }
+        listener?.close()
+        for action in actions { action() }
+        if timeout <= .zero {
+            cutConnections()
+        } else if !isEmpty {
+            DispatchQueue.global().asyncAfter(deadline: .now() + timeout.dispatchInterval) { [self] in cutConnections() }
+        }
+        for completion in completions { completion() }
     }
 
     private func cutConnections() {
-        for (connection, _, _) in connections.values {
-            connection.stop()
+        for connection in shared.withLock({ $0.connections.values.map(\.connection) }) {
+            connection.loop.execute { connection.stop() }
         }
     }
 
@@ -279,211 +300,322 @@ public final class Relay: @unchecked Sendable {  // confined to `queue` after `s
     }
 
     public func counts() -> Counts {
-        queue.sync { Counts(open: connections.count, queued: waiting.count, served: served) }
-    }
-
-    /// Runs `body` on the relay's queue: the watchdog's proof that the queue is not stuck.
-    public func onQueue(_ body: @escaping @Sendable () -> Void) {
-        queue.async(execute: body)
+        shared.withLock { Counts(open: $0.connections.count, queued: $0.waiting.count, served: $0.served) }
     }
 
     /// Applies a reloaded spec (same name, same listener) to new connections: open connections
     /// go on with the settings they started with, and keep their upstream booked.
     public func reconfigure(spec newSpec: RelaySpec, upstreams: [[Endpoint]]) {
-        queue.sync {
-            spec = newSpec
-            generation += 1
-            selector = UpstreamSelector(upstreams: upstreams)
-            for entry in connections.values {
-                if let reservation = entry.reservation { selector.adopt(reservation) }
+        var actions: Actions = []
+        shared.withLock { shared in
+            shared.spec = newSpec
+            shared.context = ConnectionContext(spec: newSpec, logger: logger)
+            shared.generation += 1
+            shared.selector = UpstreamSelector(upstreams: upstreams)
+            for entry in shared.connections.values {
+                if let reservation = entry.reservation { shared.selector.adopt(reservation) }
             }
-            waiting.limit = newSpec.queueLimit
-            serveWaiters()
-            updateAccepting()
+            shared.waiting.limit = newSpec.queueLimit
+            serveWaiters(&shared, &actions)
+            updateAccepting(&shared)
         }
+        for action in actions { action() }
     }
 
     // MARK: Accepting
 
-    private func accepted(_ client: Socket, peer acceptedPeer: Endpoint?) {
-        let acceptedAt = DispatchTime.now()
+    /// A client the listener accepted on `loop`: refused, served, rejected or queued.
+    private func accepted(_ client: Socket, peer acceptedPeer: Endpoint?, on loop: EventLoop) {
+        let acceptedAt = DispatchTime.now().uptimeNanoseconds
         // The local address is the listener's, unless it listens on every address.
         let listenerEndpoint = listenEndpoint.flatMap { $0.address.isUnspecified ? nil : $0 }
         guard let local = listenerEndpoint ?? (try? client.localEndpoint()),
               let peer = acceptedPeer ?? (try? client.peerEndpoint()) else {
             client.close()  // reset before we looked at it
             ConnectionLog(
-                relay: spec.name, client: "-", egress: "-", upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
-                duration: acceptedAt.elapsed, end: .clientReset
+                relay: name, client: "-", egress: "-", upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
+                duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: .clientReset
             ).log(to: logger)
             return
         }
-        let binding = EgressBinding(mode: spec.egress, local: local)
-        let waiter = Waiter(
-            client: client, clientEndpoint: peer.unmapped, binding: binding, acceptedAt: acceptedAt)
-        if let refusal = spec.access.refusal(of: waiter.clientEndpoint.address) {
-            // A reset, not a FIN: the client learns at once, and no TIME_WAIT is left here.
-            client.setResetOnClose()
-            return endWaiter(waiter, .refused(cause: refusal))
-        }
-        logger.debug("accepted", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint), "egress": .stringConvertible(binding)])
-        if !serve(waiter) {
-            switch spec.onBusy {
-            case .reject:
-                endWaiter(waiter, .busyRejected)
-            case .ephemeral:
-                logger.notice("every upstream is in use from \(binding): dialling from an ephemeral port", metadata: ["relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint)])
-                var fallback = waiter
-                fallback.binding = .ephemeral(binding.address)
-                if !serve(fallback) { endWaiter(waiter, .connectFailed(cause: "no upstream address")) }
-            case .queue:
-                enqueue(waiter)
+        var arrival = Arrival(client: client, clientEndpoint: peer.unmapped, binding: .ephemeral(local.address), acceptedAt: acceptedAt, loop: loop)
+        let outcome = shared.withLock { shared -> AcceptOutcome in
+            arrival.binding = EgressBinding(mode: shared.spec.egress, local: local)
+            if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
+                return .ended(.refused(cause: refusal))
+            }
+            let outcome = serve(&shared, arrival)
+            switch outcome {
+            case .busy:
+                switch shared.spec.onBusy {
+                case .reject:
+                    return .ended(.busyRejected)
+                case .ephemeral:
+                    let fixed = arrival.binding
+                    arrival.binding = .ephemeral(fixed.address)
+                    switch serve(&shared, arrival) {
+                    case .started(let connection): return .startedEphemeral(connection, from: fixed)
+                    case .busy: return .ended(.connectFailed(cause: "no upstream address"))
+                    case .ended(let end): return .ended(end)
+                    }
+                case .queue:
+                    guard !shared.waiting.isFull else { return .ended(.queueFull) }
+                    let waiter = QueuedClient(arrival, relay: self, connectTimeout: shared.spec.connectTimeout)
+                    guard let ticket = shared.waiting.append(waiter) else { return .ended(.queueFull) }
+                    waiter.ticket = ticket
+                    updateAccepting(&shared)
+                    return .queued(waiter, position: shared.waiting.count)
+                }
+            case .started(let connection):
+                updateAccepting(&shared)
+                return .started(connection)
+            case .ended(let end):
+                return .ended(end)
             }
         }
-        updateAccepting()
-    }
-
-    /// Starts a connection for the waiter if an upstream is free for its egress.
-    ///
-    /// - Returns: false when every upstream is in use from that egress.
-    private func serve(_ waiter: Waiter) -> Bool {
-        let booked = waiter.binding.bookedEndpoint
-        switch selector.reserve(egress: booked, isIPv6: waiter.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds) {
-        case .busy:
-            return false
-        case .noAddressOfFamily:
-            endWaiter(waiter, .connectFailed(cause: "no upstream has an \(waiter.binding.address.familyName) address to dial from \(waiter.binding)"))
-            return true
-        case .reserved(let reservation):
-            waiter.timer?.cancel()
-            let connection = Connection(
-                client: waiter.client, clientEndpoint: waiter.clientEndpoint, acceptedAt: waiter.acceptedAt,
-                binding: waiter.binding, reservation: reservation,
-                settings: .init(
-                    relayName: spec.name, connectTimeout: spec.connectTimeout, idleTimeout: spec.idleTimeout,
-                    bufferSize: spec.bufferSize, pipeSize: spec.splice == .on ? spec.pipeSize : nil,
-                    spliceAfter: UInt64(spec.spliceAfter), logger: logger),
-                queue: DispatchQueue(label: "sameport.connection", target: workQueue))
-            let id = ObjectIdentifier(connection)
-            connections[id] = (connection, reservation, generation)
-            served += 1
-            connection.onEnd = { [unowned self] _ in
-                queue.async { self.connectionEnded(id) }
-            }
-            let isIPv6 = waiter.binding.isIPv6
-            connection.onUpstreamFailed = { [unowned self] tried, answer in
-                queue.async { self.replaceUpstream(of: id, egress: booked, isIPv6: isIPv6, tried: tried, answer: answer) }
-            }
+        switch outcome {
+        case .started(let connection):
             connection.start()
-            return true
-        }
-    }
-
-    private func enqueue(_ waiter: Waiter) {
-        guard !waiting.isFull else { return endWaiter(waiter, .queueFull) }
-        logger.debug("queued: every upstream is in use from this egress", metadata: [
-            "relay": .string(spec.name), "client": .stringConvertible(waiter.clientEndpoint),
-            "egress": .stringConvertible(waiter.binding), "waiting": .stringConvertible(waiting.count + 1)])
-        var waiter = waiter
-        let timer = DispatchSource.makeTimerSource(queue: queue)
-        waiter.timer = timer
-        guard let ticket = waiting.append(waiter) else { return }  // not full: checked above
-        timer.setEventHandler { [unowned self] in
-            if let waiter = waiting.remove(ticket: ticket) {
-                endWaiter(waiter, .queueTimeout)
-                updateAccepting()
+        case .startedEphemeral(let connection, let fixed):
+            logger.notice("every upstream is in use from \(fixed): dialling from an ephemeral port", metadata: ["relay": .string(name), "client": .stringConvertible(arrival.clientEndpoint)])
+            connection.start()
+        case .ended(let end):
+            if case .refused = end {
+                // A reset, not a FIN: the client learns at once, and no TIME_WAIT is left here.
+                client.setResetOnClose()
             }
+            endArrival(arrival, end)
+        case .queued(let waiter, let position):
+            if logger.logLevel <= .debug {
+                logger.debug("queued: every upstream is in use from this egress", metadata: [
+                    "relay": .string(name), "client": .stringConvertible(arrival.clientEndpoint),
+                    "egress": .stringConvertible(arrival.binding), "waiting": .stringConvertible(position)])
+            }
+            loop.setDeadline(waiter, at: acceptedAt &+ UInt64(max(0, waiter.connectTimeout.nanoseconds)))
         }
-        timer.schedule(deadline: .now() + spec.connectTimeout.dispatchInterval, leeway: .milliseconds(10))
-        timer.activate()
     }
 
-    private func endWaiter(_ waiter: Waiter, _ end: ConnectionEnd) {
-        waiter.timer?.cancel()
-        waiter.client.close()
+    /// A client accepted and not yet handed to a connection.
+    struct Arrival {
+        var client: Socket
+        var clientEndpoint: Endpoint
+        var binding: EgressBinding
+        var acceptedAt: UInt64
+        var loop: EventLoop
+    }
+
+    private enum AcceptOutcome {
+        case started(Connection)
+        case startedEphemeral(Connection, from: EgressBinding)
+        case ended(ConnectionEnd)
+        case queued(QueuedClient, position: Int)
+    }
+
+    private enum ServeOutcome {
+        case started(Connection)
+        /// Every upstream is in use from that egress.
+        case busy
+        case ended(ConnectionEnd)
+    }
+
+    /// Books an upstream for the arrival and makes its connection (started by the caller, on the
+    /// arrival's shard, once the lock is released).
+    private func serve(_ shared: inout Shared, _ arrival: Arrival) -> ServeOutcome {
+        let booked = arrival.binding.bookedEndpoint
+        switch shared.selector.reserve(egress: booked, isIPv6: arrival.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds) {
+        case .busy:
+            return .busy
+        case .noAddressOfFamily:
+            return .ended(.connectFailed(cause: "no upstream has an \(arrival.binding.address.familyName) address to dial from \(arrival.binding)"))
+        case .reserved(let reservation):
+            let connection = Connection(
+                client: arrival.client, clientEndpoint: arrival.clientEndpoint, acceptedAt: arrival.acceptedAt,
+                binding: arrival.binding, reservation: reservation, context: shared.context, relay: self, loop: arrival.loop)
+            shared.connections[ObjectIdentifier(connection)] = Entry(connection: connection, reservation: reservation, generation: shared.generation)
+            shared.served += 1
+            return .started(connection)
+        }
+    }
+
+    /// Closes a client that never got a connection, with its log line.
+    private func endArrival(_ arrival: Arrival, _ end: ConnectionEnd) {
+        arrival.client.close()
         ConnectionLog(
-            relay: spec.name, client: waiter.clientEndpoint.description, egress: waiter.binding.description,
-            upstream: "-", bytesToUpstream: 0, bytesToClient: 0, duration: waiter.acceptedAt.elapsed, end: end
+            relay: name, client: arrival.clientEndpoint.description, egress: arrival.binding.description,
+            upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
+            duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- arrival.acceptedAt)), end: end
         ).log(to: logger)
     }
 
-    /// Frees the upstream a connection could not reach, passes it over for a while, and hands the
-    /// connection another upstream it has not tried: at once if one is free, later if one is busy.
-    private func replaceUpstream(
-        of id: ObjectIdentifier, egress: Endpoint?, isIPv6: Bool, tried: Set<Int>,
-        answer: @escaping @Sendable (Connection.Failover) -> Void
-    ) {
-        guard let entry = connections[id] else { return answer(.noneLeft) }
-        guard !isStopping else { return answer(.stopping) }
-        // A connection from before a reload knows upstreams by the old list's indices: it gets
-        // none of the new list (rare: it was still dialling when the reload landed).
-        guard entry.generation == generation else {
-            if let reservation = entry.reservation { selector.release(reservation) }
-            connections[id] = (entry.connection, nil, entry.generation)
-            return answer(.noneLeft)
+    /// Ends a queued client, on its shard (where its deadline is).
+    private func endQueued(_ waiter: QueuedClient, _ end: ConnectionEnd) {
+        waiter.arrival.loop.execute { [self] in
+            waiter.arrival.loop.cancelDeadline(waiter)
+            endArrival(waiter.arrival, end)
         }
-        if let reservation = entry.reservation {
-            selector.release(reservation)
-            selector.markDown(reservation.upstreamIndex, until: (DispatchTime.now() + Self.downTime.dispatchInterval).uptimeNanoseconds)
-            if selector.upstreams.count > 1 {
-                logger.warning("upstream \(spec.upstreams[reservation.upstreamIndex]) failed to connect: passed over for \(Self.downTime.shortDescription)", metadata: ["relay": .string(spec.name)])
-            }
-        }
-        connections[id] = (entry.connection, nil, entry.generation)
-        failingOver.append(Failover(id: id, egress: egress, isIPv6: isIPv6, tried: tried, answer: answer))
-        serveWaiters()
-        updateAccepting()
     }
 
-    private func connectionEnded(_ id: ObjectIdentifier) {
-        guard let entry = connections.removeValue(forKey: id) else { return }
-        if let reservation = entry.reservation { selector.release(reservation) }
-        serveWaiters()
-        updateAccepting()
-        finishStopIfDone()
+    /// A queued client's wait ran out (on its shard).
+    fileprivate func queueWaitEnded(_ waiter: QueuedClient) {
+        let removed = shared.withLock { shared -> Bool in
+            guard shared.waiting.remove(ticket: waiter.ticket) != nil else { return false }
+            updateAccepting(&shared)
+            return true
+        }
+        if removed { endArrival(waiter.arrival, .queueTimeout) }
+    }
+
+    // MARK: Connections
+
+    private static func answer(_ connection: Connection, _ answer: Connection.UpstreamReplacement) {
+        connection.loop.execute { connection.replaceUpstream(answer) }
+    }
+
+    /// A connection could not reach its upstream (on its shard): frees that upstream, passes it
+    /// over for a while, and hands the connection another it has not tried: at once if one is
+    /// free, later if one is busy.
+    func upstreamFailed(_ connection: Connection, tried: Set<Int>) {
+        var actions: Actions = []
+        let id = ObjectIdentifier(connection)
+        let passedOver = shared.withLock { shared -> String? in
+            guard var entry = shared.connections[id] else {
+                actions.append { Self.answer(connection, .noneLeft) }
+                return nil
+            }
+            guard !shared.isStopping else {
+                actions.append { Self.answer(connection, .stopping) }
+                return nil
+            }
+            var passedOver: String?
+            if let reservation = entry.reservation {
+                shared.selector.release(reservation)
+                // A connection from before a reload knows upstreams by the old list's indices: it
+                // gets none of the new list (rare: it was still dialling when the reload landed).
+                if entry.generation == shared.generation {
+                    shared.selector.markDown(reservation.upstreamIndex, until: DispatchTime.now().uptimeNanoseconds &+ UInt64(Self.downTime.nanoseconds))
+                    if shared.selector.upstreams.count > 1 { passedOver = "\(shared.spec.upstreams[reservation.upstreamIndex])" }
+                }
+            }
+            entry.reservation = nil
+            shared.connections[id] = entry
+            if entry.generation == shared.generation {
+                shared.failingOver.append(Failover(connection: connection, tried: tried))
+            } else {
+                actions.append { Self.answer(connection, .noneLeft) }
+            }
+            serveWaiters(&shared, &actions)
+            updateAccepting(&shared)
+            return passedOver
+        }
+        if let passedOver {
+            logger.warning("upstream \(passedOver) failed to connect: passed over for \(Self.downTime.shortDescription)", metadata: ["relay": .string(name)])
+        }
+        for action in actions { action() }
+    }
+
+    /// A connection has ended (on its shard): its upstream goes to the next in line.
+    func connectionEnded(_ connection: Connection) {
+        var actions: Actions = []
+        let completions = shared.withLock { shared -> [@Sendable () -> Void] in
+            guard let entry = shared.connections.removeValue(forKey: ObjectIdentifier(connection)) else { return [] }
+            if let reservation = entry.reservation { shared.selector.release(reservation) }
+            serveWaiters(&shared, &actions)
+            updateAccepting(&shared)
+            return finishStopIfDone(&shared)
+        }
+        for action in actions { action() }
+        for completion in completions { completion() }
     }
 
     /// Serves connections failing over, then queued clients, oldest first, while upstreams are
-    /// free; drops queued clients that reset.
-    private func serveWaiters() {
+    /// free; drops queued clients that reset. The connections are started after the lock is
+    /// released, each on its own shard (the shard that accepted its client).
+    private func serveWaiters(_ shared: inout Shared, _ actions: inout Actions) {
         let now = DispatchTime.now().uptimeNanoseconds
+        let generation = shared.generation
+        var failingOver = shared.failingOver
         failingOver.removeAll { failover in
-            guard let entry = connections[failover.id] else { return true }  // ended meanwhile
-            // Its `tried` holds the old list's indices: as in replaceUpstream, no new upstream.
+            let id = ObjectIdentifier(failover.connection)
+            guard var entry = shared.connections[id] else { return true }  // ended meanwhile
+            // Its `tried` holds the old list's indices: as in upstreamFailed, no new upstream.
             guard entry.generation == generation else {
-                failover.answer(.noneLeft)
+                actions.append { Self.answer(failover.connection, .noneLeft) }
                 return true
             }
-            switch selector.reserve(egress: failover.egress, isIPv6: failover.isIPv6, excluding: failover.tried, now: now) {
+            let binding = failover.connection.binding
+            switch shared.selector.reserve(egress: binding.bookedEndpoint, isIPv6: binding.isIPv6, excluding: failover.tried, now: now) {
             case .reserved(let next):
-                connections[failover.id] = (entry.connection, next, entry.generation)
-                failover.answer(.reserved(next))
+                entry.reservation = next
+                shared.connections[id] = entry
+                actions.append { Self.answer(failover.connection, .reserved(next)) }
                 return true
             case .noAddressOfFamily:
-                failover.answer(.noneLeft)
+                actions.append { Self.answer(failover.connection, .noneLeft) }
                 return true
             case .busy:
                 return false
             }
         }
+        shared.failingOver = failingOver
+        var waiting = shared.waiting
+        shared.waiting = WaitQueue(limit: waiting.limit)
         waiting.serve { waiter in
-            if waiter.client.peerHasReset() {
-                endWaiter(waiter, .clientReset)
+            if waiter.arrival.client.peerHasReset() {
+                actions.append { [self] in endQueued(waiter, .clientReset) }
                 return true
             }
-            return serve(waiter)
+            switch serve(&shared, waiter.arrival) {
+            case .busy:
+                return false
+            case .ended(let end):
+                actions.append { [self] in endQueued(waiter, end) }
+                return true
+            case .started(let connection):
+                actions.append {
+                    let loop = waiter.arrival.loop
+                    loop.execute {
+                        loop.cancelDeadline(waiter)
+                        connection.start()
+                    }
+                }
+                return true
+            }
         }
+        shared.waiting = waiting
     }
 
     /// At the connection limit the listener stops taking clients; the kernel's backlog holds them.
-    private func updateAccepting() {
-        listener?.setAccepting(!isStopping && connections.count + waiting.count < spec.maxConnections)
+    private func updateAccepting(_ shared: inout Shared) {
+        let accepting = !shared.isStopping && shared.connections.count + shared.waiting.count < shared.spec.maxConnections
+        guard accepting != shared.accepting, let listener = shared.listener else { return }
+        shared.accepting = accepting
+        listener.setAccepting(accepting)
     }
 
-    private func finishStopIfDone() {
-        guard isStopping, connections.isEmpty, !stopCompletions.isEmpty else { return }
-        let completions = stopCompletions
-        stopCompletions = []
-        for completion in completions { completion() }
+    private func finishStopIfDone(_ shared: inout Shared) -> [@Sendable () -> Void] {
+        guard shared.isStopping, shared.connections.isEmpty, !shared.stopCompletions.isEmpty else { return [] }
+        defer { shared.stopCompletions = [] }
+        return shared.stopCompletions
+    }
+}
+
+/// A client waiting in a relay's queue for a free upstream, bounded by the connect timeout (a
+/// deadline on the shard that accepted it).
+final class QueuedClient: DeadlineHandler, @unchecked Sendable {  // its deadline is its shard's
+    let arrival: Relay.Arrival
+    let connectTimeout: Duration
+    private let relay: Relay
+    var ticket: UInt64 = 0
+    var deadlineIndex = -1
+    var deadline: UInt64 = 0
+
+    init(_ arrival: Relay.Arrival, relay: Relay, connectTimeout: Duration) {
+        self.arrival = arrival
+        self.relay = relay
+        self.connectTimeout = connectTimeout
+    }
+
+    func deadlineReached(now: UInt64) {
+        relay.queueWaitEnded(self)
     }
 }

@@ -5,8 +5,8 @@ import SamePortCore
 /// A TCP socket file descriptor and the calls the relay makes on it.
 ///
 /// A `Socket` is a plain value: it does not close itself. Ownership is by convention and kept in one
-/// place each: the `Listener` owns the listening socket, a `SocketChannel` owns a connected one and
-/// closes it from the last cancel handler of its Dispatch sources.
+/// place each: the `Listener` owns the listening socket, a `Connection` owns its two connected
+/// ones and closes each right after deleting it from its shard's epoll set.
 public struct Socket: Hashable, Sendable {
     /// The file descriptor.
     public let fd: Int32
@@ -159,11 +159,5 @@ public struct Socket: Hashable, Sendable {
     /// close(2). Not retried on EINTR: on Linux the descriptor is released even then.
     public func close() {
         _ = Glibc.close(fd)
-    }
-
-    /// Closes a socket that Dispatch sources watched: the socket at once, its descriptor number
-    /// after a grace period (see `DescriptorGraveyard`).
-    func closeWatched() {
-        DescriptorGraveyard.close(fd)
     }
 }

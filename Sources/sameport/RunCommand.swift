@@ -2,6 +2,7 @@ import ArgumentParser
 import Glibc
 import SamePortSystemd
 import SamePortCore
+import SamePortNet
 
 /// `sameport run`: every relay of a configuration file, or one relay from command-line flags.
 struct RunCommand: ParsableCommand {
@@ -121,6 +122,14 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("With --config: a reload (SIGHUP) whose reading of the file and resolving of its host names takes longer fails, and the running configuration stays (default 60s).", valueName: "duration"))
     var reloadTimeout: String?
 
+    @Option(help: ArgumentHelp("Event loops (shards) that accept and relay, each on its own thread: 1 to 256 (default: one per CPU sameport may run on).", valueName: "n"))
+    var threads: Int?
+
+    /// Tuning and measuring: how long a shard waits for more events before it gives its thread
+    /// back to Dispatch (0: at once). Not in --help.
+    @Option(help: ArgumentHelp("How long an idle shard keeps its thread (default 1ms).", valueName: "duration", visibility: .hidden))
+    var linger: String?
+
     @Option(help: ArgumentHelp("Least severe level logged: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
     var logLevel: String = "info"
 
@@ -206,11 +215,28 @@ struct RunCommand: ParsableCommand {
         return (level, format)
     }
 
+    /// Sets the number of shards and their linger before any relay starts.
+    private func configureEventLoops() throws {
+        if let threads, !(1...256).contains(threads) {
+            throw ValidationError("invalid --threads \(threads): give a number of event loops from 1 to 256 (the default is one per CPU, \(EventLoopGroup.availableCPUs) here)")
+        }
+        var lingerValue = EventLoopGroup.defaultLinger
+        if let linger {
+            do {
+                lingerValue = try Duration(parsing: linger)
+            } catch {
+                throw ValidationError("invalid --linger '\(linger)': \(error)")
+            }
+        }
+        EventLoopGroup.configure(threads: threads, linger: lingerValue)
+    }
+
     /// Validation happens here rather than in `validate()`, so that ArgumentParser reports an
     /// unknown option before a missing one.
     func run() throws {
         do {
             let log = try logSettings()
+            try configureEventLoops()
             if let config {
                 let given = relayFlagsGiven
                 guard given.isEmpty else {

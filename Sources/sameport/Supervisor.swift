@@ -160,20 +160,12 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         return text
     }
 
-    /// WATCHDOG=1 goes out only after a task has gone through every relay's queue and then the
-    /// shared work queue the connections run on: a stuck relay or pump stops the pings, and
-    /// systemd restarts the service.
+    /// WATCHDOG=1 goes out only after a task has gone through every shard's loop in turn, where
+    /// all the relays' accepting and pumping runs: a stuck shard stops the pings, and systemd
+    /// restarts the service.
     private func pingWatchdog() {
-        Self.hop(through: relays + retiring.values, notifier: notifier)
-    }
-
-    private static func hop(through relays: [Relay], notifier: Notifier) {
-        guard let next = relays.first else {
-            DispatchQueue.global().async { notifier.watchdog() }
-            return
-        }
-        let rest = Array(relays.dropFirst())
-        next.onQueue { hop(through: rest, notifier: notifier) }
+        guard let group = try? EventLoopGroup.shared() else { return }
+        group.hopThroughEveryShard { [notifier] in notifier.watchdog() }
     }
 
     // MARK: Stop

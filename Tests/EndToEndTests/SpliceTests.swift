@@ -88,9 +88,7 @@ struct SpliceTests {
         defer { relay.stop(); upstream.stop() }
         try echo(listen, pattern(count: 4096, seed: 7))
         try relay.waitForLines(containing: "connection ended")
-        // The ended connection's descriptor numbers are parked for 50 ms (DescriptorGraveyard):
-        // let them go before counting the free ones.
-        usleep(300_000)
+        // The ended connection's descriptors are closed before its line is logged.
         let basePipes = relay.openPipes()
         // Room for the client, accept's probe for the next one, and the upstream socket; not for
         // a pipe's two descriptors. RLIMIT_NOFILE bounds descriptor numbers (those open above it
@@ -108,7 +106,8 @@ struct SpliceTests {
         for seed in [8, 9] as [UInt64] {
             try echo(listen, pattern(count: 4 << 20, seed: seed))
             #expect(relay.openPipes() == basePipes)
-            usleep(300_000)  // the numbers parked by this connection are free again
+            // Its descriptors are free again once its line is logged.
+            try relay.waitForLines(containing: "connection ended", count: Int(seed) - 6)
         }
         let ended = try relay.waitForLines(containing: "connection ended", count: 3)
         #expect(ended.allSatisfy { field("end", in: $0) == "completed" }, "\(ended)")

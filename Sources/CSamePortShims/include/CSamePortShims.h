@@ -71,6 +71,45 @@ int sameport_cap_ambient_lower(int cap);
 /// -1 with errno.
 int sameport_signal_pipe(const int *signals, int count);
 
+/// One epoll event, unpacked. glibc declares `struct epoll_event` packed on x86_64, which Swift
+/// cannot lay out; the shard's loop reads events through these instead.
+struct sameport_epoll_event {
+    unsigned int events;
+    unsigned long long data;
+};
+
+/// epoll_create1(2) with EPOLL_CLOEXEC.
+int sameport_epoll_create(void);
+
+/// EPOLL_CTL_ADD, EPOLL_CTL_MOD and EPOLL_CTL_DEL.
+extern const int sameport_epoll_ctl_add;
+extern const int sameport_epoll_ctl_mod;
+extern const int sameport_epoll_ctl_del;
+
+/// epoll_ctl(2) with the registration id as the event's data (`op` is EPOLL_CTL_ADD/MOD/DEL).
+int sameport_epoll_ctl(int epfd, int op, int fd, unsigned int events, unsigned long long data);
+
+/// epoll_wait(2) into unpacked events. `timeout_ns` < 0 waits for ever, 0 does not wait; a positive
+/// timeout is kept to the nanosecond with epoll_pwait2(2) (Linux 5.11), rounded up to a
+/// millisecond by epoll_wait(2) where that is missing. The count, or -1 with errno.
+int sameport_epoll_wait(int epfd, struct sameport_epoll_event *events, int max, long long timeout_ns);
+
+/// The epoll flags Glibc does not show to Swift (EPOLLRDHUP, EPOLLEXCLUSIVE, EPOLLET), and the
+/// ones it shows as enum cases of another type.
+extern const unsigned int sameport_epollin;
+extern const unsigned int sameport_epollout;
+extern const unsigned int sameport_epollrdhup;
+extern const unsigned int sameport_epollerr;
+extern const unsigned int sameport_epollhup;
+extern const unsigned int sameport_epollet;
+extern const unsigned int sameport_epollexclusive;
+
+/// eventfd(2), non-blocking and close-on-exec: how another thread wakes a shard's loop.
+int sameport_eventfd(void);
+
+/// The CPUs this process may run on (sched_getaffinity(2) and CPU_COUNT, a macro), or 1.
+int sameport_cpu_count(void);
+
 /// CAP_CHOWN and CAP_SETPCAP, from <linux/capability.h>.
 extern const int sameport_cap_chown;
 extern const int sameport_cap_setpcap;

@@ -1,0 +1,157 @@
+import Dispatch
+import Foundation
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Synchronization
+import Testing
+@testable import SamePortNet
+
+/// A loopback TCP connection: the test's end, and the relay's (non-blocking, from accept4).
+func loopbackPair(_ listener: Listener, receiveBuffer: Int32? = nil) throws -> (peer: TestSocket, relay: Socket) {
+    let socket = try TestSocket.tcp(ipv6: false)
+    // Set before connect, so that the window it advertises fits the buffer from the start.
+    if let receiveBuffer { socket.setOption(SOL_SOCKET, SO_RCVBUF, receiveBuffer) }
+    let peer = try TestSocket.connect(to: listener.endpoint, using: socket)
+    let deadline = ContinuousClock.now + .seconds(5)
+    while ContinuousClock.now < deadline {
+        if let (socket, _) = try listener.listeningSocket.accept() { return (peer, socket) }
+        usleep(1000)
+    }
+    throw TestError.timeout("accept")
+}
+
+/// Pumps `direction` until it finishes or fails, waiting with poll(2) for what it says it waits
+/// for, as the shard's edge-triggered events would; returns the last outcome.
+func pumpToEnd(_ direction: inout Direction, from: Socket, to: Socket, timeout: Duration = .seconds(30)) -> Direction.Outcome {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        let outcome = direction.pump(from: from, to: to)
+        var poller = pollfd(fd: 0, events: 0, revents: 0)
+        switch outcome {
+        case .finished, .failed: return outcome
+        case .yielded: continue
+        case .awaitingRead: poller = pollfd(fd: from.fd, events: Int16(POLLIN) | 0x2000, revents: 0)
+        case .awaitingWrite: poller = pollfd(fd: to.fd, events: Int16(POLLOUT), revents: 0)
+        }
+        _ = poll(&poller, 1, 20)
+    }
+    return .awaitingRead
+}
+
+//   test sender ──▶ [from] relay's Direction [to] ──▶ test receiver
+@Suite("Direction: the pump on loopback sockets", .serialized)
+struct DirectionTests {
+    /// Copy path (no pipe), and splice from the first byte.
+    static let paths: [(name: String, pipeSize: Int?)] = [("copy", nil), ("splice", 65536)]
+
+    @Test("Bytes arrive in order and EOF becomes a half-close, each way", arguments: [0, 1])
+    func halfClose(path: Int) throws {
+        _ = ignoreSIGPIPE
+        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
+        defer { listener.close() }
+        let (sender, from) = try loopbackPair(listener)
+        let (receiver, to) = try loopbackPair(listener)
+        defer { from.close(); to.close() }
+        var direction = Direction(fromSide: .client, capacity: 4096, pipeSize: Self.paths[path].pipeSize, spliceAfter: 0, now: 0)
+        defer { direction.release() }
+        let payload = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        let writer = Thread {
+            try? sender.sendAll(payload)
+            sender.shutdownWrite()
+        }
+        writer.start()
+        let outcome = pumpToEnd(&direction, from: from, to: to)
+        guard case .finished = outcome else {
+            Issue.record("outcome \(outcome)")
+            return
+        }
+        let (bytes, end) = try receiver.receiveToEnd(timeout: .seconds(10))
+        #expect(end == .eof)
+        #expect(bytes == payload)
+        #expect(direction.bytes == UInt64(payload.count))
+        // The other way is still open: the receiver's side can still talk back (a half-close).
+        try receiver.sendAll(Array("reply".utf8))
+        receiver.shutdownWrite()
+        var back = Direction(fromSide: .upstream, capacity: 4096, pipeSize: Self.paths[path].pipeSize, spliceAfter: 0, now: 0)
+        defer { back.release() }
+        guard case .finished = pumpToEnd(&back, from: to, to: from) else {
+            Issue.record("the reverse direction did not finish")
+            return
+        }
+        let reply = try sender.receiveToEnd(timeout: .seconds(10))
+        #expect(reply.bytes == Array("reply".utf8))
+        #expect(reply.end == .eof)
+    }
+
+    @Test("A reset by the sender fails the direction on the sender's side", arguments: [0, 1])
+    func reset(path: Int) throws {
+        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
+        defer { listener.close() }
+        let (sender, from) = try loopbackPair(listener)
+        let (_, to) = try loopbackPair(listener)
+        defer { from.close(); to.close() }
+        var direction = Direction(fromSide: .client, capacity: 4096, pipeSize: Self.paths[path].pipeSize, spliceAfter: 0, now: 0)
+        defer { direction.release() }
+        try sender.sendAll(Array("partial".utf8))
+        sender.reset()
+        let outcome = pumpToEnd(&direction, from: from, to: to, timeout: .seconds(5))
+        guard case .failed(let side, let error) = outcome else {
+            Issue.record("outcome \(outcome): a reset must fail the direction")
+            return
+        }
+        #expect(side == .client)
+        #expect(error.errno == .connectionReset)
+    }
+
+    @Test("A receiver that does not read stops the pump at its bound (back-pressure), and every byte arrives once it reads", arguments: [0, 1])
+    func backPressure(path: Int) throws {
+        _ = ignoreSIGPIPE
+        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
+        defer { listener.close() }
+        let (sender, from) = try loopbackPair(listener)
+        let (receiver, to) = try loopbackPair(listener, receiveBuffer: 65536)
+        defer { from.close(); to.close() }
+        try to.setOption(level: SOL_SOCKET, name: SO_SNDBUF, value: 4096)
+        let capacity = 8192
+        var direction = Direction(fromSide: .client, capacity: capacity, pipeSize: Self.paths[path].pipeSize, spliceAfter: 0, now: 0)
+        defer { direction.release() }
+        let payload = (0..<8_000_000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+        let writer = Thread {
+            try? sender.sendAll(payload, timeout: .seconds(60))
+            sender.shutdownWrite()
+        }
+        writer.start()
+        // Pump while the receiver reads nothing: the direction must end up waiting to write,
+        // holding no more than its buffer (or pipe), with the sender held back by TCP.
+        var outcome = Direction.Outcome.awaitingRead
+        let deadline = ContinuousClock.now + .seconds(5)
+        while ContinuousClock.now < deadline {
+            outcome = direction.pump(from: from, to: to)
+            if case .awaitingWrite = outcome { break }
+            usleep(1000)
+        }
+        guard case .awaitingWrite = outcome else {
+            Issue.record("outcome \(outcome): the pump should wait for the full receiver")
+            return
+        }
+        #expect(direction.buffered <= max(capacity, Self.paths[path].pipeSize ?? 0))
+        let held = direction.bytes
+        for _ in 0..<20 { _ = direction.pump(from: from, to: to) }
+        #expect(direction.bytes == held, "nothing moves while the receiver is full")
+        #expect(direction.bytes < UInt64(payload.count / 2))
+        // Now read: everything arrives, in order.
+        let result = Mutex<[UInt8]>([])
+        let readerThread = Thread {
+            let bytes = (try? receiver.receiveToEnd(timeout: .seconds(60)))?.bytes ?? []
+            result.withLock { $0 = bytes }
+        }
+        readerThread.start()
+        guard case .finished = pumpToEnd(&direction, from: from, to: to, timeout: .seconds(60)) else {
+            Issue.record("the direction did not finish once the receiver read")
+            return
+        }
+        #expect(waitUntil(timeout: .seconds(30)) { result.withLock { $0.count } == payload.count })
+        #expect(result.withLock { $0 } == payload)
+    }
+}

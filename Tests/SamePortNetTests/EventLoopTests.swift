@@ -1,0 +1,183 @@
+import CSamePortShims
+import Dispatch
+import Foundation
+import Glibc
+import SamePortCore
+import SamePortTestSupport
+import Synchronization
+import Testing
+@testable import SamePortNet
+
+/// Records what a shard delivers to it.
+private final class Log: Sendable {
+    let entries = Mutex<[String]>([])
+    func withLock<T>(_ body: (inout [String]) -> T) -> T { entries.withLock { body(&$0) } }
+}
+
+private final class Recorder: EventHandler, DeadlineHandler, @unchecked Sendable {  // on the shard
+    let name: String
+    let log: Log
+    var onEvent: ((Recorder, UInt32) -> Void)?
+    var deadlineIndex = -1
+    var deadline: UInt64 = 0
+
+    init(_ name: String, log: Log) {
+        self.name = name
+        self.log = log
+    }
+
+    func handle(events: UInt32, tag: UInt8) {
+        log.withLock { $0.append("\(name) events \(events)") }
+        onEvent?(self, events)
+    }
+
+    func deadlineReached(now: UInt64) {
+        log.withLock { $0.append(name) }
+    }
+}
+
+private func socketPair() throws -> (Socket, Socket) {
+    var fds: [Int32] = [-1, -1]
+    let type = Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
+    guard socketpair(AF_UNIX, type, 0, &fds) == 0 else { throw TestError.system("socketpair", errno) }
+    return (Socket(fd: fds[0]), Socket(fd: fds[1]))
+}
+
+@Suite("Event loop: shards, registrations and deadlines", .serialized)
+struct EventLoopTests {
+    @Test("The deadline heap pops in deadline order, after moves and removals")
+    func heapOrder() {
+        let log = Log()
+        var heap = DeadlineHeap()
+        var generator = SystemRandomNumberGenerator()
+        let handlers = (0..<500).map { Recorder("\($0)", log: log) }
+        for handler in handlers { heap.set(handler, deadline: UInt64.random(in: 1...1_000_000, using: &generator)) }
+        // Move a third, remove a third.
+        for handler in handlers[0..<166] { heap.set(handler, deadline: UInt64.random(in: 1...1_000_000, using: &generator)) }
+        for handler in handlers[166..<333] { heap.remove(handler) }
+        #expect(heap.count == 500 - 167)
+        var popped: [UInt64] = []
+        while let due = heap.popDue(now: .max) { popped.append(due.deadline) }
+        #expect(popped.count == 500 - 167)
+        #expect(popped == popped.sorted())
+        #expect(handlers.allSatisfy { $0.deadlineIndex == -1 })
+        #expect(heap.earliest == nil)
+    }
+
+    @Test("A shard wakes deadline handlers in deadline order, and not before")
+    func deadlinesFire() throws {
+        let loop = try EventLoop(index: 90, linger: .zero)
+        let group = EventLoopGroup(loops: [loop])
+        group.start()
+        let log = Log()
+        let handlers = ["c", "a", "b", "cancelled"].map { Recorder($0, log: log) }
+        let start = DispatchTime.now().uptimeNanoseconds
+        loop.execute {
+            loop.setDeadline(handlers[0], at: start + 60_000_000)
+            loop.setDeadline(handlers[1], at: start + 20_000_000)
+            loop.setDeadline(handlers[2], at: start + 40_000_000)
+            loop.setDeadline(handlers[3], at: start + 30_000_000)
+            loop.cancelDeadline(handlers[3])
+        }
+        #expect(waitUntil(timeout: .seconds(5)) { log.withLock { $0.count } == 3 })
+        let elapsed = DispatchTime.now().uptimeNanoseconds - start
+        #expect(log.withLock { $0 } == ["a", "b", "c"])
+        #expect(elapsed >= 60_000_000)
+    }
+
+    //   a ──(bytes)──▶ a' (registered)        b ──(bytes)──▶ b' (registered)
+    // Both are readable in one batch. Whichever handler runs first closes the other's socket and
+    // opens a new socket that takes its descriptor number: the event already fetched for the old
+    // socket must not reach the new one.
+    @Test("An event fetched for a socket closed in the same batch is dropped, even when its number is reused at once")
+    func reusedNumber() throws {
+        let loop = try EventLoop(index: 91, linger: .zero)
+        let group = EventLoopGroup(loops: [loop])
+        let log = Log()
+        let (writerA, socketA) = try socketPair()
+        let (writerB, socketB) = try socketPair()
+        defer { [writerA, writerB].forEach { $0.close() } }
+        let first = Recorder("first", log: log)
+        let second = Recorder("second", log: log)
+        let newcomer = Recorder("newcomer", log: log)
+        /// Touched on the shard, read by the test once `reused` is set.
+        final class State: @unchecked Sendable {  // under `lock`
+            let lock = NSLock()
+            var ids: [ObjectIdentifier: (Socket, UInt64)] = [:]
+            var reused = false
+            var kept: [Socket] = []
+            var closed: Int32 = -1
+            var numberReused = false
+        }
+        let state = State()
+        let closeTheOther: (Recorder, UInt32) -> Void = { me, _ in
+            state.lock.lock()
+            defer { state.lock.unlock() }
+            guard !state.reused else { return }
+            state.reused = true
+            let other = me === first ? second : first
+            guard let (socket, id) = state.ids[ObjectIdentifier(other)] else { return }
+            loop.deregister(fd: socket.fd, id: id)
+            socket.close()
+            state.closed = socket.fd
+            // The next socket gets the lowest free number: the one just closed.
+            guard let (fresh, peer) = try? socketPair() else { return }
+            state.kept += [fresh, peer]
+            state.numberReused = fresh.fd == socket.fd || peer.fd == socket.fd
+            let reused = fresh.fd == socket.fd ? fresh : peer
+            _ = try? loop.register(fd: reused.fd, events: sameport_epollin | sameport_epollet, handler: newcomer, tag: 0)
+        }
+        first.onEvent = closeTheOther
+        second.onEvent = closeTheOther
+        // Both readable before the shard looks: one epoll_wait returns both events.
+        _ = Glibc.write(writerA.fd, "x", 1)
+        _ = Glibc.write(writerB.fd, "y", 1)
+        loop.execute {
+            state.lock.lock()
+            defer { state.lock.unlock() }
+            if let id = try? loop.register(fd: socketA.fd, events: sameport_epollin | sameport_epollet, handler: first, tag: 0) {
+                state.ids[ObjectIdentifier(first)] = (socketA, id)
+            }
+            if let id = try? loop.register(fd: socketB.fd, events: sameport_epollin | sameport_epollet, handler: second, tag: 0) {
+                state.ids[ObjectIdentifier(second)] = (socketB, id)
+            }
+        }
+        group.start()
+        #expect(waitUntil(timeout: .seconds(5)) { state.lock.withLock { state.reused } })
+        usleep(100_000)
+        let events = log.withLock { $0 }
+        #expect(state.lock.withLock { state.numberReused }, "the closed socket's number was not reused")
+        // Exactly one of the two ran; the newcomer (no bytes to read) heard nothing.
+        #expect(events.count == 1, "\(events)")
+        #expect(!events.contains { $0.hasPrefix("newcomer") }, "\(events)")
+        // Closed on the shard, so that no event of theirs is being handled meanwhile.
+        let done = Mutex(false)
+        loop.execute {
+            state.lock.withLock {
+                for (socket, id) in state.ids.values where socket.fd != state.closed {
+                    loop.deregister(fd: socket.fd, id: id)
+                    socket.close()
+                }
+                for socket in state.kept { socket.close() }
+            }
+            done.withLock { $0 = true }
+        }
+        #expect(waitUntil(timeout: .seconds(5)) { done.withLock { $0 } })
+    }
+
+    @Test("execute from another thread wakes a shard that waits, in order")
+    func executeWakes() throws {
+        let loop = try EventLoop(index: 92, linger: .milliseconds(50))
+        let group = EventLoopGroup(loops: [loop])
+        group.start()
+        let log = Mutex<[Int]>([])
+        for number in 0..<1000 {
+            loop.execute { log.withLock { $0.append(number) } }
+        }
+        #expect(waitUntil(timeout: .seconds(5)) { log.withLock { $0.count } == 1000 })
+        #expect(log.withLock { $0 } == Array(0..<1000))
+        let hopped = Mutex(false)
+        group.hopThroughEveryShard { hopped.withLock { $0 = true } }
+        #expect(waitUntil(timeout: .seconds(5)) { hopped.withLock { $0 } })
+    }
+}
