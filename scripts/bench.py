@@ -12,6 +12,7 @@ directory, and measures, on 127.0.0.1 only, each configuration:
   sameport          sameport with its default egress: every upstream socket bound to the
                     listening 127.0.0.1:P (the 4-tuple rule: one connection per upstream port)
   sameport-eph      sameport --egress ephemeral (kernel-chosen source port)
+  sameport-t1       sameport as above with --threads 1: one event loop, what the second core buys
   socat             socat TCP4-LISTEN:P,fork,reuseaddr TCP4:upstream
   haproxy           HAProxy, mode tcp, one frontend and one server
   nginx             nginx stream module, proxy_pass
@@ -32,10 +33,17 @@ Metrics, each next to direct measured in the same run (see README.md, "Benchmark
                     byte and reading one byte; the UPSTREAM closes first. The fixed-port relay
                     gets --fixed-ports upstream ports (default 16) so that 8 clients never wait
                     for a free (127.0.0.1:P, upstream) pair.
+  conn/s 1 upstr.   new connections per second with 1 client and ONE upstream port: the client
+                    reconnects as soon as it sees EOF, so the fixed-port relay must hand the one
+                    (127.0.0.1:P, upstream) pair over from each connection to the next (the
+                    product's core case: a partner that admits one source port).
   KiB/idle conn     growth of the relay's memory (sum of PSS over its processes, which is the RSS
                     growth for a single process) with IDLE connections open, each after one
                     1-byte exchange, divided by their number. The fixed-port relay gets IDLE
                     upstream ports, one per connection.
+
+A sameport connection that fails, or takes 100 ms or more, in the conn/s runs, and a sameport
+measurement that fails, fail the run (exit status 1, listed under the table as FAILED).
 
 --quick (or --smoke): 256 MiB, 2,000 ping-pongs, 0.5 s of connections, 100 idle connections, one
 repetition, nothing installed: half a minute, to see that everything runs.
@@ -69,11 +77,15 @@ PROXYD = "/lib/systemd/systemd-socket-proxyd"
 SS = shutil.which("ss")
 NGINX_MODULES = ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/nginx/modules/ngx_stream_module.so"]
 
-CONFIGS = ["direct", "sameport", "sameport-eph", "socat", "haproxy", "nginx", "proxyd"]
+CONFIGS = ["direct", "sameport", "sameport-eph", "sameport-t1", "socat", "haproxy", "nginx", "proxyd"]
+SAMEPORT = ("sameport", "sameport-eph", "sameport-t1")
+# A sameport connection slower than this fails the run, as a failed one does.
+STALL_MS = 100.0
 LABELS = {
     "direct": "direct (no relay)",
     "sameport": "sameport (same-port egress)",
     "sameport-eph": "sameport --egress ephemeral",
+    "sameport-t1": "sameport --threads 1",
     "socat": "socat",
     "haproxy": "HAProxy (mode tcp)",
     "nginx": "nginx stream",
@@ -415,11 +427,16 @@ class Bench:
         self.iperf_server = None
         self.counter = 0
         self.notes = []  # what went wrong or slow, printed under the table
+        self.failures = []  # what went wrong with sameport: fails the run
         self.rep = 0
 
     def note(self, message):
         log(f"bench: {message}")
         self.notes.append(f"rep {self.rep + 1}: {message}")
+
+    def fail(self, message):
+        log(f"bench: FAILED: {message}")
+        self.failures.append(f"rep {self.rep + 1}: {message}")
 
     # upstream servers -------------------------------------------------------------------------
 
@@ -461,13 +478,15 @@ class Bench:
         tag = f"{config}-{self.counter}"
         logfile = os.path.join(self.tmp, f"{tag}.log")
         listen, first = f"{HOST}:{port}", f"{HOST}:{upstreams[0]}"
-        if config in ("sameport", "sameport-eph"):
+        if config in SAMEPORT:
             argv = [self.binary, "--listen", listen, "--log-level", "warning", "--drain-timeout", "0",
                     "--max-connections", str(max(1024, self.idle + 64)), "--queue-limit", "1024"]
-            for upstream in upstreams if config == "sameport" else upstreams[:1]:
+            for upstream in upstreams if config != "sameport-eph" else upstreams[:1]:
                 argv += ["--upstream", f"{HOST}:{upstream}"]
             if config == "sameport-eph":
                 argv += ["--egress", "ephemeral"]
+            if config == "sameport-t1":
+                argv += ["--threads", "1"]
             argv += shlex.split(self.args.sameport_flags or "")
         elif config == "socat":
             argv = [self.tools["socat"], f"TCP4-LISTEN:{port},bind={HOST},reuseaddr,fork,backlog=4096",
@@ -555,7 +574,7 @@ stream {{
         return [float(x) for x in result.stdout.split()]
 
     def iperf(self, config):
-        if not self.iperf_port or config == "sameport":
+        if not self.iperf_port or config in ("sameport", "sameport-t1"):
             return {}
         out = {}
         relay = self.start(config, [self.iperf_port], warm=False)
@@ -608,22 +627,21 @@ stream {{
         return {"p50": p50, "p99": p99}
 
     def connrate(self, config):
-        upstreams = self.server_ports[: self.fixed_ports]
         out = {}
-        for clients in (1, 8):
-            relay = self.start(config, upstreams)
+        for key, clients, ports in (("conn1", 1, self.fixed_ports), ("conn8", 8, self.fixed_ports), ("conn1u", 1, 1)):
+            relay = self.start(config, self.server_ports[:ports])
             try:
                 rate, done, failed, slow_connect, slowest = self.load_run("connrate", relay.port, clients,
                                                                           *self.rate_seconds)
             finally:
                 relay.stop()
-            out[f"conn{clients}"] = rate
-            if slowest > 200:
-                self.note(f"{config}: conn/s with {clients} client(s): the slowest connection took {slowest:.0f} ms "
-                          f"(the slowest connect() {slow_connect:.0f} ms)")
+            out[key] = rate
+            what = f"{config}: conn/s with {clients} client(s) and {ports} upstream port(s)"
+            report = self.fail if config in SAMEPORT else self.note
+            if slowest >= (STALL_MS if config in SAMEPORT else 200):
+                report(f"{what}: the slowest connection took {slowest:.0f} ms (the slowest connect() {slow_connect:.0f} ms)")
             if failed:
-                self.note(f"{config}: conn/s with {clients} client(s): {int(failed)} of {int(done + failed)} "
-                          "connections failed")
+                report(f"{what}: {int(failed)} of {int(done + failed)} connections failed")
         return out
 
     def idle_memory(self, config):
@@ -650,7 +668,8 @@ stream {{
             try:
                 out.update(metric(config))
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-                self.note(f"{config}: {metric.__name__} failed: {str(error).strip()[:300]}")
+                report = self.fail if config in SAMEPORT else self.note
+                report(f"{config}: {metric.__name__} failed: {str(error).strip()[:300]}")
             times.append(f"{metric.__name__} {time.monotonic() - t0:.1f}")
         return out, times
 
@@ -683,8 +702,8 @@ def render(configs, medians):
 
     lines = [
         "| configuration | iperf3 up | iperf3 down | bulk up | bulk down | CPU s/GiB | ping-pong p50 | ping-pong p99 "
-        "| conn/s c=1 | conn/s c=8 | KiB/idle conn |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| conn/s c=1 | conn/s c=8 | conn/s 1 upstream | KiB/idle conn |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
         cells = [
@@ -693,7 +712,7 @@ def render(configs, medians):
             ratio_cell(config, "bulk_up", "Gbit/s"), ratio_cell(config, "bulk_down", "Gbit/s"),
             plain(config, "cpu_per_gib", "{:.2f}"),
             latency_cell(config, "p50"), latency_cell(config, "p99"),
-            ratio_cell(config, "conn1", "/s"), ratio_cell(config, "conn8", "/s"),
+            ratio_cell(config, "conn1", "/s"), ratio_cell(config, "conn8", "/s"), ratio_cell(config, "conn1u", "/s"),
             plain(config, "idle_kib", "{:.1f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -807,9 +826,13 @@ def main():
             print(f"skipped: {note}")
         for note in bench.notes:
             print(f"note: {note}")
+        for failure in bench.failures:
+            print(f"FAILED: {failure}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"runs": runs, "medians": medians, "versions": found, "notes": notes}, f, indent=1)
+        if bench.failures:
+            raise SystemExit(1)
     finally:
         stop_all()
         if args.keep:

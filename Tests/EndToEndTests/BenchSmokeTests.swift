@@ -54,6 +54,7 @@ struct BenchSmokeTests {
         }
         let bulkUp = try column("bulk up"), bulkDown = try column("bulk down"), cpu = try column("CPU s/GiB")
         let p50 = try column("ping-pong p50"), conn1 = try column("conn/s c=1"), idle = try column("KiB/idle conn")
+        let conn8 = try column("conn/s c=8"), reconnect = try column("conn/s 1 upstream")
 
         let direct = try #require(Self.row("direct (no relay)", in: output), "no direct row")
         // Direct: ratio 1.00 and an absolute figure: over 0.1 Gbit/s, 1 to 10,000 µs, over 100 connections/s.
@@ -66,17 +67,20 @@ struct BenchSmokeTests {
         let directRate = Self.numbers(direct[conn1])
         #expect(directRate.count == 2 && directRate[1] > 100, "direct conn/s: \(direct[conn1])")
 
-        for label in ["sameport (same-port egress)", "sameport --egress ephemeral"] {
+        // bench.py exits 1 (above) when a sameport connection failed or took 100 ms or more.
+        #expect(!output.contains("FAILED:"), "\(output.split(separator: "\n").filter { $0.hasPrefix("FAILED:") })")
+        for label in ["sameport (same-port egress)", "sameport --egress ephemeral", "sameport --threads 1"] {
             let row = try #require(Self.row(label, in: output), "no row '\(label)'")
             for index in [bulkUp, bulkDown] {
                 let values = Self.numbers(row[index])
                 #expect(values.count == 2 && values[0] > 0.001 && values[0] < 10 && values[1] > 0,
                         "\(label) \(header[index]): \(row[index])")
             }
-            // A rate and its ratio, but no bound: one connection stalled by the pump's watchdog
-            // (see README, Benchmark) can take the whole half-second window of --smoke.
-            let rate = Self.numbers(row[conn1])
-            #expect(rate.count == 2 && rate[0] >= 0 && rate[1] >= 0, "\(label) conn/s: \(row[conn1])")
+            // A rate and its ratio: connections went through in each conn/s run.
+            for index in [conn1, conn8, reconnect] {
+                let rate = Self.numbers(row[index])
+                #expect(rate.count == 2 && rate[0] > 0 && rate[1] > 10, "\(label) \(header[index]): \(row[index])")
+            }
             let cpuPerGiB = Self.numbers(row[cpu])
             #expect(cpuPerGiB.count == 1 && cpuPerGiB[0] > 0 && cpuPerGiB[0] < 100, "\(label) CPU: \(row[cpu])")
             let latency = Self.numbers(row[p50])
