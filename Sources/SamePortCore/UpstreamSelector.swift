@@ -39,8 +39,15 @@ public struct UpstreamSelector: Sendable {
     /// which they are passed over.
     private var downUntil: [Int: UInt64] = [:]
 
+    /// Each upstream's addresses of one family, computed once: a reservation shares these
+    /// arrays instead of allocating its own.
+    private let ipv4Addresses: [[Endpoint]]
+    private let ipv6Addresses: [[Endpoint]]
+
     public init(upstreams: [[Endpoint]]) {
         self.upstreams = upstreams.map { $0.map(\.unmapped) }
+        ipv4Addresses = self.upstreams.map { $0.filter { !$0.address.isIPv6 } }
+        ipv6Addresses = self.upstreams.map { $0.filter { $0.address.isIPv6 } }
     }
 
     /// The number of booked (egress, upstream) pairs.
@@ -55,6 +62,8 @@ public struct UpstreamSelector: Sendable {
     ///   - now: the current time, in the same nanosecond clock as `markDown`; an upstream marked
     ///     down is handed out only when no other candidate exists, busy or free.
     public mutating func reserve(egress: Endpoint?, isIPv6: Bool, excluding: Set<Int> = [], now: UInt64 = 0) -> Outcome {
+        // The common case, under the relay's lock on every connection: nothing is down.
+        if downUntil.isEmpty { return reserve(egress: egress, isIPv6: isIPv6, excluding: excluding) }
         let down = Set(downUntil.filter { $0.value > now }.keys)
         downUntil = downUntil.filter { $0.value > now }
         let healthy = reserve(egress: egress, isIPv6: isIPv6, excluding: excluding.union(down))
@@ -76,13 +85,12 @@ public struct UpstreamSelector: Sendable {
         for step in 0..<upstreams.count {
             let index = (cursor + step) % upstreams.count
             if excluding.contains(index) { continue }
-            let addresses = upstreams[index].filter { $0.address.isIPv6 == isIPv6 }
+            let addresses = isIPv6 ? ipv6Addresses[index] : ipv4Addresses[index]
             guard !addresses.isEmpty else { continue }
             sawFamily = true
             if let egress {
-                let pairs = addresses.map { Pair(egress: egress, upstream: $0) }
-                guard pairs.allSatisfy({ !inUse.contains($0) }) else { continue }
-                inUse.formUnion(pairs)
+                guard addresses.allSatisfy({ !inUse.contains(Pair(egress: egress, upstream: $0)) }) else { continue }
+                for address in addresses { inUse.insert(Pair(egress: egress, upstream: address)) }
             }
             cursor = (index + 1) % upstreams.count
             return .reserved(Reservation(upstreamIndex: index, egress: egress, addresses: addresses))

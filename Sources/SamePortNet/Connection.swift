@@ -70,9 +70,10 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private let relay: Relay
     private let context: ConnectionContext
     private let client: Socket
-    private var clientRegistration: UInt64?
+    /// The registration ids in the shard's epoll set (0: none; an id never is 0).
+    private var clientRegistration: UInt64 = 0
     private var upstream: Socket?
-    private var upstreamRegistration: UInt64?
+    private var upstreamRegistration: UInt64 = 0
     let clientEndpoint: Endpoint
     let binding: EgressBinding
     private let acceptedAt: UInt64
@@ -82,22 +83,23 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private var earlierUpstreams: [Int] = []
     private var clientToUpstream: Direction
     private var upstreamToClient: Direction
-    private var upstreamEndpoint: Endpoint?
-    /// The egress the kernel chose (ephemeral bindings only; a fixed one is the binding).
-    private var chosenEgress: Endpoint?
+    /// The address connected to: its index in the reservation (-1: none yet).
+    private var connectedAddress: Int32 = -1
     /// Why each address failed in the current round of attempts.
     private var failures: [String] = []
     private var sawAddressNotAvailable = false
-    private var retryDeadline: UInt64?
-    private var backoff = Connection.addressBackoff()
+    /// When retrying a held 4-tuple stops (0: not retrying), and how many retries so far.
+    private var retryDeadline: UInt64 = 0
+    private var retries: UInt32 = 0
 
     var deadlineIndex = -1
     var deadline: UInt64 = 0
 
-    /// The backoff for a held 4-tuple: short first, since the pair is usually held by a
-    /// connection that is closing right now (LAST_ACK on loopback takes microseconds).
-    private static func addressBackoff() -> Backoff {
-        Backoff(initial: .microseconds(200), maximum: .milliseconds(50))
+    /// The backoff for a held 4-tuple, doubling from 200 us to 50 ms: short first, since the pair
+    /// is usually held by a connection that is closing right now (LAST_ACK on loopback takes
+    /// microseconds).
+    private static func addressBackoff(retry: UInt32) -> UInt64 {
+        min(200_000 << UInt64(min(retry, 16)), 50_000_000)
     }
 
     init(
@@ -233,7 +235,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private func roundFailed() {
         let now = DispatchTime.now().uptimeNanoseconds
         if sawAddressNotAvailable {
-            let deadline = retryDeadline ?? now &+ UInt64(max(0, context.connectTimeout.nanoseconds))
+            let deadline = retryDeadline != 0 ? retryDeadline : now &+ UInt64(max(0, context.connectTimeout.nanoseconds))
             retryDeadline = deadline
             guard now < deadline else {
                 return failDial("the 4-tuple from \(binding) stayed held (TIME_WAIT or another process); add upstreams or use --on-busy ephemeral")
@@ -241,7 +243,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             state = .backingOff
             failures.removeAll()
             sawAddressNotAvailable = false
-            loop.setDeadline(self, at: min(now &+ UInt64(max(0, backoff.nextDelay().nanoseconds)), deadline))
+            loop.setDeadline(self, at: min(now &+ Self.addressBackoff(retry: retries), deadline))
+            retries += 1
             return
         }
         // Fail over to another upstream: at once if one is free, else when one frees up, within
@@ -259,8 +262,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         case .reserved(let next):
             loop.cancelDeadline(self)
             reservation = next
-            backoff = Self.addressBackoff()
-            retryDeadline = nil
+            retries = 0
+            retryDeadline = 0
             attempt(address: 0)
         case .noneLeft:
             failDial()
@@ -279,9 +282,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private func didConnect(address: Endpoint) {
         loop.cancelDeadline(self)
         state = .relaying
-        upstreamEndpoint = address
+        if let index = reservation.addresses.firstIndex(of: address) { connectedAddress = Int32(index) }
         guard let upstream else { return }
-        if binding.bookedEndpoint == nil { chosenEgress = try? upstream.localEndpoint() }
         if context.logger.logLevel <= .debug {
             context.logger.debug("connected", metadata: [
                 "relay": .string(context.relayName), "client": .stringConvertible(clientEndpoint),
@@ -382,22 +384,25 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
 
     // MARK: Ending
 
+    /// The egress for log lines: the fixed one, or the port the kernel chose (asked only when a
+    /// line is written, while the upstream socket is open).
     private var egressDescription: String {
-        chosenEgress.map(\.description) ?? binding.bookedEndpoint.map(\.description) ?? binding.description
+        if let fixed = binding.bookedEndpoint { return fixed.description }
+        return (upstream.flatMap { try? $0.localEndpoint() } ?? nil)?.description ?? binding.description
     }
 
     private func closeUpstream(reset: Bool) {
         guard let upstream else { return }
-        if let upstreamRegistration { loop.deregister(fd: upstream.fd, id: upstreamRegistration) }
+        if upstreamRegistration != 0 { loop.deregister(fd: upstream.fd, id: upstreamRegistration) }
         if reset { upstream.setResetOnClose() }
         upstream.close()
         self.upstream = nil
-        upstreamRegistration = nil
+        upstreamRegistration = 0
     }
 
     private func closeClient(reset: Bool) {
-        if let clientRegistration { loop.deregister(fd: client.fd, id: clientRegistration) }
-        clientRegistration = nil
+        if clientRegistration != 0 { loop.deregister(fd: client.fd, id: clientRegistration) }
+        clientRegistration = 0
         if reset { client.setResetOnClose() }
         client.close()
     }
@@ -411,6 +416,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         }
         state = .ended
         loop.cancelDeadline(self)
+        let egress = context.logger.logLevel <= .warning ? egressDescription : binding.description
         // A reset on one side becomes a reset on the other; a clean end closes with FIN.
         switch end {
         case .clientReset:
@@ -433,8 +439,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         }
         ConnectionLog(
             relay: context.relayName, client: clientEndpoint.description,
-            egress: egressDescription,
-            upstream: upstreamEndpoint.map(\.description)
+            egress: egress,
+            upstream: (connectedAddress >= 0 ? reservation.addresses[Int(connectedAddress)] : nil).map(\.description)
                 ?? reservation.addresses.map(\.description).joined(separator: ","),
             bytesToUpstream: clientToUpstream.bytes,
             bytesToClient: upstreamToClient.bytes,

@@ -90,20 +90,48 @@ struct Direction {
     /// refusal means that splice is unavailable; a later one is an error.
     private var splicedIn = false
     private var splicedOut = false
+    // Stored narrow, read through the properties below: a direction is kept for every open
+    // connection, idle or not, twice.
+    private var spliceAtStored = UInt64.max
+    private var capacityStored: Int32
+    private var bufferStored: UnsafeMutableRawPointer?
+    private var startStored: Int32 = 0
+    private var endStored: Int32 = 0
+    private let pipeSizeStored: Int32
+    private var pipeBytesStored: Int32 = 0
+
     /// Switch to splice once `bytes` reaches this; nil: copy for good.
-    private var spliceAt: UInt64?
+    private var spliceAt: UInt64? {
+        get { spliceAtStored == .max ? nil : spliceAtStored }
+        set { spliceAtStored = newValue ?? .max }
+    }
 
     // The copy path: `buffer[start..<end]` is read and not yet written.
-    private var capacity: Int
-    private var buffer: UnsafeMutableRawBufferPointer?
-    private var start = 0
-    private var end = 0
+    private var capacity: Int {
+        get { Int(capacityStored) }
+        set { capacityStored = Int32(clamping: newValue) }
+    }
+    private var buffer: UnsafeMutableRawBufferPointer? {
+        get { bufferStored.map { UnsafeMutableRawBufferPointer(start: $0, count: capacity) } }
+        set { bufferStored = newValue?.baseAddress }
+    }
+    private var start: Int {
+        get { Int(startStored) }
+        set { startStored = Int32(truncatingIfNeeded: newValue) }
+    }
+    private var end: Int {
+        get { Int(endStored) }
+        set { endStored = Int32(truncatingIfNeeded: newValue) }
+    }
 
     // The splice path: the pipe holds `pipeBytes` bytes spliced in and not yet spliced out.
-    private let pipeSize: Int
+    private var pipeSize: Int { Int(pipeSizeStored) }
     /// Open while the direction splices.
     private var pipe: SplicePipe?
-    private var pipeBytes = 0
+    private var pipeBytes: Int {
+        get { Int(pipeBytesStored) }
+        set { pipeBytesStored = Int32(truncatingIfNeeded: newValue) }
+    }
 
     /// Fills (and empties) the buffer or pipe at most this many times per wake-up, so one busy
     /// connection cannot hold its shard.
@@ -115,9 +143,9 @@ struct Direction {
     ///   - spliceAfter: with a pipe size, the bytes to copy before splicing.
     init(fromSide: Side, capacity: Int, pipeSize: Int?, spliceAfter: UInt64, now: UInt64) {
         self.fromSide = fromSide
-        self.capacity = capacity
-        self.pipeSize = pipeSize ?? 0
-        self.spliceAt = pipeSize == nil ? nil : spliceAfter
+        self.capacityStored = Int32(clamping: capacity)
+        self.pipeSizeStored = Int32(clamping: pipeSize ?? 0)
+        self.spliceAtStored = pipeSize == nil ? .max : spliceAfter
         self.lastActivity = now
     }
 
