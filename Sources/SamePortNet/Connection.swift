@@ -416,7 +416,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         }
         state = .ended
         loop.cancelDeadline(self)
-        let egress = context.logger.logLevel <= .warning ? egressDescription : binding.description
+        let logged = ConnectionLog.isLogged(end, by: context.logger)
+        let egress = logged ? egressDescription : ""
         // A reset on one side becomes a reset on the other; a clean end closes with FIN.
         switch end {
         case .clientReset:
@@ -437,6 +438,15 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             closeUpstream(reset: wasRelaying && !clientToUpstream.isFinished)
             closeClient(reset: wasRelaying && !upstreamToClient.isFinished)
         }
+        if logged {
+            log(end, egress: egress)
+        }
+        clientToUpstream.release()
+        upstreamToClient.release()
+        relay.connectionEnded(self)
+    }
+
+    private func log(_ end: ConnectionEnd, egress: String) {
         ConnectionLog(
             relay: context.relayName, client: clientEndpoint.description,
             egress: egress,
@@ -446,9 +456,6 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             bytesToClient: upstreamToClient.bytes,
             duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: end
         ).log(to: context.logger)
-        clientToUpstream.release()
-        upstreamToClient.release()
-        relay.connectionEnded(self)
     }
 }
 

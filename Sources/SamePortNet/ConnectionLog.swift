@@ -16,14 +16,23 @@ struct ConnectionLog {
     var duration: Duration
     var end: ConnectionEnd
 
-    func log(to logger: Logger) {
-        let level: Logger.Level
+    /// The level a connection's line is logged at, by how it ended.
+    static func level(of end: ConnectionEnd) -> Logger.Level {
         switch end {
-        case .completed, .clientReset, .upstreamReset, .idleTimeout, .shutdown: level = .info
-        case .refused: level = .notice
-        default: level = .warning
+        case .completed, .clientReset, .upstreamReset, .idleTimeout, .shutdown: return .info
+        case .refused: return .notice
+        default: return .warning
         }
-        // Formatting the line costs more than the rest of a short connection: skip it when unseen.
+    }
+
+    /// Whether a connection that ended so is logged at all: formatting the line (its addresses
+    /// included) costs more than the rest of a short connection, so callers ask first.
+    static func isLogged(_ end: ConnectionEnd, by logger: Logger) -> Bool {
+        logger.logLevel <= level(of: end)
+    }
+
+    func log(to logger: Logger) {
+        let level = Self.level(of: end)
         guard logger.logLevel <= level else { return }
         var metadata: Logger.Metadata = [
             "relay": .string(relay),

@@ -440,6 +440,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// Closes a client that never got a connection, with its log line.
     private func endArrival(_ arrival: Arrival, _ end: ConnectionEnd) {
         arrival.client.close()
+        guard ConnectionLog.isLogged(end, by: logger) else { return }
         ConnectionLog(
             relay: name, client: arrival.clientEndpoint.description, egress: arrival.binding.description,
             upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
