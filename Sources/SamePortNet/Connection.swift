@@ -289,10 +289,9 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
                 "relay": .string(context.relayName), "client": .stringConvertible(clientEndpoint),
                 "egress": .string(egressDescription), "upstream": .stringConvertible(address)])
         }
-        // A relay forwards what it reads as soon as it reads it: Nagle would only add delay.
-        for socket in [client, upstream] {
-            try? socket.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
-        }
+        // A relay forwards what it reads as soon as it reads it: Nagle would only add delay. The
+        // client has it from the listener (Linux copies TCP_NODELAY to accepted sockets).
+        try? upstream.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
         if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
         pump(.clientToUpstream)
         pump(.upstreamToClient)
@@ -309,7 +308,10 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         let writable = events & (sameport_epollout | sameport_epollhup | sameport_epollerr) != 0
         let from: Which = side == .client ? .clientToUpstream : .upstreamToClient
         let to: Which = side == .client ? .upstreamToClient : .clientToUpstream
-        if readable, direction(from).waitingFor == .read { pump(from) }
+        if readable, direction(from).waitingFor == .read {
+            let closing = events & (sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
+            pump(from, drainedByShortRead: !closing)
+        }
         if writable, direction(to).waitingFor == .write { pump(to) }
         // An error on a socket that neither direction is reading or writing now (a reset client
         // while its upstream is quiet) is found here rather than at the next byte.
@@ -323,17 +325,17 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         which == .clientToUpstream ? clientToUpstream : upstreamToClient
     }
 
-    private func pump(_ which: Which) {
+    private func pump(_ which: Which, drainedByShortRead: Bool = false) {
         guard case .relaying = state, let upstream else { return }
         let outcome: Direction.Outcome
         let refusal: String?
         switch which {
         case .clientToUpstream:
-            outcome = clientToUpstream.pump(from: client, to: upstream)
+            outcome = clientToUpstream.pump(from: client, to: upstream, drainedByShortRead: drainedByShortRead)
             refusal = clientToUpstream.spliceRefusal
             clientToUpstream.spliceRefusal = nil
         case .upstreamToClient:
-            outcome = upstreamToClient.pump(from: upstream, to: client)
+            outcome = upstreamToClient.pump(from: upstream, to: client, drainedByShortRead: drainedByShortRead)
             refusal = upstreamToClient.spliceRefusal
             upstreamToClient.spliceRefusal = nil
         }

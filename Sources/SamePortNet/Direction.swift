@@ -150,12 +150,18 @@ struct Direction {
     }
 
     /// Moves as many bytes as the sockets allow, from `from` to `to`; says what it waits for.
-    mutating func pump(from: Socket, to: Socket) -> Outcome {
+    ///
+    /// - Parameter drainedByShortRead: the pump runs for a readable edge of `from` that did not
+    ///   say the peer has closed (no EPOLLRDHUP, EPOLLHUP or EPOLLERR): then a read that returns
+    ///   less than asked has emptied the socket, and the EAGAIN read that would prove it is
+    ///   skipped. Bytes or a FIN that arrive later raise a new edge. Never for a pump started
+    ///   otherwise: an edge consumed while the direction waited to write may have carried a FIN.
+    mutating func pump(from: Socket, to: Socket, drainedByShortRead: Bool = false) -> Outcome {
         guard !isFinished else { return .finished }
         let outcome: Outcome
         switch path {
         case .splice: outcome = pumpSplice(from: from, to: to, rounds: 0)
-        case .copy: outcome = pumpCopy(from: from, to: to, rounds: 0)
+        case .copy: outcome = pumpCopy(from: from, to: to, rounds: 0, drainedByShortRead: drainedByShortRead)
         }
         switch outcome {
         case .awaitingRead: waitingFor = .read
@@ -295,7 +301,7 @@ struct Direction {
 
     // MARK: The copy path
 
-    private mutating func pumpCopy(from: Socket, to: Socket, rounds startingRounds: Int) -> Outcome {
+    private mutating func pumpCopy(from: Socket, to: Socket, rounds startingRounds: Int, drainedByShortRead: Bool = false) -> Outcome {
         var reads = startingRounds
         while true {
             // Write everything buffered before reading more.
@@ -359,6 +365,7 @@ struct Direction {
                     end = count - written
                     return .awaitingWrite
                 }
+                if drainedByShortRead, count < scratch.count { return .awaitingRead }
             case .wouldBlock:
                 return .awaitingRead
             }

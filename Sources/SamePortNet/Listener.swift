@@ -75,6 +75,7 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
         }
         let socket = try makeSocket(endpoint, dualStack: dualStack, reusePort: true)
         do throws(SystemError) {
+            socket.setNoDelayForClients()
             try socket.listen(backlog: backlog)
             return Listener(socket: socket, endpoint: try socket.localEndpoint())
         } catch {
@@ -90,6 +91,7 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
         let socket = Socket(fd: fd)
         do {
             _ = try systemCall("fcntl") { sameport_set_nonblocking_cloexec(fd) }
+            socket.setNoDelayForClients()
             return Listener(socket: socket, endpoint: try socket.localEndpoint())
         } catch {
             throw StartupError("cannot use \(label) from systemd: \(error)", errno: error.errno)
@@ -138,17 +140,17 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
         self.endpoint = endpoint
     }
 
-    /// Starts serving the socket on every shard of `group`: each accepted client goes to
-    /// `onAccept` on the shard that accepted it. `onFatalError` hears of a socket that no longer
+    /// Starts serving the socket on every shard of `group`: `acceptNext` accepts one client from
+    /// the socket on the shard that calls it (false: none is waiting) and owns it from then. `onFatalError` hears of a socket that no longer
     /// accepts; `onTemporaryFailure` of a pause (out of descriptors or memory).
     func serve(
-        on group: EventLoopGroup, onAccept: @escaping @Sendable (Socket, Endpoint?, EventLoop) -> Void,
+        on group: EventLoopGroup, acceptNext: @escaping AcceptNext,
         onFatalError: @escaping @Sendable (SystemError) -> Void,
         onTemporaryFailure: @escaping @Sendable (SystemError) -> Void
     ) {
         guard acceptors.isEmpty else { return }
         acceptors = group.loops.map {
-            Acceptor(socket: socket, loop: $0, onAccept: onAccept, onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
+            Acceptor(socket: socket, loop: $0, acceptNext: acceptNext, onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
         }
     }
 
@@ -177,11 +179,14 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     }
 }
 
+/// Accepts one client from the listening socket on the given shard; false when none is waiting.
+typealias AcceptNext = @Sendable (Socket, EventLoop) throws(SystemError) -> Bool
+
 /// One shard's part of a listener: its registration, and the accepting.
 private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable {  // confined to `loop`
     let loop: EventLoop
     private let socket: Socket
-    private let onAccept: @Sendable (Socket, Endpoint?, EventLoop) -> Void
+    private let acceptNext: AcceptNext
     private let onFatalError: @Sendable (SystemError) -> Void
     private let onTemporaryFailure: @Sendable (SystemError) -> Void
     private var registration: UInt64?
@@ -195,13 +200,13 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     private static let acceptBatch = 64
 
     init(
-        socket: Socket, loop: EventLoop, onAccept: @escaping @Sendable (Socket, Endpoint?, EventLoop) -> Void,
+        socket: Socket, loop: EventLoop, acceptNext: @escaping AcceptNext,
         onFatalError: @escaping @Sendable (SystemError) -> Void,
         onTemporaryFailure: @escaping @Sendable (SystemError) -> Void
     ) {
         self.socket = socket
         self.loop = loop
-        self.onAccept = onAccept
+        self.acceptNext = acceptNext
         self.onFatalError = onFatalError
         self.onTemporaryFailure = onTemporaryFailure
     }
@@ -236,8 +241,7 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
         for _ in 0..<Self.acceptBatch {
             guard registration != nil else { return }
             do {
-                guard let (client, peer) = try socket.accept() else { return }
-                onAccept(client, peer, loop)
+                guard try acceptNext(socket, loop) else { return }
             } catch {
                 switch error.errno {
                 case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
@@ -263,5 +267,14 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     func deadlineReached(now: UInt64) {
         isBackingOff = false
         updateRegistration()
+    }
+}
+
+extension Socket {
+    /// TCP_NODELAY on a listening socket: Linux copies it to every socket accepted from it, which
+    /// saves a setsockopt per client (a relay forwards what it reads at once; Nagle only delays).
+    /// A failure only costs that latency: ignored.
+    func setNoDelayForClients() {
+        try? setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
     }
 }

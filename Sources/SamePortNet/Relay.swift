@@ -203,7 +203,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         let reported = Atomic<Bool>(false)
         listener.serve(
             on: group,
-            onAccept: { [self] client, peer, loop in accepted(client, peer: peer, on: loop) },
+            acceptNext: { [self] listener, loop throws(SystemError) in try acceptNext(from: listener, on: loop) },
             onFatalError: { [self, endpoint = listener.endpoint] error in
                 guard !reported.exchange(true, ordering: .relaxed) else { return }
                 let cure = error.errno == .invalidArgument
@@ -324,23 +324,26 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
 
     // MARK: Accepting
 
-    /// A client the listener accepted on `loop`: refused, served, rejected or queued.
-    private func accepted(_ client: Socket, peer acceptedPeer: Endpoint?, on loop: EventLoop) {
-        let acceptedAt = DispatchTime.now().uptimeNanoseconds
+    /// Accepts the next client waiting on `listener`, on `loop`: refused, served, rejected or
+    /// queued. False when no client is waiting.
+    ///
+    /// accept4 runs under the relay's lock, so that clients enter the wait queue in the order the
+    /// kernel queued them whichever shard accepts them: "in arrival order" holds across shards.
+    private func acceptNext(from listener: Socket, on loop: EventLoop) throws(SystemError) -> Bool {
         // The local address is the listener's, unless it listens on every address.
         let listenerEndpoint = listenEndpoint.flatMap { $0.address.isUnspecified ? nil : $0 }
-        guard let local = listenerEndpoint ?? (try? client.localEndpoint()),
-              let peer = acceptedPeer ?? (try? client.peerEndpoint()) else {
-            client.close()  // reset before we looked at it
-            ConnectionLog(
-                relay: name, client: "-", egress: "-", upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
-                duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: .clientReset
-            ).log(to: logger)
-            return
-        }
-        var arrival = Arrival(client: client, clientEndpoint: peer.unmapped, binding: .ephemeral(local.address), acceptedAt: acceptedAt, loop: loop)
-        let outcome = shared.withLock { shared -> AcceptOutcome in
-            arrival.binding = EgressBinding(mode: shared.spec.egress, local: local)
+        var accepted: Arrival?
+        let decided = try shared.withLock { shared throws(SystemError) -> AcceptOutcome? in
+            guard let (client, acceptedPeer) = try listener.accept() else { return nil }
+            let acceptedAt = DispatchTime.now().uptimeNanoseconds
+            guard let local = listenerEndpoint ?? (try? client.localEndpoint()),
+                  let peer = acceptedPeer ?? (try? client.peerEndpoint()) else {
+                return .unreadable(client, acceptedAt: acceptedAt)
+            }
+            var arrival = Arrival(
+                client: client, clientEndpoint: peer.unmapped, binding: EgressBinding(mode: shared.spec.egress, local: local),
+                acceptedAt: acceptedAt, loop: loop)
+            defer { accepted = arrival }
             if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
                 return .ended(.refused(cause: refusal))
             }
@@ -373,6 +376,18 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 return .ended(end)
             }
         }
+        guard let outcome = decided else { return false }
+        if case .unreadable(let client, let acceptedAt) = outcome {
+            client.close()  // reset before we looked at it
+            ConnectionLog(
+                relay: name, client: "-", egress: "-", upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
+                duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: .clientReset
+            ).log(to: logger)
+            return true
+        }
+        guard let arrival = accepted else { return true }
+        let client = arrival.client
+        let acceptedAt = arrival.acceptedAt
         switch outcome {
         case .started(let connection):
             connection.start()
@@ -392,7 +407,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                     "egress": .stringConvertible(arrival.binding), "waiting": .stringConvertible(position)])
             }
             loop.setDeadline(waiter, at: acceptedAt &+ UInt64(max(0, waiter.connectTimeout.nanoseconds)))
+        case .unreadable:
+            break  // handled above
         }
+        return true
     }
 
     /// A client accepted and not yet handed to a connection.
@@ -405,6 +423,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     }
 
     private enum AcceptOutcome {
+        /// Reset before its addresses could be read.
+        case unreadable(Socket, acceptedAt: UInt64)
         case started(Connection)
         case startedEphemeral(Connection, from: EgressBinding)
         case ended(ConnectionEnd)
