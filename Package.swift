@@ -1,6 +1,12 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
+/// The commit `sameport --version` names: SAMEPORT_GIT_COMMIT from the environment (scripts/
+/// package.sh sets it: the Debian build runs in a copy without .git), else the checkout's HEAD;
+/// none for a build from a source tarball.
+let gitCommit: String? = Context.environment["SAMEPORT_GIT_COMMIT"].flatMap { $0.isEmpty ? nil : $0 }
+    ?? Context.gitInformation.map { String($0.currentCommit.prefix(12)) + ($0.hasUncommittedChanges ? "-dirty" : "") }
+
 let package = Package(
     name: "sameport",
     platforms: [.macOS(.v13)],
@@ -17,6 +23,11 @@ let package = Package(
         .target(
             name: "CSamePortShims",
             cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // The commit the binary was built from, for --version (a C string defined from above).
+        .target(
+            name: "CSamePortBuildInfo",
+            cSettings: gitCommit.map { [.define("SAMEPORT_GIT_COMMIT", to: "\"\($0)\"")] } ?? []
         ),
         // libsystemd's sd-daemon API (libsystemd-dev).
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
@@ -42,6 +53,7 @@ let package = Package(
         .executableTarget(
             name: "sameport",
             dependencies: [
+                "CSamePortBuildInfo",  // the git commit of --version
                 "CSamePortShims",  // sameport_signal_pipe: signals, which the executable owns
                 "SamePortCore",
                 "SamePortConfig",
