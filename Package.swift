@@ -77,7 +77,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["sameport", "SamePortCore", "SamePortTestSupport"]
+            dependencies: ["sameport", "SamePortCore", "SamePortConfig", "SamePortTestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -74,6 +74,6 @@ if [ "$lintian" = yes ]; then
     echo "package: lintian $(basename "$deb")"
     # --fail-on error,warning: a warning fails the build like an error. Overrides, each with its
     # reason: packaging/debian/sameport.lintian-overrides.
-    lintian --fail-on error,warning --display-info "$deb"
+    lintian --fail-on error,warning "$deb"
 fi
 echo "$deb"
