@@ -1,11 +1,9 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
-/// The commit `sameport --version` names: SAMEPORT_GIT_COMMIT from the environment (scripts/
-/// package.sh sets it: the Debian build runs in a copy without .git), else the checkout's HEAD;
-/// none for a build from a source tarball.
-let gitCommit: String? = Context.environment["SAMEPORT_GIT_COMMIT"].flatMap { $0.isEmpty ? nil : $0 }
-    ?? Context.gitInformation.map { String($0.currentCommit.prefix(12)) + ($0.hasUncommittedChanges ? "-dirty" : "") }
+/// The commit `sameport --version` names: SAMEPORT_GIT_COMMIT, which scripts/setup.sh and
+/// scripts/package.sh set from the checkout (scripts/git-commit.sh); none when it is unset.
+let gitCommit = Context.environment["SAMEPORT_GIT_COMMIT"].flatMap { $0.isEmpty ? nil : $0 }
 
 let package = Package(
     name: "sameport",

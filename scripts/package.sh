@@ -50,12 +50,11 @@ if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
     git ls-files -z --cached --others --exclude-standard |
         while IFS= read -r -d '' file; do [ -e "$file" ] && printf '%s\0' "$file"; done |
         xargs -0 cp --parents -a -t "$source"
-    commit=$(git -C "$repo" rev-parse --short=12 HEAD)
-    [ -z "$(git -C "$repo" status --porcelain --untracked-files=no)" ] || commit="$commit-dirty"
 else
     tar -C "$repo" --exclude='./.build*' --exclude=./.swiftpm -cf - . | tar -C "$source" -xf -
-    commit=""
 fi
+# The copy has no .git: the commit goes along in the environment (empty outside a checkout).
+commit=$(./scripts/git-commit.sh)
 cp -a "$source/packaging/debian" "$source/debian"
 
 if ! (cd "$source" && dpkg-checkbuilddeps >/dev/null 2>&1); then

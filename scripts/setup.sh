@@ -23,4 +23,7 @@ fi
 
 export PATH="/opt/swift/usr/bin:$PATH"
 command -v swift >/dev/null || { echo "setup: swift not found (expected at /opt/swift/usr/bin)" >&2; exit 1; }
+# The checkout's commit, for `sameport --version` (Package.swift reads it).
+SAMEPORT_GIT_COMMIT=$(./scripts/git-commit.sh)
+export SAMEPORT_GIT_COMMIT
 swift build "$@"
