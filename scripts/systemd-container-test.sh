@@ -293,7 +293,9 @@ if [ -n "$deb" ]; then
     source "$repo/scripts/systemd-container-deb-checks.sh"
     mkdir -p "$workdir/debs"
     prepare_debs "$deb" "$workdir/debs"
-    binds=(--bind-ro="$workdir/debs:/srv/sameport-test-debs" --tmpfs=/opt
+    # /etc/systemd/system starts empty but for the boot target, so that no unit of the host's
+    # shadows the package's (nspawn mounts the tmpfs before the file bound into it).
+    binds=(--bind-ro="$workdir/debs:/srv/sameport-test-debs" --tmpfs=/opt --tmpfs=/etc/systemd/system
            --bind-ro="$workdir/units/sameport-test.target:/etc/systemd/system/sameport-test.target")
 else
     binds=(--bind-ro="$binary:/usr/local/bin/sameport" --bind-ro="$workdir/units:/etc/systemd/system"
