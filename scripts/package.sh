@@ -7,9 +7,11 @@
 # Installs what the build needs (debhelper, dpkg-dev, lintian and debian/control's Build-Depends)
 # with apt-get, copies the tree (tracked and untracked files, not ignored ones) to
 # .build-deb/source with packaging/debian as debian/, and builds there with SwiftPM's build
-# directory at .build-deb/swift, kept between runs so that the next build is incremental.
+# directory at .build-deb/swift; both are kept between runs, so that the next build is
+# incremental.
 # The git commit of the checkout is passed on (SAMEPORT_GIT_COMMIT) for `sameport --version`.
-# Prints the path of the .deb as its last line; the .deb, .buildinfo and .changes are in .build-deb/.
+# Prints the path of the .deb as its last line; the .deb, .buildinfo and .changes, and the source
+# package (.dsc, .tar.xz), are in .build-deb/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -42,20 +44,25 @@ command -v swift >/dev/null || { echo "package: swift not found (expected on PAT
 
 out="$repo/.build-deb"
 source="$out/source"
-mkdir -p "$out"
-rm -rf "$source"
 mkdir -p "$source"
+# The copy is brought up to date rather than made anew: SwiftPM rebuilds a file whose inode
+# changed, so an unchanged file keeps its copy (and a changed one is copied over it in place).
 if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
     # Tracked and new files as they are in the work tree (a deleted one is skipped).
     git ls-files -z --cached --others --exclude-standard |
-        while IFS= read -r -d '' file; do [ -e "$file" ] && printf '%s\0' "$file"; done |
-        xargs -0 cp --parents -a -t "$source"
+        while IFS= read -r -d '' file; do [ -e "$file" ] && printf '%s\n' "$file"; done | sort >"$out/files"
 else
-    tar -C "$repo" --exclude='./.build*' --exclude=./.swiftpm -cf - . | tar -C "$source" -xf -
+    find . \( -name '.build*' -o -name .swiftpm -o -name .git \) -prune -o -type f -print | sed 's|^\./||' | sort >"$out/files"
 fi
+(cd "$source" && find . -path ./debian -prune -o -type f -print | sed 's|^\./||' | sort) |
+    comm -23 - "$out/files" | (cd "$source" && xargs -r -d '\n' rm -f)
+while IFS= read -r file; do
+    cmp -s "$file" "$source/$file" || cp --parents -a "$file" "$source"
+done <"$out/files"
+rm -rf "$source/debian"
+cp -a "$source/packaging/debian" "$source/debian"
 # The copy has no .git: the commit goes along in the environment (empty outside a checkout).
 commit=$(./scripts/git-commit.sh)
-cp -a "$source/packaging/debian" "$source/debian"
 
 if ! (cd "$source" && dpkg-checkbuilddeps >/dev/null 2>&1); then
     echo "package: installing the build dependencies of debian/control"
@@ -75,5 +82,15 @@ if [ "$lintian" = yes ]; then
     # override today; one would go in packaging/debian/sameport.lintian-overrides, with a
     # comment above it that says why.
     lintian --fail-on error,warning "$deb"
+fi
+
+# The source package as well (3.0 (native): the copy with its debian/, cleaned first), so that
+# packaging/debian is known to make one; lintian checks it the same way.
+rm -f "$out"/sameport_*.dsc "$out"/sameport_*.tar.xz "$out"/sameport_*_source.*
+(cd "$source" && dpkg-buildpackage -S -us -uc -d >/dev/null)
+dsc=$(ls "$out"/sameport_*.dsc)
+if [ "$lintian" = yes ]; then
+    echo "package: lintian $(basename "$dsc")"
+    lintian --fail-on error,warning "$dsc"
 fi
 echo "$deb"
