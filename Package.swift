@@ -1,6 +1,10 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
+/// The commit `sameport --version` names: SAMEPORT_GIT_COMMIT, which scripts/setup.sh and
+/// scripts/package.sh set from the checkout (scripts/git-commit.sh); none when it is unset.
+let gitCommit = Context.environment["SAMEPORT_GIT_COMMIT"].flatMap { $0.isEmpty ? nil : $0 }
+
 let package = Package(
     name: "sameport",
     platforms: [.macOS(.v13)],
@@ -17,6 +21,11 @@ let package = Package(
         .target(
             name: "CSamePortShims",
             cSettings: [.define("_GNU_SOURCE")]
+        ),
+        // The commit the binary was built from, for --version (a C string defined from above).
+        .target(
+            name: "CSamePortBuildInfo",
+            cSettings: gitCommit.map { [.define("SAMEPORT_GIT_COMMIT", to: "\"\($0)\"")] } ?? []
         ),
         // libsystemd's sd-daemon API (libsystemd-dev).
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
@@ -42,6 +51,7 @@ let package = Package(
         .executableTarget(
             name: "sameport",
             dependencies: [
+                "CSamePortBuildInfo",  // the git commit of --version
                 "CSamePortShims",  // sameport_signal_pipe: signals, which the executable owns
                 "SamePortCore",
                 "SamePortConfig",
@@ -65,7 +75,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["sameport", "SamePortCore", "SamePortTestSupport"]
+            dependencies: ["sameport", "SamePortCore", "SamePortConfig", "SamePortTestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 # systemd-container: systemd-nspawn, for scripts/systemd-container-test.sh (SystemdContainerTests).
 # python3: that test's upstream and clients (and scripts/bench.py).
-packages=(libsystemd-dev socat iproute2 util-linux procps systemd-container python3)
+# man-db, bash-completion: what the Debian package's install test asks of the container (man -w,
+# completing `sameport --eg`); scripts/package.sh installs the package build's own tools.
+packages=(libsystemd-dev socat iproute2 util-linux procps systemd-container python3 man-db bash-completion)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -21,4 +23,7 @@ fi
 
 export PATH="/opt/swift/usr/bin:$PATH"
 command -v swift >/dev/null || { echo "setup: swift not found (expected at /opt/swift/usr/bin)" >&2; exit 1; }
+# The checkout's commit, for `sameport --version` (Package.swift reads it).
+SAMEPORT_GIT_COMMIT=$(./scripts/git-commit.sh)
+export SAMEPORT_GIT_COMMIT
 swift build "$@"

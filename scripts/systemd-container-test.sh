@@ -16,6 +16,12 @@
 #     127.0.0.1:7700 as a non-root user without CAP_CHOWN, is Type=notify with a watchdog,
 #     reloads keeping an open connection, drains on stop, and logs with journal priorities;
 #   - the template pair sameport@.socket/sameport@.service runs an instance `edge`.
+#
+#   sudo scripts/systemd-container-test.sh --deb sameport_VERSION_ARCH.deb
+#
+# installs the Debian package (scripts/package.sh builds it) in the same kind of container, with
+# /opt (the Swift toolchain) hidden, instead of binding the binary and the units: the checks of
+# its install, upgrade, removal and purge are in systemd-container-deb-checks.sh.
 # Every check prints `PASS: ...`; the first failure prints `FAIL: expected ..., saw ...`, the
 # container's journal and the nspawn log, and exits 1. All checks passed: exit 0, last line
 # `systemd-container-test: all N checks passed`. Not root, or systemd-nspawn missing: exit 77.
@@ -29,7 +35,13 @@ umask 022
 readonly self=systemd-container-test
 script=$(readlink -f "${BASH_SOURCE[0]}")
 repo=$(dirname "$(dirname "$script")")
-binary=${1:-${SAMEPORT_BIN:-$repo/.build/debug/sameport}}
+deb=""
+binary=""
+if [ "${1:-}" = --deb ]; then
+    deb=${2:-}
+else
+    binary=${1:-${SAMEPORT_BIN:-$repo/.build/debug/sameport}}
+fi
 
 skip() { echo "$self: SKIP: $*"; exit 77; }
 [ "$(id -u)" -eq 0 ] || skip "needs root (systemd-nspawn, mount, nsenter)"
@@ -38,13 +50,21 @@ for tool in nsenter unshare setpriv mount umount mountpoint flock timeout pgrep 
     command -v "$tool" >/dev/null || skip "$tool is missing"
 done
 [ -x /usr/bin/python3 ] || skip "/usr/bin/python3 is missing (the container's upstream and clients)"
-[ -x "$binary" ] || { echo "$self: no sameport executable at $binary (build it: swift build)"; exit 2; }
-binary=$(readlink -f "$binary")
-case "$binary" in *:*) echo "$self: the binary's path must not contain ':' (--bind-ro): $binary"; exit 2 ;; esac
+if [ -n "$deb" ]; then
+    [ -f "$deb" ] || { echo "$self: --deb needs the sameport .deb to install (scripts/package.sh builds it); saw '$deb'"; exit 2; }
+    deb=$(readlink -f "$deb")
+    case "$deb" in *:*) echo "$self: the package's path must not contain ':' (--bind-ro): $deb"; exit 2 ;; esac
+    arguments=(--deb "$deb")
+else
+    [ -x "$binary" ] || { echo "$self: no sameport executable at $binary (build it: swift build)"; exit 2; }
+    binary=$(readlink -f "$binary")
+    case "$binary" in *:*) echo "$self: the binary's path must not contain ':' (--bind-ro): $binary"; exit 2 ;; esac
+    arguments=("$binary")
+fi
 
 # A mount namespace of our own: the bind mount of / cannot outlive the test, whatever happens.
 if [ -z "${SAMEPORT_CONTAINER_TEST_UNSHARED:-}" ]; then
-    exec env SAMEPORT_CONTAINER_TEST_UNSHARED=1 unshare --mount --propagation private "$script" "$binary"
+    exec env SAMEPORT_CONTAINER_TEST_UNSHARED=1 unshare --mount --propagation private "$script" "${arguments[@]}"
 fi
 
 # One run at a time: nspawn's cgroups (payload/, supervisor/) have fixed names.
@@ -264,6 +284,25 @@ chmod 0644 "$workdir"/etc/*.toml "$workdir"/*.toml
 # A new configuration: renamed over the old one, inside the directory bound to /etc/sameport.
 install_config() { cp "$1" "$workdir/etc/.next.toml" && mv -f "$workdir/etc/.next.toml" "$workdir/etc/sameport.toml"; }
 
+# What the container sees of ours: the binary, the units and their files (or, with --deb, the
+# package and its bumped copy, with /opt and the Swift toolchain hidden by an empty tmpfs), the
+# boot target and the helper.
+if [ -n "$deb" ]; then
+    # prepare_debs and deb_checks.
+    # shellcheck source=systemd-container-deb-checks.sh
+    source "$repo/scripts/systemd-container-deb-checks.sh"
+    mkdir -p "$workdir/debs"
+    prepare_debs "$deb" "$workdir/debs"
+    # /etc/systemd/system starts empty but for the boot target, so that no unit of the host's
+    # shadows the package's (nspawn mounts the tmpfs before the file bound into it).
+    binds=(--bind-ro="$workdir/debs:/srv/sameport-test-debs" --tmpfs=/opt --tmpfs=/etc/systemd/system
+           --bind-ro="$workdir/units/sameport-test.target:/etc/systemd/system/sameport-test.target")
+else
+    binds=(--bind-ro="$binary:/usr/local/bin/sameport" --bind-ro="$workdir/units:/etc/systemd/system"
+           --bind-ro="$workdir/etc:/etc/sameport")
+fi
+binds+=(--bind-ro="$helper:/usr/local/lib/sameport-test/helper.py")
+
 mount --bind / "$rootdir"
 boot_start=$(now_ns)
 # --pdeathsig: should this script be killed outright (no trap), nspawn gets SIGKILL too. The
@@ -271,10 +310,7 @@ boot_start=$(now_ns)
 # The lock (fd 9) stays with the script.
 setpriv --pdeathsig KILL -- systemd-nspawn --register=no --keep-unit --volatile=overlay --private-network \
     --machine="$machine" -D "$rootdir" --console=read-only \
-    --bind-ro="$binary:/usr/local/bin/sameport" \
-    --bind-ro="$workdir/units:/etc/systemd/system" \
-    --bind-ro="$workdir/etc:/etc/sameport" \
-    --bind-ro="$helper:/usr/local/lib/sameport-test/helper.py" \
+    "${binds[@]}" \
     --boot systemd.unit=sameport-test.target systemd.log_color=0 \
     </dev/null >"$log" 2>&1 9<&- &
 nspawn_pid=$!
@@ -298,10 +334,12 @@ pass "systemd $(inside systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1
 inside ip link set lo up
 inside ip -4 addr show dev lo | grep -q 'inet 127.0.0.1/8' || fail "127.0.0.1 on the container's lo; saw: $(inside ip addr show dev lo)"
 
+[ -n "$deb" ] || {
 verify=$(inside systemd-analyze verify sameport.socket sameport.service sameport@edge.socket sameport@edge.service sameport-probe.service 2>&1) ||
     fail "systemd-analyze verify to accept the units; saw: $verify"
 [ -z "$verify" ] || fail "no warnings from systemd-analyze verify; saw: $verify"
 pass "systemd-analyze verify accepts sameport.socket, sameport.service, sameport@edge.socket/.service (instance with its ListenStream= drop-in)"
+}
 
 inside systemd-run --quiet --unit=sameport-test-upstream -p Type=exec \
     /usr/bin/python3 /usr/local/lib/sameport-test/helper.py upstream --listen 127.0.0.1:9700 --peers /run/sameport-test-peers
@@ -389,6 +427,14 @@ session_end() {
     wait "$session_pid" 2>/dev/null || true
     exec 8>&-
 }
+
+# --- With --deb: the Debian package's life instead of the units' -----------------------------
+if [ -n "$deb" ]; then
+    deb_checks
+    echo "$self: finished in $(elapsed "$started")"
+    echo "$self: all $checks checks passed"
+    exit 0
+fi
 
 # --- The shipped hardening runs sameport (no socket activation) ----------------------------
 

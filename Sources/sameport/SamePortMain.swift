@@ -83,8 +83,6 @@ struct StartFailure: Error {
 
 /// `sameport`: the root command.
 struct SamePortCommand: ParsableCommand {
-    static let version = "0.1.0"
-
     static let configuration = CommandConfiguration(
         commandName: "sameport",
         abstract: "A TCP relay that dials every upstream from the ip:port it listens on.",
@@ -103,7 +101,7 @@ struct SamePortCommand: ParsableCommand {
               1  runtime failure after start-up
               2  usage or configuration error, or a start-up refusal (address in use, permission denied)
             """,
-        version: version,
+        version: Version.description,
         subcommands: [RunCommand.self, CheckCommand.self],
         defaultSubcommand: RunCommand.self
     )

@@ -7,7 +7,8 @@ import Testing
 /// systemd-nspawn container (the host's root with a tmpfs overlay, a private network) with the
 /// built binary as /usr/local/bin/sameport, and checks the units end to end: the hardening,
 /// socket activation, readiness, watchdog, reload, drain on stop, journal priorities and the
-/// template pair. The script prints one PASS line per check; its output is printed here.
+/// template pair. The script prints one PASS line per check; its output is printed here. With
+/// `--deb`, the same container installs the Debian package instead (debianPackage).
 ///
 /// Needs root (CI runs as root). systemd-nspawn missing is a failure, not a skip:
 /// scripts/setup.sh installs systemd-container.
@@ -22,9 +23,39 @@ struct SystemdContainerTests {
           .enabled(if: getuid() == 0, "needs root: systemd-nspawn, mount and nsenter"),
           .timeLimit(.minutes(5)))
     func unitsUnderSystemd() throws {
+        try runContainerTest([RelayProcess.binary], minimumPasses: 30)
+    }
+
+    /// scripts/package.sh builds the .deb (a static release build, the manual pages, the
+    /// completions; dpkg-buildpackage -b; lintian with no error and no warning), then the
+    /// container installs it with /opt hidden and takes it through enable, upgrade, remove and
+    /// purge (scripts/systemd-container-deb-checks.sh).
+    @Test("The Debian package builds lintian-clean, installs without a Swift toolchain, upgrades without a restart, removes and purges",
+          .enabled(if: getuid() == 0, "needs root: apt-get (build dependencies), systemd-nspawn"),
+          .timeLimit(.minutes(25)))
+    func debianPackage() throws {
+        let script = Self.packageRoot.appendingPathComponent("scripts/package.sh").path
+        let build = try RelayProcess([script], executable: "/usr/bin/env")
+        let status = build.waitForExit(timeout: .seconds(1200))
+        if status == nil {
+            build.stop(signal: SIGTERM, timeout: .seconds(30))
+        }
+        let lines = build.output.split(separator: "\n").map(String.init)
+        // What a reader of the CI log wants: the script's own steps and lintian's verdict.
+        print(lines.filter { $0.hasPrefix("package:") || $0.hasPrefix("E: ") || $0.hasPrefix("W: ") }.joined(separator: "\n"))
+        try #require(status == 0, "scripts/package.sh exited \(status ?? -1): \(lines.suffix(40).joined(separator: "\n"))")
+        let deb = try #require(lines.last, "no output from scripts/package.sh")
+        try #require(deb.hasSuffix(".deb") && FileManager.default.fileExists(atPath: deb), "the last line names the .deb: \(deb)")
+        #expect(!lines.contains { $0.hasPrefix("E: ") || $0.hasPrefix("W: ") }, "lintian errors or warnings")
+        try runContainerTest(["--deb", deb], minimumPasses: 14)
+    }
+
+    /// Runs scripts/systemd-container-test.sh with `arguments`, prints its output, and expects
+    /// exit 0 with a last line that counts every PASS line.
+    private func runContainerTest(_ arguments: [String], minimumPasses: Int) throws {
         let script = Self.packageRoot.appendingPathComponent("scripts/systemd-container-test.sh").path
         #expect(FileManager.default.isExecutableFile(atPath: script), "\(script)")
-        let run = try RelayProcess([script, RelayProcess.binary], executable: "/usr/bin/env")
+        let run = try RelayProcess([script] + arguments, executable: "/usr/bin/env")
         let status = run.waitForExit(timeout: .seconds(240))
         if status == nil {
             // SIGTERM: the script's trap powers the container off and cleans up.
@@ -40,6 +71,6 @@ struct SystemdContainerTests {
         let last = lines.last ?? ""
         let passes = lines.filter { $0.hasPrefix("PASS: ") }.count
         #expect(last == "systemd-container-test: all \(passes) checks passed", "last line: \(last)")
-        #expect(passes >= 30, "\(passes) PASS lines")
+        #expect(passes >= minimumPasses, "\(passes) PASS lines")
     }
 }
