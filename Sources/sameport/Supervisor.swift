@@ -272,7 +272,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
                 // A read that outlived its reload (timed out) is dropped, even while a later
                 // reload runs.
                 guard isReloading, number == readNumber else {
-                    logger.notice("the reload that timed out has read \(configPath) at last; its result is dropped: send SIGHUP again")
+                    let advice = number == readNumber ? ": send SIGHUP again" : " (a later reload has read the file since)"
+                    logger.notice("the reload that timed out has read \(configPath) at last; its result is dropped\(advice)")
                     return
                 }
                 guard !isStopping else {
