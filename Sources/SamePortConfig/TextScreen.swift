@@ -40,7 +40,7 @@ enum TextScreen {
             case .error:
                 let byte = offset < bytes.count ? bytes[offset] : 0
                 add(SourcePosition(line: line, column: column),
-                    "the file is not valid UTF-8 here (byte \(offset + 1), 0x\(hex(byte))): the parser would read something else than the file says; save it as UTF-8")
+                    "the file is not valid UTF-8 here (byte \(offset + 1), 0x\(hex(byte))): the parser would read other text than the file holds; save it as UTF-8")
                 break decoding
             }
             let position = SourcePosition(line: line, column: column)

@@ -70,7 +70,7 @@ struct ConfigurationTextTests {
             == ["f.toml:5:19: a byte-order mark (U+FEFF) in the middle of the file, invisible in an editor (files joined together?): remove it"])
         // Latin-1 "é" after a valid "é": the position counts characters, the byte number bytes.
         #expect(problems(bytes: Array((relay + "# é ").utf8) + [0xE9, 0x0A])
-            == ["f.toml:5:5: the file is not valid UTF-8 here (byte 81, 0xE9): the parser would read something else than the file says; save it as UTF-8"])
+            == ["f.toml:5:5: the file is not valid UTF-8 here (byte 81, 0xE9): the parser would read other text than the file holds; save it as UTF-8"])
         // An overlong encoding of "/" and a UTF-16 surrogate are not UTF-8 either.
         #expect(problems(bytes: [0x61, 0xC0, 0xAF]).first?.hasPrefix("f.toml:1:2: the file is not valid UTF-8 here (byte 2, 0xC0)") == true)
         #expect(problems(bytes: [0x0A, 0xED, 0xA0, 0x80]).first?.hasPrefix("f.toml:2:1: the file is not valid UTF-8 here (byte 2, 0xED)") == true)
