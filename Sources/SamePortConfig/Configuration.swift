@@ -22,7 +22,24 @@ public struct Configuration: Sendable, Equatable {
     ///
     /// - Throws: every problem found, in file order.
     public init(text: String, path: String) throws(ConfigurationError) {
-        var reader = Reader(path: path, text: text)
+        try self.init(bytes: Array(text.utf8), path: path)
+    }
+
+    /// Parses and validates the bytes of the file at `path`: the text is screened (size, UTF-8,
+    /// control characters; see `TextScreen` and `ConfigurationLimits`) before the parser sees it.
+    ///
+    /// - Throws: every problem found, in file order.
+    public init(bytes: [UInt8], path: String) throws(ConfigurationError) {
+        guard bytes.count <= ConfigurationLimits.fileSize else {
+            throw ConfigurationError(problems: [ConfigurationProblem(
+                path: path, position: .start,
+                message: "the file is larger than \(ConfigurationLimits.fileSize >> 20) MiB, the most a configuration file may be (\(ConfigurationLimits.relays) relays need far less): is it the right file?")])
+        }
+        let screened = TextScreen.check(bytes)
+        guard screened.isEmpty else {
+            throw ConfigurationError(problems: screened.map { ConfigurationProblem(path: path, position: $0.0, message: $0.1) })
+        }
+        var reader = Reader(path: path, text: String(decoding: bytes, as: UTF8.self))
         let relays = reader.read()
         guard reader.problems.isEmpty else {
             throw ConfigurationError(problems: reader.sortedProblems())
@@ -74,12 +91,12 @@ private struct Reader {
     let path: String
     let text: String
     var problems: Set<ConfigurationProblem> = []
-    private var locator: SourceLocator
+    /// Made once `SyntaxGuard` has bounded the nesting its scan recurses on.
+    private var locator = SourceLocator("")
 
     init(path: String, text: String) {
         self.path = path
         self.text = text
-        locator = SourceLocator(text)
     }
 
     func sortedProblems() -> [ConfigurationProblem] {
@@ -95,6 +112,7 @@ private struct Reader {
             report(message, at: position)
             return []
         }
+        locator = SourceLocator(text)
         let document: TOMLTable
         do {
             document = try TOMLTable(string: text)
@@ -145,13 +163,21 @@ private struct Reader {
             report("no relay: 'relay' is an empty list; define at least one [[relay]] with listen and upstream", at: tablePosition("relay"))
             return []
         }
+        // [[relay]] headers were counted before parsing; an inline list is counted here.
+        guard relayTables.count <= ConfigurationLimits.relays else {
+            report("\(relayTables.count) relays: one sameport process runs at most \(ConfigurationLimits.relays); split them across several files, one service each", at: tablePosition("relay"))
+            return []
+        }
         var specs: [RelaySpec] = []
-        var comparable: [(spec: RelaySpec, place: RelayPlace, hasName: Bool)] = []
+        var comparable: [Candidate] = []
+        // Looked up once: searching the tables for each relay made `check` quadratic.
+        let inlineRelays = locator.root?.keys["relay"]?.elements ?? []
+        let relayPosition = tablePosition("relay")
         for (index, table) in relayTables.enumerated() {
             let place = RelayPlace(
                 index: index,
                 located: locator.arrayElement("relay", index: index),
-                fallback: locator.root?.keys["relay"]?.elements[safe: index] ?? tablePosition("relay"))
+                fallback: inlineRelays[safe: index] ?? relayPosition)
             guard let table else {
                 report("relay #\(index + 1) must be a table of keys", at: place.position)
                 continue
@@ -160,9 +186,9 @@ private struct Reader {
             let (spec, isValid) = makeSpec(fields, defaults: defaults, place: place, relayCount: relayTables.count)
             if isValid { specs.append(spec) }
             // Names and listen addresses are compared across relays even when other keys are wrong.
-            if fields.listen != nil {
-                comparable.append((spec, place, fields.name != nil || relayTables.count == 1))
-            }
+            comparable.append(Candidate(
+                name: fields.name?.value ?? (relayTables.count == 1 ? spec.name : nil),
+                listen: fields.listen?.value, place: place))
         }
         checkAcrossRelays(comparable)
         return specs
@@ -292,7 +318,7 @@ private struct Reader {
     /// is missing or wrong has been reported; the spec then holds a stand-in for it, so that the
     /// other keys are still checked and every problem is found in one pass.
     mutating func makeSpec(_ own: Fields, defaults: Fields, place: RelayPlace, relayCount: Int) -> (spec: RelaySpec, isValid: Bool) {
-        let label = own.name.map { "relay '\($0.value)'" } ?? "relay #\(place.index + 1)"
+        let label = Candidate(name: own.name?.value, listen: nil, place: place).label
         // Keys without a usable value: missing where required, or present but wrong.
         var unusable: Set<RelayKey> = []
         for key in RelayKey.allCases {
@@ -387,37 +413,101 @@ private struct Reader {
         }
     }
 
-    /// Duplicate names, and two relays that would listen on the same address.
-    mutating func checkAcrossRelays(_ relays: [(spec: RelaySpec, place: RelayPlace, hasName: Bool)]) {
-        func label(_ relay: (spec: RelaySpec, place: RelayPlace, hasName: Bool)) -> String {
-            relay.hasName ? "relay '\(relay.spec.name)'" : "relay #\(relay.place.index + 1)"
+    /// A relay as compared with the others: its name and listen address when they were read.
+    struct Candidate {
+        var name: String?
+        var listen: HostPort?
+        var place: RelayPlace
+
+        /// How problems name the relay: by its name, cut short if too long to repeat.
+        var label: String {
+            guard let name else { return "relay #\(place.index + 1)" }
+            return "relay '\(Self.shortened(name))'"
         }
-        for (index, relay) in relays.enumerated() {
-            for earlier in relays[..<index] {
-                let earlierLine = earlier.place.position.map { " (line \($0.line))" } ?? ""
-                if relay.hasName, earlier.hasName, earlier.spec.name == relay.spec.name {
-                    report("duplicate relay name '\(relay.spec.name)': relay #\(earlier.place.index + 1)\(earlierLine) already has it; give each relay its own name", at: relay.place.keyPosition(.name))
-                }
-                if Self.overlap(earlier.spec.listen, relay.spec.listen) {
-                    let how = earlier.spec.listen == relay.spec.listen
-                        ? "as \(label(earlier))\(earlierLine) does"
-                        : "which overlaps \(label(earlier))\(earlierLine) on \(earlier.spec.listen)"
-                    report("\(label(relay)) listens on \(relay.spec.listen), \(how); give each relay its own address or port", at: relay.place.keyPosition(.listen))
-                }
-            }
+
+        /// " (line N)" after a label, where the relay is.
+        var line: String { place.position.map { " (line \($0.line))" } ?? "" }
+
+        static func shortened(_ name: String) -> String {
+            name.unicodeScalars.count <= RelaySpec.maxNameLength ? name : String(name.prefix(32)) + "…"
         }
     }
 
-    /// Whether two listen addresses cannot both be bound: the same port, and the same address or
-    /// a wildcard that takes the other's address too.
-    static func overlap(_ a: HostPort, _ b: HostPort) -> Bool {
-        guard a.port == b.port else { return false }
-        switch (a.host, b.host) {
-        case (.any, _), (_, .any): return true
-        case (.ip(let x), .ip(let y)):
-            if x == y { return true }
-            return (x.isUnspecified && x.isIPv6 == y.isIPv6) || (y.isUnspecified && y.isIPv6 == x.isIPv6)
-        default: return a == b
+    /// At most this many overlapping relays are named for one relay; a count says the rest.
+    static let overlapsNamed = 8
+
+    /// Duplicate names, and two relays that would listen on the same address: each relay is
+    /// compared with the earlier ones through indices by name and by port, not pair by pair.
+    mutating func checkAcrossRelays(_ relays: [Candidate]) {
+        var firstWithName: [String: Int] = [:]
+        for (index, relay) in relays.enumerated() {
+            guard let name = relay.name else { continue }
+            if let earlier = firstWithName[name] {
+                report("duplicate relay name '\(Candidate.shortened(name))': relay #\(relays[earlier].place.index + 1)\(relays[earlier].line) already has it; give each relay its own name", at: relay.place.keyPosition(.name))
+            } else {
+                firstWithName[name] = index
+            }
+        }
+        var ports: [UInt16: ListenIndex] = [:]
+        for (index, relay) in relays.enumerated() {
+            guard let listen = relay.listen else { continue }
+            let earlier = ports[listen.port, default: ListenIndex()].overlapping(listen.host)
+            let count = earlier.reduce(0) { $0 + $1.count }
+            for other in earlier.flatMap({ $0.prefix(Self.overlapsNamed) }).sorted().prefix(Self.overlapsNamed) {
+                let relayOther = relays[other]
+                let how = relayOther.listen == listen
+                    ? "as \(relayOther.label)\(relayOther.line) does"
+                    : "which overlaps \(relayOther.label)\(relayOther.line) on \(relayOther.listen.map(\.description) ?? "")"
+                report("\(relay.label) listens on \(listen), \(how); give each relay its own address or port", at: relay.place.keyPosition(.listen))
+            }
+            if count > Self.overlapsNamed {
+                report("\(relay.label) listens on \(listen), which overlaps \(count - Self.overlapsNamed) relays besides the \(Self.overlapsNamed) named here; give each relay its own address or port", at: relay.place.keyPosition(.listen))
+            }
+            ports[listen.port, default: ListenIndex()].add(listen.host, index)
+        }
+    }
+
+    /// The relays listening on one port, by host, for `overlapping`.
+    struct ListenIndex {
+        /// `*:P`.
+        var wildcard: [Int] = []
+        /// By exact host.
+        var exact: [HostPort.Host: [Int]] = [:]
+        /// `0.0.0.0:P` and `[::]:P`, and every IP address, by family (false: IPv4).
+        var unspecified: [Bool: [Int]] = [:]
+        var addresses: [Bool: [Int]] = [:]
+        /// Every relay but the wildcards.
+        var others: [Int] = []
+
+        mutating func add(_ host: HostPort.Host, _ index: Int) {
+            switch host {
+            case .any:
+                wildcard.append(index)
+                return
+            case .ip(let address):
+                addresses[address.isIPv6, default: []].append(index)
+                if address.isUnspecified { unspecified[address.isIPv6, default: []].append(index) }
+            case .name:
+                break
+            }
+            exact[host, default: []].append(index)
+            others.append(index)
+        }
+
+        /// The relays on this port that `host` cannot be bound beside, as lists that share no
+        /// relay, each in file order: the same address, or a wildcard that takes the other's
+        /// address too (`*`, or the unspecified address of its family).
+        func overlapping(_ host: HostPort.Host) -> [[Int]] {
+            switch host {
+            case .any:
+                return [wildcard, others]
+            case .ip(let address) where address.isUnspecified:
+                return [wildcard, addresses[address.isIPv6] ?? []]
+            case .ip(let address):
+                return [wildcard, exact[host] ?? [], unspecified[address.isIPv6] ?? []]
+            case .name:
+                return [wildcard, exact[host] ?? []]
+            }
         }
     }
 

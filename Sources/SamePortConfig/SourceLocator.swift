@@ -42,16 +42,24 @@ struct SourceLocator {
     }
 
     private(set) var tables: [Table]
+    /// For each `[[name]]`, the indices in `tables` of its headers in file order: looking up the
+    /// relays one by one stays linear in their count.
+    private let arrayElements: [String: [Int]]
 
     init(_ text: String) {
         var cursor = TOMLCursor(text)
         tables = cursor.scanDocument()
+        var arrayElements: [String: [Int]] = [:]
+        for (index, table) in tables.enumerated() where table.isArrayElement && table.path.count == 1 {
+            arrayElements[table.path[0], default: []].append(index)
+        }
+        self.arrayElements = arrayElements
     }
 
     /// The table of the `index`-th `[[name]]` header.
     func arrayElement(_ name: String, index: Int) -> Table? {
-        let elements = tables.filter { $0.path == [name] && $0.isArrayElement }
-        return index < elements.count ? elements[index] : nil
+        guard let elements = arrayElements[name], elements.indices.contains(index) else { return nil }
+        return tables[elements[index]]
     }
 
     /// The `[name]` table.
@@ -66,6 +74,8 @@ struct SourceLocator {
 extension TOMLCursor {
     mutating func scanDocument() -> [SourceLocator.Table] {
         var tables = [SourceLocator.Table(path: [], isArrayElement: false, position: .start)]
+        // The last table of each path, for `[relay.extra]`: a lookup, not a search per header.
+        var lastTable: [[String]: Int] = [[]: 0]
         while true {
             skipTrivia()
             guard let scalar = current else { break }
@@ -79,10 +89,11 @@ extension TOMLCursor {
                 let path = scanKeyPath()
                 // `[relay.extra]` is a key of the relay above it: locate it at its header.
                 if let name = path.last, path.count > 1,
-                   let parent = tables.lastIndex(where: { $0.path == Array(path.dropLast()) }),
+                   let parent = lastTable[Array(path.dropLast())],
                    tables[parent].keys[name] == nil {
                     tables[parent].keys[name] = SourceLocator.Key(position: position, value: position, elements: [])
                 }
+                lastTable[path] = tables.count
                 tables.append(SourceLocator.Table(path: path, isArrayElement: isArray, position: position))
                 while let next = current, next != "\n" { advance() }  // the closing brackets, a comment
             } else {
@@ -129,7 +140,7 @@ extension TOMLCursor {
     }
 
     func isBareKeyScalar(_ scalar: Unicode.Scalar) -> Bool {
-        scalar.isASCII && (scalar.properties.isAlphabetic || ("0"..."9").contains(scalar) || scalar == "_" || scalar == "-")
+        ("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar) || scalar == "_" || scalar == "-"
     }
 
     /// Any value; for an array, records where each of its elements starts.

@@ -1,49 +1,83 @@
-/// Refuses, before TOMLKit sees them, the malformed documents that make its parser (toml++ 3.x)
-/// stop the process on an internal assertion instead of returning an error: a table header with no
-/// name after its bracket (`[ # note`), and brackets that do not nest (`allow = [}`). Found by the
-/// mutation test in SamePortConfigTests; a configuration file is user input, and a typo in it must
-/// get a message, not a crash.
+/// Refuses, before TOMLKit sees them, the documents its parser (toml++ 3.x) cannot be trusted
+/// with, and the ones that are too big for it (`ConfigurationLimits`):
 ///
-/// Valid TOML always passes: brackets outside strings and comments always nest, and every header
-/// starts with a key.
+/// - a table header with no name after its bracket (`[ # note`) and brackets that do not nest
+///   (`allow = [}`), which stop the process on an internal assertion instead of an error (found by
+///   the mutation test in SamePortConfigTests);
+/// - nesting deeper than `ConfigurationLimits.nesting` (brackets, braces, or parts of a dotted key):
+///   toml++ recurses on it, and `upstream = [[[…` 90,000 deep overflowed the stack;
+/// - a key longer than `ConfigurationLimits.keyLength`, more `[[relay]]` tables than
+///   `ConfigurationLimits.relays`, more tables of all kinds than `ConfigurationLimits.tables`.
+///
+/// Valid TOML within the limits always passes: brackets outside strings and comments always nest,
+/// and every header starts with a key.
 enum SyntaxGuard {
     /// The first such problem, or nil when the document may go to the parser.
     static func check(_ text: String) -> (SourcePosition, String)? {
         var cursor = TOMLCursor(text)
         var open: [(Unicode.Scalar, SourcePosition)] = []
-        var atLineStart = true
+        // At a line's start outside brackets, and after `{` or `,` in an inline table.
+        var expectsKey = true
+        var relayTables = 0
+        var tables = 0
         while let scalar = cursor.current {
             let position = cursor.position
             if scalar == "\n" {
                 cursor.advance()
-                atLineStart = true
+                if open.isEmpty { expectsKey = true }
                 continue
             }
             if scalar == " " || scalar == "\t" || scalar == "\r" {
                 cursor.advance()
                 continue
             }
-            let wasAtLineStart = atLineStart
-            atLineStart = false
-            switch scalar {
-            case "#":
+            if scalar == "#" {
                 cursor.skipComment()
+                continue
+            }
+            let isKey = expectsKey && isKeyStart(scalar)
+            let isHeader = expectsKey && scalar == "[" && open.isEmpty
+            expectsKey = false
+            if isKey {
+                if let problem = scanKey(&cursor).problem { return problem }
+                continue
+            }
+            switch scalar {
             case "\"", "'":
                 cursor.scanString()
-            case "[" where wasAtLineStart && open.isEmpty:
+            case "[" where isHeader:
                 // A table header: its name must follow the bracket(s).
                 cursor.advance()
                 cursor.skipSpaces()
-                if cursor.current == "[" {
+                let isArray = cursor.current == "["
+                if isArray {
                     cursor.advance()
                     cursor.skipSpaces()
                 }
                 guard let first = cursor.current, isKeyStart(first) else {
                     return (position, "syntax error: a table header needs a name after its bracket: write [name] or [[name]]")
                 }
+                let (path, problem) = scanKey(&cursor)
+                if let problem { return problem }
+                tables += 1
+                if isArray && path == ["relay"] {
+                    relayTables += 1
+                    if relayTables > ConfigurationLimits.relays {
+                        return (position, tooManyRelays)
+                    }
+                }
+                if tables > ConfigurationLimits.tables { return (position, tooManyTables) }
             case "[", "{":
                 open.append((scalar, position))
                 cursor.advance()
+                if open.count > ConfigurationLimits.nesting {
+                    return (position, "brackets and braces nested more than \(ConfigurationLimits.nesting) deep: a sameport file needs at most 3 (relay = [{ upstream = [\"...\"] }]); close the brackets you opened")
+                }
+                if scalar == "{" {
+                    expectsKey = true
+                    tables += 1
+                    if tables > ConfigurationLimits.tables { return (position, tooManyTables) }
+                }
             case "]", "}":
                 cursor.advance()
                 // A stray closer is an error that the parser reports by itself.
@@ -51,6 +85,9 @@ enum SyntaxGuard {
                 guard opener == (scalar == "]" ? "[" : "{") else {
                     return (position, "syntax error: '\(scalar)' cannot close the '\(opener)' opened at \(openedAt)")
                 }
+            case ",":
+                cursor.advance()
+                expectsKey = open.last?.0 == "{"
             default:
                 cursor.advance()
             }
@@ -58,8 +95,47 @@ enum SyntaxGuard {
         return nil
     }
 
+    private static let tooManyRelays = "more than \(ConfigurationLimits.relays) [[relay]] tables: one sameport process runs at most \(ConfigurationLimits.relays) relays; split them across several files, one service each"
+    private static let tooManyTables = "more than \(ConfigurationLimits.tables) tables ([headers] and { inline tables }): a file of \(ConfigurationLimits.relays) relays needs no more; is the file generated by mistake?"
+
+    /// Steps over a key (`a.b."c d"`) and returns its parts, or the problem with its length.
+    private static func scanKey(_ cursor: inout TOMLCursor) -> (path: [String], problem: (SourcePosition, String)?) {
+        var path: [String] = []
+        while let scalar = cursor.current {
+            let position = cursor.position
+            let part: String
+            if scalar == "\"" || scalar == "'" {
+                part = cursor.scanString()
+            } else if isBareKeyScalar(scalar) {
+                var bare = ""
+                while let next = cursor.current, isBareKeyScalar(next) {
+                    if bare.unicodeScalars.count <= ConfigurationLimits.keyLength { bare.unicodeScalars.append(next) }
+                    cursor.advance()
+                }
+                part = bare
+            } else {
+                break
+            }
+            if part.unicodeScalars.count > ConfigurationLimits.keyLength {
+                return (path, (position, "a key longer than \(ConfigurationLimits.keyLength) characters: sameport's keys are short words (the longest is connect_timeout); is a quote or an '=' missing?"))
+            }
+            path.append(part)
+            if path.count > ConfigurationLimits.nesting {
+                return (path, (position, "a dotted key of more than \(ConfigurationLimits.nesting) parts: each part nests a table, and a sameport file needs at most 2 ([relay.name]); remove the extra dots"))
+            }
+            cursor.skipSpaces()
+            guard cursor.current == "." else { break }
+            cursor.advance()
+            cursor.skipSpaces()
+        }
+        return (path, nil)
+    }
+
     private static func isKeyStart(_ scalar: Unicode.Scalar) -> Bool {
-        (scalar.isASCII && (scalar.properties.isAlphabetic || ("0"..."9").contains(scalar)))
-            || scalar == "_" || scalar == "-" || scalar == "\"" || scalar == "'"
+        isBareKeyScalar(scalar) || scalar == "\"" || scalar == "'"
+    }
+
+    private static func isBareKeyScalar(_ scalar: Unicode.Scalar) -> Bool {
+        ("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar) || scalar == "_" || scalar == "-"
     }
 }

@@ -44,6 +44,9 @@ public struct RelaySpec: Sendable, Equatable {
     public static let defaultSpliceAfter = 256 * 1024
     /// Long enough for most requests in flight to finish, short of systemd's 90 s stop timeout.
     public static let defaultDrainTimeout = Duration.seconds(30)
+    /// The longest name: systemd's limit for `FileDescriptorName=`, which a relay's name matches
+    /// under socket activation. A name is repeated in every log line.
+    public static let maxNameLength = 255
 
     public init(
         name: String = "main",
@@ -102,7 +105,11 @@ public struct RelaySpec: Sendable, Equatable {
         func add(_ field: Problem.Field, _ message: String) {
             problems.append(Problem(field: field, message: message))
         }
-        if name.isEmpty || !name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isASCIIDigit || "-_.".contains($0)) }) {
+        let nameLength = name.unicodeScalars.count
+        if nameLength > Self.maxNameLength {
+            // Not repeated in the message: it may be megabytes long.
+            add(.name, "relay name of \(nameLength) characters: a name is at most \(Self.maxNameLength) (it also names the relay's socket in systemd's FileDescriptorName=); shorten it")
+        } else if name.isEmpty || !name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isASCIIDigit || "-_.".contains($0)) }) {
             add(.name, "invalid relay name '\(name)': use ASCII letters, digits, '-', '_' or '.'")
         }
         if case .name = listen.host {

@@ -32,6 +32,11 @@ struct CheckCommand: ParsableCommand {
               splice = true               zero-copy through a pipe per direction, or false
               pipe_size = 1048576         bytes per pipe, 4096 to 16777216
 
+            LIMITS
+              At most 4 MiB, 10,000 relays, names of 255 characters, keys of 128, brackets nested 16
+              deep. Refused where they are: NUL and other control characters, bytes that are not
+              UTF-8, a byte-order mark past the start, a CR without LF. FILE must be a regular file.
+
             EXAMPLES
               sameport check --config /etc/sameport/sameport.toml
               sameport check Config/*.toml     (one file at a time: use a loop)

@@ -11,9 +11,9 @@ enum ConfigFile {
     static func load(_ argument: String) throws(StartFailure) -> [RelaySpec] {
         // `-` is standard input, named as compilers name it.
         let path = argument == "-" ? "<stdin>" : argument
-        let text = try read(argument == "-" ? nil : path, named: path)
+        let bytes = try read(argument == "-" ? nil : path, named: path)
         do {
-            return try Configuration(text: text, path: path).relays
+            return try Configuration(bytes: bytes, path: path).relays
         } catch {
             let count = error.problems.count
             throw StartFailure(
@@ -23,14 +23,34 @@ enum ConfigFile {
         }
     }
 
-    /// The text of the file at `path`, or of standard input when `path` is nil.
-    private static func read(_ file: String?, named path: String) throws(StartFailure) -> String {
-        let fd = file.map { Glibc.open($0, O_RDONLY | O_CLOEXEC) } ?? STDIN_FILENO
-        guard fd >= 0 else { throw unreadable(path, errno) }
+    /// The bytes of the file at `path` (of standard input when `path` is nil), at most one more
+    /// than `ConfigurationLimits.fileSize`: enough for `Configuration` to say it is too large.
+    ///
+    /// A path that is not a regular file is refused without blocking: open(2) with O_NONBLOCK
+    /// returns at once for a FIFO that has no writer (a plain open waits for one, for ever), and
+    /// fstat(2) on the open fd then says what it is (no race with a rename between the two).
+    private static func read(_ file: String?, named path: String) throws(StartFailure) -> [UInt8] {
+        let fd: Int32
+        if let file {
+            fd = Glibc.open(file, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+            guard fd >= 0 else { throw unreadable(path, errno) }
+        } else {
+            fd = STDIN_FILENO
+        }
         defer { if file != nil { Glibc.close(fd) } }
+        if file != nil {
+            var status = stat()
+            guard fstat(fd, &status) == 0 else { throw unreadable(path, errno) }
+            let type = status.st_mode & S_IFMT
+            guard type == S_IFREG else {
+                throw StartFailure(
+                    messages: ["configuration error: \(path) is \(describe(type)), not a regular file: give the path of the configuration file itself"],
+                    exitCode: 2)
+            }
+        }
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
+        while bytes.count <= ConfigurationLimits.fileSize {
             let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
             if count < 0 {
                 if errno == EINTR { continue }
@@ -38,15 +58,20 @@ enum ConfigFile {
             }
             if count == 0 { break }
             bytes.append(contentsOf: chunk[..<count])
-            // A configuration file is small; refuse to swallow a device or a log by mistake.
-            guard bytes.count <= 16 << 20 else {
-                throw StartFailure(message: "configuration error: \(path) is larger than 16 MiB: is it the configuration file?", exitCode: 2)
-            }
         }
-        guard let text = String(validating: bytes, as: UTF8.self) else {
-            throw StartFailure(message: "configuration error: \(path) is not UTF-8 text: save it as UTF-8", exitCode: 2)
+        return bytes
+    }
+
+    /// What a file type from `st_mode & S_IFMT` is, with its article.
+    private static func describe(_ type: mode_t) -> String {
+        switch type {
+        case S_IFDIR: return "a directory"
+        case S_IFIFO: return "a FIFO (named pipe), which would block the read until a writer comes"
+        case S_IFCHR: return "a character device"
+        case S_IFBLK: return "a block device"
+        case S_IFSOCK: return "a socket"
+        default: return "a special file"
         }
-        return text
     }
 
     private static func unreadable(_ path: String, _ code: Int32) -> StartFailure {

@@ -24,8 +24,14 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var isStopping = false
     private var isCutting = false
     private var isReloading = false
-    /// A reload's read of the file has not returned (it may outlive its reload: a hung file system).
-    private var isReading = false
+    /// Reads of the file (with its host names) that have not returned. One may outlive its reload
+    /// (a hung file system or resolver): later reloads read on other threads, up to
+    /// `maxReadsInFlight` blocked at once.
+    private var readsInFlight = 0
+    private static let maxReadsInFlight = 4
+    /// The number of the last read started: a read's result belongs to the reload that started
+    /// it, and only while that reload runs.
+    private var readNumber = 0
     /// Fails the running reload when its read takes longer than the reload timeout; cancelled
     /// when the reload ends.
     private var reloadDeadline: DispatchWorkItem?
@@ -239,24 +245,27 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
         logger.notice("SIGHUP: reloading \(configPath)")
         isReloading = true
-        // One stuck read is enough: another would block another worker thread, which the
-        // connections need.
-        guard !isReading else {
-            finishReload(failedWith: ["an earlier reload is still reading \(configPath) or resolving its host names: check the file's file system and the resolver, then send SIGHUP again"])
+        // A stuck read must not stop every later reload (the file may be fixed, or a host name
+        // removed), but each blocks a worker thread, which the connections need: a few at most.
+        guard readsInFlight < Self.maxReadsInFlight else {
+            finishReload(failedWith: ["\(readsInFlight) earlier reloads are still reading \(configPath) or resolving its host names: check the file's file system and the resolver, then send SIGHUP again"])
             return
         }
-        isReading = true
+        readsInFlight += 1
+        readNumber += 1
+        let number = readNumber
         // Reading the file and resolving host names can block for seconds (or for good: a hung
         // file system): not on the main queue, where signals, the status line and the watchdog
         // are served; and not for longer than the reload timeout.
         DispatchQueue.global().async { [self] in
             let prepared = Self.prepared(configPath)
             DispatchQueue.main.async { [self] in
-                isReading = false
-                // A read in flight belongs to the running reload, if any: a SIGHUP that came
-                // while it was stuck ended its own reload at once.
-                guard isReloading else {
-                    logger.notice("the reload that timed out has read \(configPath) at last; its result is dropped: send SIGHUP again")
+                readsInFlight -= 1
+                // A read that outlived its reload (timed out) is dropped, even while a later
+                // reload runs.
+                guard isReloading, number == readNumber else {
+                    let advice = number == readNumber ? ": send SIGHUP again" : " (a later reload has read the file since)"
+                    logger.notice("the reload that timed out has read \(configPath) at last; its result is dropped\(advice)")
                     return
                 }
                 guard !isStopping else {

@@ -30,6 +30,46 @@ private final class SharedConfig: @unchecked Sendable {  // used by one test thr
     }
 }
 
+/// A DNS server that never answers, for a process started under `prefix`: a UDP socket bound to
+/// port 53 of a loopback address, and a resolv.conf naming it that `prefix` mounts over
+/// /etc/resolv.conf in a mount namespace of the process's own (unshare; root). A lookup of a name
+/// that is not in /etc/hosts then blocks for `seconds`, as on a network that lost its resolver.
+private final class StalledResolver: @unchecked Sendable {  // used by one test thread
+    let prefix: [String]
+    private let socket: Int32
+    private let directory: String
+
+    init(seconds: Int) throws {
+        var template = Array("/tmp/sameport-resolver-XXXXXX".utf8CString)
+        guard let created = mkdtemp(&template) else { throw TestError.failed("mkdtemp: \(errno)") }
+        directory = String(cString: created)
+        let address = "127.53.\(UInt8.random(in: 1...254)).\(UInt8.random(in: 1...254))"
+        let fd = Glibc.socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var sin = sockaddr_in()
+        sin.sin_family = sa_family_t(AF_INET)
+        sin.sin_port = in_port_t(53).bigEndian
+        inet_pton(AF_INET, address, &sin.sin_addr)
+        let bound = withUnsafePointer(to: &sin) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard fd >= 0, bound == 0 else {
+            let code = errno
+            if fd >= 0 { close(fd) }
+            try? FileManager.default.removeItem(atPath: directory)
+            throw TestError.system("bind \(address):53", code)
+        }
+        socket = fd
+        let resolvConf = directory + "/resolv.conf"
+        try "nameserver \(address)\noptions timeout:\(seconds) attempts:1\n".write(toFile: resolvConf, atomically: false, encoding: .utf8)
+        prefix = ["unshare", "--mount", "sh", "-c", "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"", resolvConf]
+    }
+
+    func remove() {
+        close(socket)
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
 /// A listening socket for systemd-socket-activate to create: its address and fd name.
 private struct ActivationSocket {
     var listen: Endpoint
@@ -311,7 +351,7 @@ struct SystemdTests {
         #expect(relay.lines(containing: "relay x listening").count == 1)
     }
 
-    @Test("A reload that cannot read its file (a FIFO nobody writes: a hung file system) fails after --reload-timeout with READY=1, and its late result is dropped; the next reload works")
+    @Test("A reload stuck on its host names (a resolver that never answers) fails after --reload-timeout with READY=1; the next reload works while it is still stuck, and its late result is dropped")
     func reloadTimeout() throws {
         // Two upstreams: one connection stays open through the reload, and each pair takes one.
         let upstream = try TestServer(handler: TestServer.echo)
@@ -319,57 +359,48 @@ struct SystemdTests {
         defer { upstream.stop(); other.stop() }
         let notify = try NotifyListener()
         defer { notify.close() }
+        let resolver = try StalledResolver(seconds: 10)
+        defer { resolver.remove() }
         let ports = try freePorts(2)
         let listen = Endpoint(.loopbackV4, ports[0]), extra = Endpoint(.loopbackV4, ports[1])
         let main = relayConfig(listen: listen, upstream: upstream.endpoint).replacingOccurrences(
             of: "upstream = \"\(upstream.endpoint)\"", with: "upstream = [\"\(upstream.endpoint)\", \"\(other.endpoint)\"]")
         let config = try SharedConfig(main)
         let relay = try RelayProcess(
-            ["run", "--config", config.path, "--reload-timeout", "3s"],
+            ["run", "--config", config.path, "--reload-timeout", "2s"], prefix: resolver.prefix,
             environment: ProcessInfo.processInfo.environment.merging(["NOTIFY_SOCKET": notify.path]) { $1 })
         defer { relay.stop() }
         try relay.waitUntilListening()
         let kept = try connectAndEcho(listen, "before\n")
         defer { kept.close() }
 
-        unlink(config.path)
-        #expect(mkfifo(config.path, 0o644) == 0)
+        // A host name that the resolver takes 10 s to give up on (a hung file system blocks the
+        // same way; a FIFO no longer does: it is refused at once).
+        try config.write(main + relayConfig(name: "stalled", listen: extra, upstream: upstream.endpoint)
+            .replacingOccurrences(of: "upstream = \"\(upstream.endpoint)\"", with: "upstream = \"stalled.test:9\""))
         kill(relay.pid, SIGHUP)
         let hung = try afterReloading(notify, number: 1)
         // While it waits, the status says so (the timer sends it within a second or so).
         try notify.waitFor(after: hung, "a reloading status") { ($0["STATUS"] ?? "").hasPrefix("reloading: 1 relay, 1 open connection, ") }
-        try relay.waitForLines(containing: "reload failed, still running the previous configuration: reading \(config.path) and resolving its host names took longer than 3s: check the file's file system and the resolver, or raise --reload-timeout")
+        try relay.waitForLines(containing: "reload failed, still running the previous configuration: reading \(config.path) and resolving its host names took longer than 2s: check the file's file system and the resolver, or raise --reload-timeout")
         try notify.waitFor(after: hung, "READY=1 after the timed-out reload") { $0["READY"] == "1" }
         try notify.waitFor(after: hung, "the failure in STATUS=") { ($0["STATUS"] ?? "").hasPrefix("reload failed (reading \(config.path) ") }
         _ = try connectAndEcho(listen, "still served\n").close()
 
-        // The read is still stuck: another SIGHUP fails at once rather than block another thread.
-        kill(relay.pid, SIGHUP)
-        try relay.waitForLines(containing: "reload failed, still running the previous configuration: an earlier reload is still reading \(config.path) or resolving its host names: check the file's file system and the resolver, then send SIGHUP again")
-        try notify.waitFor(after: try afterReloading(notify, number: 2), "READY=1 after the refused reload") { $0["READY"] == "1" }
-
-        // The blocked read ends at last, with a file that would add a relay: dropped.
-        // Non-blocking: succeeds only while sameport's open() waits for a writer (bounded retries).
-        let opened = (0..<100).lazy.map { _ -> Int32 in
-            let fd = open(config.path, O_WRONLY | O_NONBLOCK)
-            if fd < 0 { usleep(20_000) }
-            return fd
-        }.first(where: { $0 >= 0 })
-        let writer = opened ?? -1
-        #expect(writer >= 0)
+        // The read is still stuck: the next reload reads on another thread and applies its file
+        // (it failed at once with "an earlier reload is still reading", until a restart).
         let late = main + relayConfig(name: "extra", listen: extra, upstream: upstream.endpoint)
-        _ = Array(late.utf8).withUnsafeBytes { write(writer, $0.baseAddress, $0.count) }
-        close(writer)
-        try relay.waitForLines(containing: "the reload that timed out has read \(config.path) at last; its result is dropped: send SIGHUP again")
-        #expect(relay.lines(containing: "relay extra listening").isEmpty)
-
-        // A regular file again: the next reload applies it.
         try config.write(late)
         kill(relay.pid, SIGHUP)
         try relay.waitForLines(containing: "reloaded \(config.path): 2 relays; added: extra")
-        try notify.waitFor(after: try afterReloading(notify, number: 3), "READY=1 after the good reload") { $0["READY"] == "1" }
+        try notify.waitFor(after: try afterReloading(notify, number: 2), "READY=1 after the good reload") { $0["READY"] == "1" }
+        #expect(relay.lines(containing: "the reload that timed out").isEmpty, "the stuck read ended too early to test anything: \(relay.output)")
+
+        // The stuck read ends at last: its result (relay "stalled", unresolved) is dropped.
+        try relay.waitForLines(containing: "the reload that timed out has read \(config.path) at last; its result is dropped (a later reload has read the file since)", timeout: .seconds(30))
+        #expect(relay.lines(containing: "relay stalled").isEmpty)
         // Every reload ended with one READY=1; the dropped late result sent none.
-        #expect(lifecycle(notify) == ["READY", "RELOADING", "READY", "RELOADING", "READY", "RELOADING", "READY"], "\(notify.messages)")
+        #expect(lifecycle(notify) == ["READY", "RELOADING", "READY", "RELOADING", "READY"], "\(notify.messages)")
         _ = try connectAndEcho(extra, "added\n").close()
         try kept.sendAll(Array("after\n".utf8))
         #expect(String(decoding: try kept.receive(exactly: 6, timeout: .seconds(5)).bytes, as: UTF8.self) == "after\n")
