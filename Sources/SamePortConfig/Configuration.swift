@@ -17,6 +17,11 @@ import TOMLKit
 /// than extend them.
 public struct Configuration: Sendable, Equatable {
     public var relays: [RelaySpec]
+    /// The top-level `threads` key: event loops (shards) for the whole process; nil: one per CPU.
+    public var threads: Int?
+
+    /// The most event loops `threads` may ask for.
+    public static let threadRange = 1...256
 
     /// Parses and validates `text`, read from `path` (used in the problems' positions).
     ///
@@ -45,6 +50,7 @@ public struct Configuration: Sendable, Equatable {
             throw ConfigurationError(problems: reader.sortedProblems())
         }
         self.relays = relays
+        threads = reader.threads
     }
 }
 
@@ -91,6 +97,8 @@ private struct Reader {
     let path: String
     let text: String
     var problems: Set<ConfigurationProblem> = []
+    /// The top-level `threads` key, when given and valid.
+    var threads: Int?
     /// Made once `SyntaxGuard` has bounded the nesting its scan recurses on.
     private var locator = SourceLocator("")
 
@@ -140,13 +148,20 @@ private struct Reader {
                 defaults = readFields(table, where: locator.table("defaults"), context: "[defaults]", isDefaults: true)
             case "relay":
                 continue
+            case "threads":
+                let range = Configuration.threadRange
+                guard value.type == .int, let number = value.int, range.contains(number) else {
+                    report("'threads' must be a whole number from \(range.lowerBound) to \(range.upperBound): the event loops that accept and relay (leave it out for one per CPU)", at: position)
+                    continue
+                }
+                threads = number
             default:
                 if RelayKey(rawValue: key) != nil {
                     report("'\(key)' must be inside a [[relay]] table (or [defaults])", at: position)
                 } else {
                     let what = value.type == .table ? "table [\(key)]" : value.type == .array ? "array '\(key)'" : "key '\(key)'"
-                    let hint = Self.nearest(key, among: ["defaults", "relay"]).map { "did you mean \($0 == "relay" ? "[[relay]]" : "[defaults]")?" }
-                    report("unknown \(what) at the top level; \(hint ?? "the file has [defaults] and [[relay]] tables")", at: position)
+                    let hint = Self.nearest(key, among: ["defaults", "relay", "threads"]).map { "did you mean \($0 == "relay" ? "[[relay]]" : $0 == "threads" ? "threads" : "[defaults]")?" }
+                    report("unknown \(what) at the top level; \(hint ?? "the file has threads, [defaults] and [[relay]] tables")", at: position)
                 }
             }
         }

@@ -56,8 +56,12 @@ struct CheckCommand: ParsableCommand {
         if let file, self.config != nil, file != config {
             throw ValidationError("two files to check, '\(config)' and '\(file)': give one")
         }
-        let relays = try ConfigFile.load(config)
+        let configuration = try ConfigFile.loadConfiguration(config)
+        let relays = configuration.relays
         print(Self.table(relays))
+        if let threads = configuration.threads {
+            print("threads: \(threads) event loop\(threads == 1 ? "" : "s")")
+        }
         print("\(config): \(relays.count) relay\(relays.count == 1 ? "" : "s"), configuration OK")
     }
 

@@ -9,11 +9,16 @@ enum ConfigFile {
     /// - Throws: a `StartFailure` (exit 2) listing every problem as `FILE:LINE:COLUMN: message`,
     ///   or saying why the file cannot be read.
     static func load(_ argument: String) throws(StartFailure) -> [RelaySpec] {
+        try loadConfiguration(argument).relays
+    }
+
+    /// The whole file: its relays and its process-wide settings (`threads`).
+    static func loadConfiguration(_ argument: String) throws(StartFailure) -> Configuration {
         // `-` is standard input, named as compilers name it.
         let path = argument == "-" ? "<stdin>" : argument
         let bytes = try read(argument == "-" ? nil : path, named: path)
         do {
-            return try Configuration(bytes: bytes, path: path).relays
+            return try Configuration(bytes: bytes, path: path)
         } catch {
             let count = error.problems.count
             throw StartFailure(

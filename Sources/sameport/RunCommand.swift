@@ -215,8 +215,9 @@ struct RunCommand: ParsableCommand {
         return (level, format)
     }
 
-    /// Sets the number of shards and their linger before any relay starts.
-    private func configureEventLoops() throws {
+    /// Sets the number of shards (--threads, else the file's `threads`, else one per CPU) and
+    /// their linger, before any relay starts.
+    private func configureEventLoops(fileThreads: Int?) throws {
         if let threads, !(1...256).contains(threads) {
             throw ValidationError("invalid --threads \(threads): give a number of event loops from 1 to 256 (the default is one per CPU, \(EventLoopGroup.availableCPUs) here)")
         }
@@ -228,7 +229,7 @@ struct RunCommand: ParsableCommand {
                 throw ValidationError("invalid --linger '\(linger)': \(error)")
             }
         }
-        EventLoopGroup.configure(threads: threads, linger: lingerValue)
+        EventLoopGroup.configure(threads: threads ?? fileThreads, linger: lingerValue)
     }
 
     /// Validation happens here rather than in `validate()`, so that ArgumentParser reports an
@@ -236,18 +237,20 @@ struct RunCommand: ParsableCommand {
     func run() throws {
         do {
             let log = try logSettings()
-            try configureEventLoops()
             if let config {
                 let given = relayFlagsGiven
                 guard given.isEmpty else {
                     throw ValidationError("--config cannot be mixed with \(given.joined(separator: ", ")): put the relay's settings in \(config), or drop --config")
                 }
                 let reloadTimeout = try reloadTimeoutValue()
-                try Daemon(relays: try ConfigFile.load(config), configPath: config, log: log, reloadTimeout: reloadTimeout).run()
+                let configuration = try ConfigFile.loadConfiguration(config)
+                try configureEventLoops(fileThreads: configuration.threads)
+                try Daemon(relays: configuration.relays, configPath: config, log: log, reloadTimeout: reloadTimeout).run()
             }
             guard reloadTimeout == nil else {
                 throw ValidationError("--reload-timeout needs --config FILE: a relay from flags has no file to reload")
             }
+            try configureEventLoops(fileThreads: nil)
             try Daemon(relays: [try relaySpec()], configPath: nil, log: log).run()
         } catch let failure as StartFailure {
             // Under systemd: the errno it records for the unit, and the cause in `systemctl status`.

@@ -289,4 +289,53 @@ struct ConfigFileTests {
         #expect(status == 2)
         #expect(output == "sameport: configuration error: cannot read \(config.directory.appendingPathComponent("missing.toml").path): No such file or directory (errno 2); check the path\n")
     }
+
+    /// The shards' epoll sets: one per event loop, plus libdispatch's own.
+    private static func epollSets(_ relay: RelayProcess) -> Int {
+        relay.openFileDescriptors(linkingTo: ["anon_inode:[eventpoll]"])
+    }
+
+    @Test("threads: the file's top-level key and --threads set the event loops (--threads wins); out of range is refused")
+    func threads() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let listen = Endpoint(.loopbackV4, try freePort())
+        let text = """
+            threads = 1
+
+            [[relay]]
+            name = "one"
+            listen = "\(listen)"
+            upstream = "\(upstream.endpoint)"
+
+            """
+        do {
+            let (relay, config) = try startConfigured(text, relays: 1)
+            defer { relay.stop(); config.remove() }
+            try echo(through: listen)
+            #expect(Self.epollSets(relay) == 2, "one shard and libdispatch's: \(Self.epollSets(relay))")
+            let (status, output) = try runToExit(["check", config.path])
+            #expect(status == 0)
+            #expect(output.contains("threads: 1 event loop\n"), "\(output)")
+        }
+        do {
+            let config = try ConfigFixture(text)
+            defer { config.remove() }
+            let relay = try RelayProcess(["run", "--config", config.path, "--threads", "3"])
+            defer { relay.stop() }
+            try relay.waitForLines(containing: "listening on")
+            try echo(through: listen)
+            #expect(Self.epollSets(relay) == 4, "three shards and libdispatch's: \(Self.epollSets(relay))")
+        }
+        do {
+            let config = try ConfigFixture(text.replacingOccurrences(of: "threads = 1", with: "threads = 0"))
+            defer { config.remove() }
+            let (status, output) = try runToExit(["check", config.path])
+            #expect(status == 2)
+            #expect(output.contains("\(config.path):1:1: 'threads' must be a whole number from 1 to 256: the event loops that accept and relay (leave it out for one per CPU)"), "\(output)")
+        }
+        let (status, output) = try runToExit(["--listen", listen.description, "--upstream", upstream.endpoint.description, "--threads", "300"])
+        #expect(status == 2)
+        #expect(output.contains("invalid --threads 300: give a number of event loops from 1 to 256"), "\(output)")
+    }
 }
