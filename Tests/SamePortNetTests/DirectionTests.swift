@@ -39,7 +39,29 @@ func pumpToEnd(_ direction: inout Direction, from: Socket, to: Socket, timeout: 
     return .awaitingRead
 }
 
-//   test sender ──▶ [from] relay's Direction [to] ──▶ test receiver
+/// test sender ──▶ [from] relay's Direction [to] ──▶ test receiver, all on loopback; the
+/// relay's sockets and the listener are closed with it.
+final class Topology {
+    let listener: Listener
+    let sender: TestSocket
+    let from: Socket
+    let receiver: TestSocket
+    let to: Socket
+
+    init(receiveBuffer: Int32? = nil) throws {
+        _ = ignoreSIGPIPE
+        listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
+        (sender, from) = try loopbackPair(listener)
+        (receiver, to) = try loopbackPair(listener, receiveBuffer: receiveBuffer)
+    }
+
+    deinit {
+        from.close()
+        to.close()
+        listener.close()
+    }
+}
+
 @Suite("Direction: the pump on loopback sockets", .serialized)
 struct DirectionTests {
     /// Copy path (no pipe), and splice from the first byte.
@@ -47,12 +69,9 @@ struct DirectionTests {
 
     @Test("Bytes arrive in order and EOF becomes a half-close, each way", arguments: [0, 1])
     func halfClose(path: Int) throws {
-        _ = ignoreSIGPIPE
-        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
-        defer { listener.close() }
-        let (sender, from) = try loopbackPair(listener)
-        let (receiver, to) = try loopbackPair(listener)
-        defer { from.close(); to.close() }
+        let topology = try Topology()
+        defer { withExtendedLifetime(topology) {} }  // its deinit closes the sockets
+        let (sender, from, receiver, to) = (topology.sender, topology.from, topology.receiver, topology.to)
         var direction = Direction(fromSide: .client, capacity: 4096, pipeSize: Self.paths[path].pipeSize, spliceAfter: 0, now: 0)
         defer { direction.release() }
         let payload = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
@@ -86,11 +105,9 @@ struct DirectionTests {
 
     @Test("A reset by the sender fails the direction on the sender's side", arguments: [0, 1])
     func reset(path: Int) throws {
-        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
-        defer { listener.close() }
-        let (sender, from) = try loopbackPair(listener)
-        let (_, to) = try loopbackPair(listener)
-        defer { from.close(); to.close() }
+        let topology = try Topology()
+        defer { withExtendedLifetime(topology) {} }  // its deinit closes the sockets
+        let (sender, from, to) = (topology.sender, topology.from, topology.to)
         var direction = Direction(fromSide: .client, capacity: 4096, pipeSize: Self.paths[path].pipeSize, spliceAfter: 0, now: 0)
         defer { direction.release() }
         try sender.sendAll(Array("partial".utf8))
@@ -106,12 +123,9 @@ struct DirectionTests {
 
     @Test("A receiver that does not read stops the pump at its bound (back-pressure), and every byte arrives once it reads", arguments: [0, 1])
     func backPressure(path: Int) throws {
-        _ = ignoreSIGPIPE
-        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
-        defer { listener.close() }
-        let (sender, from) = try loopbackPair(listener)
-        let (receiver, to) = try loopbackPair(listener, receiveBuffer: 65536)
-        defer { from.close(); to.close() }
+        let topology = try Topology(receiveBuffer: 65536)
+        defer { withExtendedLifetime(topology) {} }  // its deinit closes the sockets
+        let (sender, from, receiver, to) = (topology.sender, topology.from, topology.receiver, topology.to)
         try to.setOption(level: SOL_SOCKET, name: SO_SNDBUF, value: 4096)
         let capacity = 8192
         var direction = Direction(fromSide: .client, capacity: capacity, pipeSize: Self.paths[path].pipeSize, spliceAfter: 0, now: 0)
