@@ -71,4 +71,10 @@ public struct Backoff: Sendable {
         defer { next = min(next * 2, maximum) }
         return next
     }
+
+    /// The delay before retry number `retry` (0 first), doubling from `initial` up to `maximum`:
+    /// what `nextDelay` returns on its `retry + 1`th call, for a caller that keeps only a count.
+    public static func delay(retry: UInt32, initial: Duration, maximum: Duration) -> Duration {
+        min(initial * (1 << Int(min(retry, 30))), maximum)
+    }
 }

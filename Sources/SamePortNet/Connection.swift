@@ -97,9 +97,9 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
 
     /// The backoff for a held 4-tuple, doubling from 200 us to 50 ms: short first, since the pair
     /// is usually held by a connection that is closing right now (LAST_ACK on loopback takes
-    /// microseconds).
+    /// microseconds). Only the retry count is kept per connection.
     private static func addressBackoff(retry: UInt32) -> UInt64 {
-        min(200_000 << UInt64(min(retry, 16)), 50_000_000)
+        UInt64(Backoff.delay(retry: retry, initial: .microseconds(200), maximum: .milliseconds(50)).nanoseconds)
     }
 
     init(
@@ -308,11 +308,11 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         let writable = events & (sameport_epollout | sameport_epollhup | sameport_epollerr) != 0
         let from: Which = side == .client ? .clientToUpstream : .upstreamToClient
         let to: Which = side == .client ? .upstreamToClient : .clientToUpstream
-        if readable, direction(from).waitingFor == .read {
+        if readable, waitingFor(from) == .read {
             let closing = events & (sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
             pump(from, drainedByShortRead: !closing)
         }
-        if writable, direction(to).waitingFor == .write { pump(to) }
+        if writable, waitingFor(to) == .write { pump(to) }
         // An error on a socket that neither direction is reading or writing now (a reset client
         // while its upstream is quiet) is found here rather than at the next byte.
         if events & sameport_epollerr != 0, case .relaying = state,
@@ -321,8 +321,9 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         }
     }
 
-    private func direction(_ which: Which) -> Direction {
-        which == .clientToUpstream ? clientToUpstream : upstreamToClient
+    /// What a direction waits for (read in place: no copy of the direction per event).
+    private func waitingFor(_ which: Which) -> Direction.Wait {
+        which == .clientToUpstream ? clientToUpstream.waitingFor : upstreamToClient.waitingFor
     }
 
     private func pump(_ which: Which, drainedByShortRead: Bool = false) {
@@ -468,12 +469,5 @@ extension Duration {
         let (nanoseconds, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
         guard !overflow else { return seconds < 0 ? .nanoseconds(0) : .never }
         return .nanoseconds(Int(clamping: nanoseconds.addingReportingOverflow(attoseconds / 1_000_000_000).partialValue))
-    }
-}
-
-extension DispatchTime {
-    /// The time since this instant.
-    var elapsed: Duration {
-        .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- uptimeNanoseconds))
     }
 }

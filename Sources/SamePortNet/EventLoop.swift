@@ -166,9 +166,6 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         freeSlots.append(UInt32(slot))
     }
 
-    /// Sockets registered now (the listeners' registrations included).
-    var registrationCount: Int { slots.count - freeSlots.count }
-
     // MARK: Deadlines
 
     /// Wakes `handler` at `deadline` (DispatchTime uptime nanoseconds), replacing its earlier one.

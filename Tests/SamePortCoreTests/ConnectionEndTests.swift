@@ -56,6 +56,16 @@ struct BackoffTests {
         )
     }
 
+    @Test("delay(retry:) is what nextDelay returns at that retry: 200 us doubling to 50 ms, as connections back off")
+    func byRetryCount() {
+        var backoff = Backoff(initial: .microseconds(200), maximum: .milliseconds(50))
+        for retry in 0..<40 as Range<UInt32> {
+            #expect(Backoff.delay(retry: retry, initial: .microseconds(200), maximum: .milliseconds(50)) == backoff.nextDelay())
+        }
+        #expect(Backoff.delay(retry: 8, initial: .microseconds(200), maximum: .milliseconds(50)) == .milliseconds(50))
+        #expect(Backoff.delay(retry: 7, initial: .microseconds(200), maximum: .milliseconds(50)) == .microseconds(25_600))
+    }
+
     @Test("custom initial and maximum")
     func custom() {
         var backoff = Backoff(initial: .milliseconds(100), maximum: .milliseconds(300))
