@@ -304,12 +304,17 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
 
     /// Drives the directions that this socket's event can unblock.
     private func relay(events: UInt32, on side: Side) {
-        let readable = events & (sameport_epollin | sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
+        let readable = events & (sameport_epollin | sameport_epollpri | sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
         let writable = events & (sameport_epollout | sameport_epollhup | sameport_epollerr) != 0
         let from: Which = side == .client ? .clientToUpstream : .upstreamToClient
         let to: Which = side == .client ? .upstreamToClient : .clientToUpstream
+        if events & sameport_epollpri != 0 {
+            // Urgent data: splice stops at its mark for good, so this direction copies from now on.
+            if from == .clientToUpstream { clientToUpstream.leaveSplice() } else { upstreamToClient.leaveSplice() }
+        }
         if readable, waitingFor(from) == .read {
-            let closing = events & (sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
+            // Urgent data (EPOLLPRI) ends a read early at its mark: read on to EAGAIN then too.
+            let closing = events & (sameport_epollrdhup | sameport_epollhup | sameport_epollerr | sameport_epollpri) != 0
             pump(from, drainedByShortRead: !closing)
         }
         if writable, waitingFor(to) == .write { pump(to) }

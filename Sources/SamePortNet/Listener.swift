@@ -38,6 +38,9 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     private let socket: Socket
     private var acceptors: [Acceptor] = []
     private let isClosed = Atomic<Bool>(false)
+    /// Whether the relay wants clients now: set under the relay's lock, read by each shard when it
+    /// updates its registration, so that a stale task can never leave a shard switched off.
+    fileprivate let wantsAccepting = AcceptSwitch()
 
     private static let backlog: Int32 = 4096
 
@@ -150,14 +153,15 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     ) {
         guard acceptors.isEmpty else { return }
         acceptors = group.loops.map {
-            Acceptor(socket: socket, loop: $0, acceptNext: acceptNext, onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
+            Acceptor(wantsAccepting: wantsAccepting, socket: socket, loop: $0, acceptNext: acceptNext, onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
         }
     }
 
     /// Starts or stops taking clients off the accept queue (the kernel keeps queueing them).
     func setAccepting(_ accepting: Bool) {
+        wantsAccepting.isOn.store(accepting, ordering: .releasing)
         for acceptor in acceptors {
-            acceptor.loop.execute { acceptor.setAccepting(accepting) }
+            acceptor.loop.execute { acceptor.updateRegistration() }
         }
     }
 
@@ -179,18 +183,24 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     }
 }
 
+/// Whether a listener's relay wants clients, shared by its shards' acceptors (which may outlive
+/// the listener object by a task).
+final class AcceptSwitch: Sendable {
+    let isOn = Atomic<Bool>(false)
+}
+
 /// Accepts one client from the listening socket on the given shard; false when none is waiting.
 typealias AcceptNext = @Sendable (Socket, EventLoop) throws(SystemError) -> Bool
 
 /// One shard's part of a listener: its registration, and the accepting.
 private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable {  // confined to `loop`
     let loop: EventLoop
+    private let wantsAccepting: AcceptSwitch
     private let socket: Socket
     private let acceptNext: AcceptNext
     private let onFatalError: @Sendable (SystemError) -> Void
     private let onTemporaryFailure: @Sendable (SystemError) -> Void
     private var registration: UInt64?
-    private var wantsAccepting = false
     private var isBackingOff = false
     private var isClosed = false
     var deadlineIndex = -1
@@ -200,20 +210,16 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     private static let acceptBatch = 64
 
     init(
-        socket: Socket, loop: EventLoop, acceptNext: @escaping AcceptNext,
+        wantsAccepting: AcceptSwitch, socket: Socket, loop: EventLoop, acceptNext: @escaping AcceptNext,
         onFatalError: @escaping @Sendable (SystemError) -> Void,
         onTemporaryFailure: @escaping @Sendable (SystemError) -> Void
     ) {
+        self.wantsAccepting = wantsAccepting
         self.socket = socket
         self.loop = loop
         self.acceptNext = acceptNext
         self.onFatalError = onFatalError
         self.onTemporaryFailure = onTemporaryFailure
-    }
-
-    func setAccepting(_ accepting: Bool) {
-        wantsAccepting = accepting
-        updateRegistration()
     }
 
     func close() {
@@ -222,8 +228,8 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
         updateRegistration()
     }
 
-    private func updateRegistration() {
-        let registered = wantsAccepting && !isBackingOff && !isClosed
+    func updateRegistration() {
+        let registered = wantsAccepting.isOn.load(ordering: .acquiring) && !isBackingOff && !isClosed
         if registered, registration == nil {
             do {
                 registration = try loop.register(
@@ -241,11 +247,15 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
         for _ in 0..<Self.acceptBatch {
             guard registration != nil else { return }
             do {
-                guard try acceptNext(socket, loop) else { return }
+                guard try acceptNext(socket, loop) else {
+                    updateRegistration()  // none waiting, or the relay is full or stopping
+                    return
+                }
             } catch {
                 switch error.errno {
                 case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
-                    setAccepting(false)
+                    isClosed = true
+                    updateRegistration()
                     onFatalError(error)  // the listening socket itself is broken
                     return
                 case .connectionAborted, .protocolError, .protocolNotAvailable, .hostDown, .noNetwork,
@@ -271,10 +281,19 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
 }
 
 extension Socket {
-    /// TCP_NODELAY on a listening socket: Linux copies it to every socket accepted from it, which
-    /// saves a setsockopt per client (a relay forwards what it reads at once; Nagle only delays).
-    /// A failure only costs that latency: ignored.
+    /// Options on a listening socket that Linux copies to every socket accepted from it, which
+    /// saves a setsockopt per client: TCP_NODELAY (a relay forwards what it reads at once; Nagle
+    /// only delays) and SO_OOBINLINE (see `setUrgentDataInline`). A failure is ignored: it costs
+    /// that latency, or the urgent byte's place in the stream.
     func setNoDelayForClients() {
         try? setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
+        setUrgentDataInline()
+    }
+
+    /// SO_OOBINLINE: a byte the peer sends as urgent (MSG_OOB: telnet's interrupt, FTP's abort)
+    /// stays in the stream, where the relay passes it on like any other, instead of being held
+    /// aside where no read of the stream would find it.
+    func setUrgentDataInline() {
+        try? setOption(level: SOL_SOCKET, name: SO_OOBINLINE, value: 1)
     }
 }

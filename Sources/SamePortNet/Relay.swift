@@ -110,7 +110,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         do {
             group = try EventLoopGroup.shared()
         } catch {
-            throw StartupError("cannot start the event loops: \(error): raise the limit on open files (LimitNOFILE=) or on epoll instances (fs.epoll.max_user_watches)", isTemporary: true, errno: error.errno)
+            throw StartupError("cannot start the event loops: \(error): each event loop needs 2 descriptors: raise the limit on open files (LimitNOFILE=, ulimit -n) or lower --threads", isTemporary: true, errno: error.errno)
         }
         let listener: Listener
         if let inherited {
@@ -334,7 +334,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         let listenerEndpoint = listenEndpoint.flatMap { $0.address.isUnspecified ? nil : $0 }
         var accepted: Arrival?
         let decided = try shared.withLock { shared throws(SystemError) -> AcceptOutcome? in
-            guard let (client, acceptedPeer) = try listener.accept() else { return nil }
+            // The limit and a stop hold here, whatever the shards' registrations still say.
+            guard !shared.isStopping, shared.connections.count + shared.waiting.count < shared.spec.maxConnections,
+                  let (client, acceptedPeer) = try listener.accept() else { return nil }
             let acceptedAt = DispatchTime.now().uptimeNanoseconds
             guard let local = listenerEndpoint ?? (try? client.localEndpoint()),
                   let peer = acceptedPeer ?? (try? client.peerEndpoint()) else {

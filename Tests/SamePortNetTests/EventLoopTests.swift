@@ -180,4 +180,42 @@ struct EventLoopTests {
         group.hopThroughEveryShard { hopped.withLock { $0 = true } }
         #expect(waitUntil(timeout: .seconds(5)) { hopped.withLock { $0 } })
     }
+
+    @Test("A task that keeps deferring itself (a busy direction that yields) does not hold its shard: deadlines and other threads' work still run")
+    func yieldingTaskDoesNotHoldTheShard() throws {
+        let loop = try EventLoop(index: 93, linger: .milliseconds(1))
+        let group = EventLoopGroup(loops: [loop])
+        group.start()
+        let spinner = Spinner(loop: loop)
+        defer { spinner.stop.store(true, ordering: .sequentiallyConsistent) }
+        loop.execute { spinner.spin() }
+        #expect(waitUntil(timeout: .seconds(5)) { spinner.rounds.load(ordering: .relaxed) > 1000 })
+        let log = Log()
+        let recorder = Recorder("deadline", log: log)
+        let start = DispatchTime.now().uptimeNanoseconds
+        loop.execute { loop.setDeadline(recorder, at: start + 20_000_000) }
+        let hopped = Mutex(false)
+        group.hopThroughEveryShard { hopped.withLock { $0 = true } }
+        #expect(waitUntil(timeout: .seconds(2)) { hopped.withLock { $0 } }, "the watchdog's hop got through")
+        #expect(waitUntil(timeout: .seconds(2)) { log.withLock { $0 } == ["deadline"] }, "the deadline fired")
+        #expect(spinner.rounds.load(ordering: .relaxed) > 2000, "the yielding task kept running meanwhile")
+    }
+}
+
+/// Defers itself on its shard again and again until stopped, as a direction that always has
+/// more to move does.
+private final class Spinner: Sendable {
+    let loop: EventLoop
+    let stop = Atomic<Bool>(false)
+    let rounds = Atomic<Int>(0)
+
+    init(loop: EventLoop) {
+        self.loop = loop
+    }
+
+    func spin() {
+        guard !stop.load(ordering: .sequentiallyConsistent) else { return }
+        rounds.add(1, ordering: .relaxed)
+        loop.execute { self.spin() }
+    }
 }
