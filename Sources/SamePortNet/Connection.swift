@@ -85,6 +85,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private var upstreamToClient: Direction
     /// The address connected to: its index in the reservation (-1: none yet).
     private var connectedAddress: Int32 = -1
+    /// When the idle check last looked at the send queues (UInt64.max: never).
+    private var lastLook = UInt64.max
     /// Why each address failed in the current round of attempts.
     private var failures: [String] = []
     private var sawAddressNotAvailable = false
@@ -382,11 +384,23 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     /// what the kernel delivered from the send queues; otherwise waits for the new deadline.
     private func checkIdle(now: UInt64) {
         guard let idleTimeout = context.idleTimeout, let upstream else { return }
-        clientToUpstream.noteKernelProgress(to: upstream)
-        upstreamToClient.noteKernelProgress(to: client)
+        let queuedUp = clientToUpstream.noteKernelProgress(to: upstream)
+        let queuedDown = upstreamToClient.noteKernelProgress(to: client)
+        let previousLook = lastLook
+        lastLook = now
         let last = max(clientToUpstream.lastActivity, upstreamToClient.lastActivity)
-        let idleDeadline = last &+ UInt64(max(0, idleTimeout.nanoseconds))
-        if now >= idleDeadline { return finish(.idleTimeout) }
+        let timeout = UInt64(max(0, idleTimeout.nanoseconds))
+        let idleDeadline = last &+ timeout
+        if now >= idleDeadline {
+            // Bytes queued in the kernel may be moving: a queue first looked at now, or only just
+            // before, cannot show it yet. Look again a quarter of the timeout later (a receiver
+            // whose window stays shut is cut at 1.25 times the timeout at most).
+            let gap = max(timeout / 4, 1_000_000)
+            if queuedUp || queuedDown, previousLook == .max || now &- previousLook < gap {
+                return loop.setDeadline(self, at: now &+ gap)
+            }
+            return finish(.idleTimeout)
+        }
         loop.setDeadline(self, at: idleDeadline)
     }
 

@@ -427,12 +427,13 @@ struct Direction {
     /// While the receiver reads slowly, the relay waits for the socket to become writable, which
     /// the kernel reports only once much of its send queue is free; the bytes still move. A send
     /// queue that shrank (or grew) since the last look is progress; one that stayed put is not.
-    mutating func noteKernelProgress(to: Socket) {
+    /// The first look is only a baseline. Returns whether the queue holds bytes.
+    @discardableResult
+    mutating func noteKernelProgress(to: Socket) -> Bool {
         let unsent = Int32(clamping: to.unsentBytes())
-        if unsent != unsentAtLastLook {
-            if unsentAtLastLook > 0 || unsent > 0 { lastActivity = Self.now }
-            unsentAtLastLook = unsent
-        }
+        if unsentAtLastLook >= 0, unsent != unsentAtLastLook { lastActivity = Self.now }
+        unsentAtLastLook = unsent
+        return unsent > 0
     }
 
     /// Every byte before the EOF is delivered: pass the EOF on as a half-close.
