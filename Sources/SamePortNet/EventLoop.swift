@@ -72,6 +72,9 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     private var deferred: [@Sendable () -> Void] = []
     private let events: UnsafeMutablePointer<sameport_epoll_event>
 
+    /// Told when the group's accept spread changes (the acceptors of this shard).
+    private var spreadWatchers: [ObjectIdentifier: () -> Void] = [:]
+
     /// Work from other threads, and whether the eventfd has been written since the loop last
     /// emptied the inbox.
     private let inbox = Mutex<[@Sendable () -> Void]>([])
@@ -191,6 +194,21 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     /// Forgets `handler`'s deadline, if it has one.
     func cancelDeadline(_ handler: any DeadlineHandler) {
         heap.remove(handler)
+    }
+
+    // MARK: Accept spread
+
+    /// Calls `body` on this shard whenever the group's accept spread changes, until `unwatch`.
+    func watchAcceptSpread(_ watcher: AnyObject, _ body: @escaping () -> Void) {
+        spreadWatchers[ObjectIdentifier(watcher)] = body
+    }
+
+    func unwatchAcceptSpread(_ watcher: AnyObject) {
+        spreadWatchers[ObjectIdentifier(watcher)] = nil
+    }
+
+    fileprivate func acceptSpreadChanged() {
+        for body in spreadWatchers.values { body() }
     }
 
     // MARK: Work
@@ -350,6 +368,23 @@ public final class EventLoopGroup: Sendable {
 
     /// The number of shards.
     public var count: Int { loops.count }
+
+    /// Whether every shard takes new clients, or only the first. A connection lives on the shard
+    /// that accepted it, and a client handed to a shard that sleeps in Dispatch costs a thread
+    /// wake-up, while one taken by the shard already running costs none: so the first shard
+    /// accepts alone while it keeps up (every accept finds one client waiting), and the others
+    /// join once clients queue up behind it (see `Acceptor`). Without this, a listener in every
+    /// shard's epoll set wakes every shard that sleeps in Dispatch for each client
+    /// (EPOLLEXCLUSIVE only wakes one of the waiters *in* epoll_wait).
+    let acceptSpread = Atomic<Bool>(false)
+
+    /// Switches the spread; tells the shards after the first (whose acceptors follow it).
+    func setAcceptSpread(_ spread: Bool) {
+        guard acceptSpread.exchange(spread, ordering: .acquiringAndReleasing) != spread else { return }
+        for loop in loops.dropFirst() {
+            loop.execute { loop.acceptSpreadChanged() }
+        }
+    }
 
     /// A shard, round robin.
     func nextLoop() -> EventLoop {

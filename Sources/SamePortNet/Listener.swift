@@ -153,7 +153,9 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     ) {
         guard acceptors.isEmpty else { return }
         acceptors = group.loops.map {
-            Acceptor(wantsAccepting: wantsAccepting, socket: socket, loop: $0, acceptNext: acceptNext, onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
+            Acceptor(
+                wantsAccepting: wantsAccepting, group: group, socket: socket, loop: $0, acceptNext: acceptNext,
+                onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
         }
     }
 
@@ -196,6 +198,12 @@ typealias AcceptNext = @Sendable (Socket, EventLoop) throws(SystemError) -> Bool
 private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable {  // confined to `loop`
     let loop: EventLoop
     private let wantsAccepting: AcceptSwitch
+    private let group: EventLoopGroup
+    /// The group's first shard accepts always; the others while the group spreads accepting.
+    private let isFirst: Bool
+    private var isWatchingSpread = false
+    /// On the first shard: when an accept last found clients queued behind the one it took.
+    private var lastBacklog: UInt64 = 0
     private let socket: Socket
     private let acceptNext: AcceptNext
     private let onFatalError: @Sendable (SystemError) -> Void
@@ -208,13 +216,17 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
 
     /// Clients accepted per event at most: others are served by the next event (level-triggered).
     private static let acceptBatch = 64
+    /// The other shards stop accepting once the first has kept up this long.
+    private static let spreadHold: UInt64 = 1_000_000_000
 
     init(
-        wantsAccepting: AcceptSwitch, socket: Socket, loop: EventLoop, acceptNext: @escaping AcceptNext,
+        wantsAccepting: AcceptSwitch, group: EventLoopGroup, socket: Socket, loop: EventLoop, acceptNext: @escaping AcceptNext,
         onFatalError: @escaping @Sendable (SystemError) -> Void,
         onTemporaryFailure: @escaping @Sendable (SystemError) -> Void
     ) {
         self.wantsAccepting = wantsAccepting
+        self.group = group
+        self.isFirst = group.loops.first === loop
         self.socket = socket
         self.loop = loop
         self.acceptNext = acceptNext
@@ -225,11 +237,17 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     func close() {
         isClosed = true
         loop.cancelDeadline(self)
+        loop.unwatchAcceptSpread(self)
         updateRegistration()
     }
 
     func updateRegistration() {
+        if !isFirst, !isWatchingSpread, !isClosed {
+            isWatchingSpread = true
+            loop.watchAcceptSpread(self) { [unowned self] in updateRegistration() }
+        }
         let registered = wantsAccepting.isOn.load(ordering: .acquiring) && !isBackingOff && !isClosed
+            && (isFirst || group.acceptSpread.load(ordering: .acquiring))
         if registered, registration == nil {
             do {
                 registration = try loop.register(
@@ -244,10 +262,11 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     }
 
     func handle(events: UInt32, tag: UInt8) {
-        for _ in 0..<Self.acceptBatch {
+        for accepted in 0..<Self.acceptBatch {
             guard registration != nil else { return }
             do {
                 guard try acceptNext(socket, loop) else {
+                    if isFirst { noteLoad(backlog: accepted > 1) }
                     updateRegistration()  // none waiting, or the relay is full or stopping
                     return
                 }
@@ -272,11 +291,25 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
                 }
             }
         }
+        if isFirst { noteLoad(backlog: true) }  // a whole batch: clients are queueing
     }
 
     func deadlineReached(now: UInt64) {
         isBackingOff = false
         updateRegistration()
+    }
+
+    /// On the first shard, after an event's accepts: clients that queued behind the first one
+    /// bring the other shards in; a second of single arrivals lets them go.
+    private func noteLoad(backlog: Bool) {
+        guard group.loops.count > 1 else { return }
+        let now = DispatchTime.now().uptimeNanoseconds
+        if backlog {
+            lastBacklog = now
+            if !group.acceptSpread.load(ordering: .relaxed) { group.setAcceptSpread(true) }
+        } else if now &- lastBacklog > Self.spreadHold, group.acceptSpread.load(ordering: .relaxed) {
+            group.setAcceptSpread(false)
+        }
     }
 }
 

@@ -200,6 +200,44 @@ struct EventLoopTests {
         #expect(waitUntil(timeout: .seconds(2)) { log.withLock { $0 } == ["deadline"] }, "the deadline fired")
         #expect(spinner.rounds.load(ordering: .relaxed) > 2000, "the yielding task kept running meanwhile")
     }
+
+    @Test("The first shard accepts alone while clients come one at a time; the others join when clients queue up")
+    func acceptSpread() throws {
+        let loops = try [EventLoop(index: 94, linger: .milliseconds(1)), EventLoop(index: 95, linger: .milliseconds(1))]
+        let group = EventLoopGroup(loops: loops)
+        group.start()
+        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
+        let acceptedBy = Mutex<[Int]>([])
+        listener.serve(on: group, acceptNext: { socket, loop throws(SystemError) -> Bool in
+            guard let (client, _) = try socket.accept() else { return false }
+            client.close()
+            acceptedBy.withLock { $0.append(loop.index) }
+            return true
+        }, onFatalError: { _ in }, onTemporaryFailure: { _ in })
+        listener.setAccepting(true)
+        defer { listener.close() }
+        // One at a time, each accepted before the next connects: the first shard takes them all.
+        for count in 1...20 {
+            let client = try TestSocket.connect(to: listener.endpoint)
+            #expect(waitUntil(timeout: .seconds(5)) { acceptedBy.withLock { $0.count } == count })
+            client.close()
+        }
+        #expect(acceptedBy.withLock { $0 } == Array(repeating: 94, count: 20))
+        let spreadEarly = group.acceptSpread.load(ordering: .relaxed)
+        #expect(!spreadEarly)
+        // Bursts: clients queue behind the one being accepted, and the second shard joins in.
+        var clients: [TestSocket] = []
+        defer { for client in clients { client.close() } }
+        for _ in 0..<20 {
+            for _ in 0..<50 { clients.append(try TestSocket.connect(to: listener.endpoint)) }
+            let expected = 20 + clients.count
+            #expect(waitUntil(timeout: .seconds(5)) { acceptedBy.withLock { $0.count } == expected })
+            if acceptedBy.withLock({ $0.contains(95) }) { break }
+        }
+        let spreadLate = group.acceptSpread.load(ordering: .relaxed)
+        #expect(spreadLate)
+        #expect(acceptedBy.withLock { $0.contains(95) }, "the second shard accepted once clients queued")
+    }
 }
 
 /// Defers itself on its shard again and again until stopped, as a direction that always has
