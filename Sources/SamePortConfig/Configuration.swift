@@ -87,6 +87,10 @@ public enum RelayKey: String, CaseIterable, Sendable {
     case bufferSize = "buffer_size"
     case allow, deny, splice
     case pipeSize = "pipe_size"
+    case proxyProtocol = "proxy_protocol"
+    case acceptProxy = "accept_proxy"
+    case acceptProxyFrom = "accept_proxy_from"
+    case proxyTimeout = "proxy_timeout"
 
     /// Keys that name one relay and so cannot be defaults.
     var isPerRelay: Bool { self == .name || self == .listen }
@@ -253,6 +257,11 @@ private struct Reader {
         var deny: Located<[CIDR]>?
         var splice: Located<SpliceMode>?
         var pipeSize: Located<Int>?
+        /// nil inside: `off`.
+        var proxyProtocol: Located<ProxyProtocolVersion?>?
+        var acceptProxy: Located<Bool>?
+        var acceptProxyFrom: Located<[CIDR]>?
+        var proxyTimeout: Located<Duration>?
         /// Keys that were present, even if their value was wrong: no "missing key" for those.
         var present: Set<RelayKey> = []
         /// Keys that an unknown key was taken for ("did you mean"): not reported missing either.
@@ -324,6 +333,27 @@ private struct Reader {
                 }
             case .pipeSize:
                 fields.pipeSize = integer(value, key, at: valuePosition).map(locate)
+            case .proxyProtocol:
+                fields.proxyProtocol = string(value, key, at: valuePosition).flatMap { text in
+                    parse(text, at: valuePosition) { text throws(OptionError) -> ProxyProtocolVersion? in
+                        if text == "off" { return nil }
+                        guard let version = ProxyProtocolVersion(rawValue: text) else {
+                            throw OptionError("invalid proxy_protocol '\(text)': expected v1, v2 or off")
+                        }
+                        return version
+                    }
+                }.map(locate)
+            case .acceptProxy:
+                guard value.type == .bool, let on = value.bool else {
+                    report("'accept_proxy' must be true or false, not \(Self.describe(value.type))", at: valuePosition)
+                    continue
+                }
+                fields.acceptProxy = locate(on)
+            case .acceptProxyFrom:
+                // An empty list is how a relay drops the list it would inherit.
+                fields.acceptProxyFrom = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
+            case .proxyTimeout:
+                fields.proxyTimeout = duration(value, key, at: valuePosition).map(locate)
             }
         }
         return fields
@@ -374,7 +404,11 @@ private struct Reader {
             access: ClientAccess(allow: pick(\.allow)?.value ?? [], deny: pick(\.deny)?.value ?? []),
             splice: pick(\.splice)?.value ?? .on,
             pipeSize: pick(\.pipeSize)?.value ?? RelaySpec.defaultPipeSize,
-            drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout)
+            drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout,
+            proxyProtocol: pick(\.proxyProtocol)?.value ?? nil,
+            acceptProxy: pick(\.acceptProxy)?.value ?? false,
+            acceptProxyFrom: pick(\.acceptProxyFrom)?.value ?? [],
+            proxyTimeout: pick(\.proxyTimeout)?.value ?? RelaySpec.defaultProxyTimeout)
 
         var isValid = unusable.isEmpty
         for problem in spec.fieldProblems() {
@@ -400,6 +434,12 @@ private struct Reader {
             case .bufferSize: position = pick(\.bufferSize)?.position
             case .pipeSize: position = pick(\.pipeSize)?.position
             case .spliceAfter: position = nil  // not a key of the file
+            case .acceptProxyFrom:
+                guard unusable.isDisjoint(with: [.acceptProxy, .acceptProxyFrom]) else { continue }
+                // Missing: at accept_proxy. Given without accept_proxy: at the relay's own list
+                // only; a list in [defaults] is for the relays that turn accept_proxy on.
+                position = spec.acceptProxy ? pick(\.acceptProxy)?.position : own.acceptProxyFrom?.position
+            case .proxyTimeout: position = pick(\.proxyTimeout)?.position
             }
             guard let position else { continue }
             report(problem.message, at: position)
@@ -425,6 +465,10 @@ private struct Reader {
         case .deny: return fields.deny?.isComplete == true
         case .splice: return fields.splice != nil
         case .pipeSize: return fields.pipeSize != nil
+        case .proxyProtocol: return fields.proxyProtocol != nil
+        case .acceptProxy: return fields.acceptProxy != nil
+        case .acceptProxyFrom: return fields.acceptProxyFrom?.isComplete == true
+        case .proxyTimeout: return fields.proxyTimeout != nil
         }
     }
 
@@ -608,7 +652,7 @@ private struct Reader {
         guard parts.count == 2 else { return "" }
         let key = parts[0].trimmingCharacters(in: .whitespaces)
         let value = parts[1].trimmingCharacters(in: .whitespaces)
-        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny]
+        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny, .proxyProtocol, .acceptProxyFrom, .proxyTimeout]
         guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
               let first = value.first, !"\"'[".contains(first) else { return "" }
         return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""
