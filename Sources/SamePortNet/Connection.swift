@@ -15,6 +15,8 @@ final class ConnectionContext: Sendable {
     let pipeSize: Int?
     /// The bytes each direction copies before it splices.
     let spliceAfter: UInt64
+    /// The PROXY protocol header to send upstream first; nil: none.
+    let proxyProtocol: ProxyProtocolVersion?
     let logger: Logger
 
     init(spec: RelaySpec, logger: Logger) {
@@ -24,6 +26,7 @@ final class ConnectionContext: Sendable {
         bufferSize = spec.bufferSize
         pipeSize = spec.splice == .on ? spec.pipeSize : nil
         spliceAfter = UInt64(spec.spliceAfter)
+        proxyProtocol = spec.proxyProtocol
         self.logger = logger
     }
 }
@@ -74,7 +77,11 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private var clientRegistration: UInt64 = 0
     private var upstream: Socket?
     private var upstreamRegistration: UInt64 = 0
+    /// The client (announced by a PROXY header with accept_proxy): in the log line, and in the
+    /// PROXY header sent upstream.
     let clientEndpoint: Endpoint
+    /// The address the client reached (or that a PROXY header announced it reached).
+    let reached: Endpoint
     let binding: EgressBinding
     private let acceptedAt: UInt64
     private var state = State.starting
@@ -93,6 +100,9 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     /// When retrying a held 4-tuple stops (0: not retrying), and how many retries so far.
     private var retryDeadline: UInt64 = 0
     private var retries: UInt32 = 0
+    /// Bytes of the PROXY header that went through `clientToUpstream` (what the first write left):
+    /// the log counts the client's bytes only.
+    private var headerBytesQueued: UInt64 = 0
 
     var deadlineIndex = -1
     var deadline: UInt64 = 0
@@ -105,7 +115,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     }
 
     init(
-        client: Socket, clientEndpoint: Endpoint, acceptedAt: UInt64, binding: EgressBinding,
+        client: Socket, clientEndpoint: Endpoint, reached: Endpoint, acceptedAt: UInt64, binding: EgressBinding,
         reservation: UpstreamSelector.Reservation, context: ConnectionContext, relay: Relay, loop: EventLoop
     ) {
         self.loop = loop
@@ -113,6 +123,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         self.context = context
         self.client = client
         self.clientEndpoint = clientEndpoint
+        self.reached = reached
         self.acceptedAt = acceptedAt
         self.binding = binding
         self.reservation = reservation
@@ -294,9 +305,41 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         // A relay forwards what it reads as soon as it reads it: Nagle would only add delay. The
         // client has it from the listener (Linux copies TCP_NODELAY to accepted sockets).
         try? upstream.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
+        if let version = context.proxyProtocol, !sendProxyHeader(version, to: upstream) { return }
         if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
         pump(.clientToUpstream)
         pump(.upstreamToClient)
+    }
+
+    /// Writes the PROXY header to the new upstream connection, before any byte of the client's.
+    ///
+    /// A new connection's send buffer is empty, so the header (at most 107 bytes) goes at once;
+    /// whatever the socket did not take is queued first in `clientToUpstream`, which delivers it
+    /// before it reads the client, on either path. False when the connection ended.
+    private func sendProxyHeader(_ version: ProxyProtocolVersion, to upstream: Socket) -> Bool {
+        let header = ProxyHeader(version: version, addresses: ProxyAddresses(source: clientEndpoint, destination: reached)).encoded()
+        var written = 0
+        do throws(SystemError) {
+            while written < header.count {
+                let result = header.withUnsafeBytes { raw -> Result<IOResult<Int>, SystemError> in
+                    do throws(SystemError) {
+                        return .success(try upstream.write(from: UnsafeRawBufferPointer(rebasing: raw[written...])))
+                    } catch {
+                        return .failure(error)
+                    }
+                }
+                guard case .processed(let count) = try result.get(), count > 0 else { break }
+                written += count
+            }
+        } catch {
+            directionFailed(side: .upstream, error)
+            return false
+        }
+        if written < header.count {
+            clientToUpstream.preload(header[written...])
+            headerBytesQueued = UInt64(header.count - written)
+        }
+        return true
     }
 
     private enum Which {
@@ -474,7 +517,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             egress: egress,
             upstream: (connectedAddress >= 0 ? reservation.addresses[Int(connectedAddress)] : nil).map(\.description)
                 ?? reservation.addresses.map(\.description).joined(separator: ","),
-            bytesToUpstream: clientToUpstream.bytes,
+            bytesToUpstream: clientToUpstream.bytes - min(headerBytesQueued, clientToUpstream.bytes),
             bytesToClient: upstreamToClient.bytes,
             duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: end
         ).log(to: context.logger)

@@ -182,6 +182,17 @@ struct Direction {
         if path == .splice { leavingSplice = true }
     }
 
+    /// Queues `bytes` to be delivered before anything this direction reads: the part of a PROXY
+    /// header that the receiving socket did not take at once. Before the first pump only, while
+    /// the buffer is empty; `bytes` counts them when they are delivered.
+    mutating func preload(_ bytes: some Collection<UInt8>) {
+        guard buffered == 0, bytes.count <= capacity else { return }
+        let buffer = allocatedBuffer()
+        buffer.copyBytes(from: bytes)
+        start = 0
+        end = bytes.count
+    }
+
     /// Bytes taken in and not yet delivered (in the buffer or the pipe).
     var buffered: Int { end - start + pipeBytes }
 
