@@ -197,6 +197,50 @@ struct ProxyProtocolTests {
         #expect(waitUntil(timeout: .seconds(10)) { relay.openFileDescriptors(linkingTo: ["socket:"]) == descriptorsBefore })
     }
 
+    @Test("A client reading its header counts towards max_connections: the next client is served only once the first one's header timed out")
+    func readersCountTowardsTheLimit() throws {
+        let (upstream, received) = try recordingUpstream()
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], [
+            "--accept-proxy", "--accept-proxy-from", "127.0.0.1", "--max-connections", "1", "--proxy-timeout", "2s"])
+        defer { relay.stop() }
+        let sockets = relay.openFileDescriptors(linkingTo: ["socket:"])
+        let silent = try TestSocket.connect(to: listen)
+        defer { silent.close() }
+        try silent.sendAll(Array("PROXY ".utf8))
+        #expect(waitUntil(timeout: .seconds(10)) { relay.openFileDescriptors(linkingTo: ["socket:"]) == sockets + 1 }, "the first client was not accepted")
+        // The second waits in the kernel's backlog until the first one's header times out.
+        let second = try TestSocket.connect(to: listen)
+        defer { second.close() }
+        let (answer, _) = try exchange(second, try header(.v1, "192.0.2.7:5555", "127.0.0.1:80") + Array("hello".utf8))
+        #expect(answer == Array("ok\n".utf8))
+        #expect(received.withLock { $0.map(\.bytes) } == [Array("hello".utf8)])
+        let lines = relay.lines(containing: "connection ended")
+        #expect(lines.count == 2 && lines.first?.contains("no complete PROXY header within 2s") == true, "\(lines)")
+        #expect(lines.last.flatMap { field("client", in: $0) } == "192.0.2.7:5555")
+    }
+
+    @Test("SIGTERM closes a client still sending its header at once (end=shutdown): the drain does not wait for it")
+    func drainClosesReaders() throws {
+        let (upstream, _) = try recordingUpstream()
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], [
+            "--accept-proxy", "--accept-proxy-from", "127.0.0.1", "--proxy-timeout", "60s"])
+        defer { relay.stop() }
+        let sockets = relay.openFileDescriptors(linkingTo: ["socket:"])
+        let client = try TestSocket.connect(to: listen)
+        defer { client.close() }
+        try client.sendAll(Array("PROXY TCP4".utf8))
+        #expect(waitUntil(timeout: .seconds(10)) { relay.openFileDescriptors(linkingTo: ["socket:"]) == sockets + 1 }, "the client was not accepted")
+        let started = ContinuousClock.now
+        #expect(relay.stop(signal: SIGTERM, timeout: .seconds(20)) == 0)
+        #expect(ContinuousClock.now - started < .seconds(15))
+        let line = try #require(relay.lines(containing: "connection ended").first)
+        #expect(field("end", in: line) == "shutdown")
+        #expect(try client.waitForEnd(timeout: .seconds(5)) != .timeout)
+        #expect(upstream.peers.isEmpty)
+    }
+
     @Test("--accept-proxy without --accept-proxy-from is a usage error naming the fix; check shows the settings")
     func settings() throws {
         let usage = try RelayProcess(["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--accept-proxy"])
