@@ -36,9 +36,15 @@ let package = Package(
         // The only module that talks to the kernel: sockets, listener, dialer, pump, relay.
         // The configuration file: TOML read with TOMLKit, validated into RelaySpecs, every
         // problem reported as FILE:LINE:COLUMN.
+        // What TOMLKit cannot do: free a parsed document (C++, against TOMLKit's own toml++).
+        .target(
+            name: "CSamePortTOML",
+            dependencies: [.product(name: "TOMLKit", package: "TOMLKit")],
+            cxxSettings: [.define("TOML_EXCEPTIONS", to: "1")]
+        ),
         .target(
             name: "SamePortConfig",
-            dependencies: ["SamePortCore", .product(name: "TOMLKit", package: "TOMLKit")]
+            dependencies: ["SamePortCore", "CSamePortTOML", .product(name: "TOMLKit", package: "TOMLKit")]
         ),
         .target(
             name: "SamePortNet",
@@ -78,5 +84,6 @@ let package = Package(
             dependencies: ["sameport", "SamePortCore", "SamePortConfig", "SamePortTestSupport"]
         ),
     ],
-    swiftLanguageModes: [.v6]
+    swiftLanguageModes: [.v6],
+    cxxLanguageStandard: .cxx17
 )
