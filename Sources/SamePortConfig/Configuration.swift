@@ -1,5 +1,4 @@
 import SamePortCore
-import TOMLKit
 
 /// A configuration file, read and validated: the relays it describes.
 ///
@@ -125,17 +124,13 @@ private struct Reader {
             return []
         }
         locator = SourceLocator(text)
-        let document: TOMLTable
+        let document: [String: TOMLNode]
         do {
-            document = try TOMLTable(string: text)
-        } catch let error as TOMLParseError {
-            let begin = error.source.begin
-            report(
-                "syntax error: \(error.description)\(Self.quotingHint(line: begin.line, in: text))",
-                at: SourcePosition(line: max(begin.line, 1), column: max(begin.column, 1)))
-            return []
+            document = try TOMLNode.parse(text)
         } catch {
-            report("syntax error: \(error)", at: .start)
+            report(
+                "syntax error: \(error.description)\(Self.quotingHint(line: error.line, in: text))",
+                at: SourcePosition(line: max(error.line, 1), column: max(error.column, 1)))
             return []
         }
 
@@ -269,7 +264,7 @@ private struct Reader {
     }
 
     mutating func readFields(
-        _ table: TOMLTable, where located: SourceLocator.Table?, context: String, isDefaults: Bool
+        _ table: [String: TOMLNode], where located: SourceLocator.Table?, context: String, isDefaults: Bool
     ) -> Fields {
         var fields = Fields()
         for key in table.keys.sorted() {
@@ -572,7 +567,7 @@ private struct Reader {
 
     // MARK: Values
 
-    mutating func string(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> String? {
+    mutating func string(_ value: TOMLNode, _ key: String, at position: SourcePosition?) -> String? {
         guard let text = value.string else {
             report("'\(key)' must be a string, not \(Self.describe(value.type))", at: position)
             return nil
@@ -583,10 +578,10 @@ private struct Reader {
     /// A string or a list of strings, each parsed by `parser`: the elements that parsed, with their
     /// positions, and whether every element did. Every bad element is reported.
     mutating func list<V, E: Error>(
-        _ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?, elements: [SourcePosition],
+        _ value: TOMLNode, _ key: String, at position: SourcePosition?, elements: [SourcePosition],
         emptyAllowed: Bool, _ parser: (String) throws(E) -> V
     ) -> Located<[V]>? {
-        let items: [(TOMLValueConvertible, SourcePosition?)]
+        let items: [(TOMLNode, SourcePosition?)]
         if value.string != nil {
             items = [(value, position)]
         } else if let array = value.array {
@@ -616,7 +611,7 @@ private struct Reader {
         return parsed
     }
 
-    mutating func duration(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Duration? {
+    mutating func duration(_ value: TOMLNode, _ key: String, at position: SourcePosition?) -> Duration? {
         guard let text = value.string else {
             report("'\(key)' must be a duration string such as \"5s\" or \"250ms\", not \(Self.describe(value.type))", at: position)
             return nil
@@ -624,7 +619,7 @@ private struct Reader {
         return parse(text, at: position) { text throws(DurationError) in try Duration(parsing: text) }
     }
 
-    mutating func integer(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Int? {
+    mutating func integer(_ value: TOMLNode, _ key: String, at position: SourcePosition?) -> Int? {
         guard value.type == .int, let number = value.int else {
             let hint = value.string.flatMap { Int($0) }.map { ": write \(key) = \($0), without quotes" } ?? ""
             report("'\(key)' must be an integer, not \(Self.describe(value.type))\(hint)", at: position)
@@ -650,12 +645,19 @@ private struct Reader {
         guard number <= lines.count else { return "" }
         let parts = lines[number - 1].split(separator: "=", maxSplits: 1)
         guard parts.count == 2 else { return "" }
-        let key = parts[0].trimmingCharacters(in: .whitespaces)
-        let value = parts[1].trimmingCharacters(in: .whitespaces)
+        let key = trimmingBlanks(parts[0])
+        let value = trimmingBlanks(parts[1])
         let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny, .proxyProtocol, .acceptProxyFrom, .proxyTimeout]
         guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
               let first = value.first, !"\"'[".contains(first) else { return "" }
         return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""
+    }
+
+    /// `text` without the spaces and tabs (any blank but a line end) at either end.
+    private static func trimmingBlanks(_ text: Substring) -> String {
+        let isBlank = { (character: Character) in character.isWhitespace && !character.isNewline }
+        guard let start = text.firstIndex(where: { !isBlank($0) }), let end = text.lastIndex(where: { !isBlank($0) }) else { return "" }
+        return String(text[start...end])
     }
 
     /// The position of a top-level table or key, from its header or its key line.
@@ -665,7 +667,7 @@ private struct Reader {
             ?? locator.tables.first { $0.path.first == name }?.position
     }
 
-    static func describe(_ type: TOMLType) -> String {
+    static func describe(_ type: TOMLNode.Kind) -> String {
         switch type {
         case .string: return "a string"
         case .int: return "an integer"
