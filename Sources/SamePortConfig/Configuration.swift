@@ -87,6 +87,7 @@ public enum RelayKey: String, CaseIterable, Sendable {
     case bufferSize = "buffer_size"
     case allow, deny, splice
     case pipeSize = "pipe_size"
+    case destinations, transparent
 
     /// Keys that name one relay and so cannot be defaults.
     var isPerRelay: Bool { self == .name || self == .listen }
@@ -253,6 +254,10 @@ private struct Reader {
         var deny: Located<[CIDR]>?
         var splice: Located<SpliceMode>?
         var pipeSize: Located<Int>?
+        /// `upstream = "original"` (then `upstreams` is empty).
+        var original: Located<Bool>?
+        var destinations: Located<[DestinationRule]>?
+        var transparent: Located<Bool>?
         /// Keys that were present, even if their value was wrong: no "missing key" for those.
         var present: Set<RelayKey> = []
         /// Keys that an unknown key was taken for ("did you mean"): not reported missing either.
@@ -293,7 +298,21 @@ private struct Reader {
             case .listen:
                 fields.listen = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, HostPort.init(parsing:)) }.map(locate)
             case .upstream:
-                fields.upstreams = list(value, key, at: valuePosition, elements: elements, emptyAllowed: false, HostPort.init(parsing:))
+                if value.string == "original" {
+                    fields.upstreams = locate([])
+                    fields.original = locate(true)
+                } else {
+                    fields.upstreams = list(value, key, at: valuePosition, elements: elements, emptyAllowed: false) { text throws(OptionError) in
+                        guard text != "original" else {
+                            throw OptionError("upstream \"original\" stands alone: write upstream = \"original\", not in a list with other upstreams")
+                        }
+                        do {
+                            return try HostPort(parsing: text)
+                        } catch {
+                            throw OptionError("\(error)")
+                        }
+                    }
+                }
             case .egress:
                 fields.egress = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, EgressMode.init(parsing:)) }.map(locate)
             case .onBusy:
@@ -324,6 +343,14 @@ private struct Reader {
                 }
             case .pipeSize:
                 fields.pipeSize = integer(value, key, at: valuePosition).map(locate)
+            case .destinations:
+                fields.destinations = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, DestinationRule.init(parsing:))
+            case .transparent:
+                if value.type == .bool, let on = value.bool {
+                    fields.transparent = locate(on)
+                } else {
+                    report("'\(key)' must be true or false, not \(Self.describe(value.type))", at: valuePosition)
+                }
             }
         }
         return fields
@@ -360,10 +387,12 @@ private struct Reader {
         func pick<V>(_ path: KeyPath<Fields, Located<V>?>) -> Located<V>? { own[keyPath: path] ?? defaults[keyPath: path] }
         let standIn = HostPort(host: .ip(.loopbackV4), port: 1)
         let upstreams = pick(\.upstreams)
+        // "original" comes with the upstream key it was read from: the relay's own, else the default.
+        let original = (own.present.contains(.upstream) ? own.original : defaults.original)?.value ?? false
         let spec = RelaySpec(
             name: own.name?.value ?? "main",
             listen: own.listen?.value ?? standIn,
-            upstreams: (upstreams?.value).flatMap { $0.isEmpty ? nil : $0 } ?? [standIn],
+            upstreams: original ? [] : (upstreams?.value).flatMap { $0.isEmpty ? nil : $0 } ?? [standIn],
             egress: pick(\.egress)?.value ?? .samePort,
             onBusy: pick(\.onBusy)?.value ?? .queue,
             connectTimeout: pick(\.connectTimeout)?.value ?? RelaySpec.defaultConnectTimeout,
@@ -374,7 +403,10 @@ private struct Reader {
             access: ClientAccess(allow: pick(\.allow)?.value ?? [], deny: pick(\.deny)?.value ?? []),
             splice: pick(\.splice)?.value ?? .on,
             pipeSize: pick(\.pipeSize)?.value ?? RelaySpec.defaultPipeSize,
-            drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout)
+            drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout,
+            forwardsToOriginal: original,
+            destinations: Destinations(pick(\.destinations)?.value ?? []),
+            transparent: pick(\.transparent)?.value ?? false)
 
         var isValid = unusable.isEmpty
         for problem in spec.fieldProblems() {
@@ -384,7 +416,9 @@ private struct Reader {
             switch problem.field {
             case .name: position = own.name?.position
             case .listen: position = own.listen?.position
-            case .upstream(let index): position = upstreams.map { $0.position(ofElement: index) } ?? nil
+            case .upstream(let index):
+                guard !unusable.contains(.destinations) else { continue }
+                position = upstreams.map { $0.position(ofElement: index) } ?? nil
             case .egress:
                 guard !unusable.contains(.listen), !unusable.contains(.egress) else { continue }
                 position = pick(\.egress)?.position
@@ -400,6 +434,9 @@ private struct Reader {
             case .bufferSize: position = pick(\.bufferSize)?.position
             case .pipeSize: position = pick(\.pipeSize)?.position
             case .spliceAfter: position = nil  // not a key of the file
+            case .destinations:
+                guard !unusable.contains(.destinations) else { continue }
+                position = pick(\.destinations)?.position
             }
             guard let position else { continue }
             report(problem.message, at: position)
@@ -425,6 +462,8 @@ private struct Reader {
         case .deny: return fields.deny?.isComplete == true
         case .splice: return fields.splice != nil
         case .pipeSize: return fields.pipeSize != nil
+        case .destinations: return fields.destinations?.isComplete == true
+        case .transparent: return fields.transparent != nil
         }
     }
 
@@ -608,7 +647,7 @@ private struct Reader {
         guard parts.count == 2 else { return "" }
         let key = parts[0].trimmingCharacters(in: .whitespaces)
         let value = parts[1].trimmingCharacters(in: .whitespaces)
-        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny]
+        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny, .destinations]
         guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
               let first = value.first, !"\"'[".contains(first) else { return "" }
         return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""

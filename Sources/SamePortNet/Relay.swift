@@ -118,9 +118,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         } else {
             switch spec.listen.host {
             case .any:
-                listener = try Listener.openWildcard(port: spec.listen.port, exclusive: !sharedWithOwnRelay)
+                listener = try Listener.openWildcard(port: spec.listen.port, exclusive: !sharedWithOwnRelay, transparent: spec.transparent)
             case .ip(let address):
-                listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, exclusive: !sharedWithOwnRelay)
+                listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, exclusive: !sharedWithOwnRelay, transparent: spec.transparent)
             case .name:
                 throw StartupError("cannot listen on \(spec.listen): listen on an IP address or *:PORT")
             }
@@ -128,6 +128,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         do {
             if let inherited {
                 try prepareInherited(listener, inherited)
+                if spec.transparent { try listener.makeTransparent() }
             } else {
                 try probeEgress(listener.endpoint)
             }
@@ -241,8 +242,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// Refuses a relay whose egress can only be IPv4 (or IPv6) while no upstream has an address of
     /// that family: every client would fail. A wildcard listener can take either family.
     private func checkFamilies(_ listenEndpoint: Endpoint, spec: RelaySpec? = nil, upstreams: [[Endpoint]]? = nil) throws(StartupError) {
-        let egressAddress = EgressBinding(mode: (spec ?? self.spec).egress, local: listenEndpoint).address
-        guard !egressAddress.isUnspecified else { return }
+        let spec = spec ?? self.spec
+        let egressAddress = EgressBinding(mode: spec.egress, local: listenEndpoint).address
+        guard !egressAddress.isUnspecified, !spec.forwardsToOriginal, !spec.egress.presentsClient else { return }
         let family = egressAddress.familyName
         guard (upstreams ?? shared.withLock { $0.selector.upstreams }).contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
             throw StartupError("no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
@@ -341,10 +343,13 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 return .unreadable(client, acceptedAt: acceptedAt)
             }
             var arrival = Arrival(
-                client: client, clientEndpoint: peer.unmapped, binding: EgressBinding(mode: shared.spec.egress, local: local),
+                client: client, clientEndpoint: peer.unmapped, local: local, binding: EgressBinding(mode: shared.spec.egress, local: local),
                 acceptedAt: acceptedAt, loop: loop)
             defer { accepted = arrival }
             if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
+                return .ended(.refused(cause: refusal))
+            }
+            if let refusal = Self.route(&arrival, spec: shared.spec, listener: listenEndpoint) {
                 return .ended(.refused(cause: refusal))
             }
             let outcome = serve(&shared, arrival)
@@ -355,7 +360,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                     return .ended(.busyRejected)
                 case .ephemeral:
                     let fixed = arrival.binding
-                    arrival.binding = .ephemeral(fixed.address)
+                    arrival.binding = fixed.withKernelPort
                     switch serve(&shared, arrival) {
                     case .started(let connection): return .startedEphemeral(connection, from: fixed)
                     case .busy: return .ended(.connectFailed(cause: "no upstream address"))
@@ -416,7 +421,12 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// A client accepted and not yet handed to a connection.
     struct Arrival {
         var client: Socket
+        /// The client as it counts for access, egress and logs (see Relay+Routing.swift).
         var clientEndpoint: Endpoint
+        /// The address the client reached: the accepted socket's (or the listener's).
+        var local: Endpoint
+        /// With `upstream = "original"`: where the client is forwarded.
+        var destination: Endpoint?
         var binding: EgressBinding
         var acceptedAt: UInt64
         var loop: EventLoop
@@ -442,7 +452,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// arrival's shard, once the lock is released).
     private func serve(_ shared: inout Shared, _ arrival: Arrival) -> ServeOutcome {
         let booked = arrival.binding.bookedEndpoint
-        switch shared.selector.reserve(egress: booked, isIPv6: arrival.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds) {
+        let outcome = arrival.destination.map { shared.selector.reserve(egress: booked, destination: $0) }
+            ?? shared.selector.reserve(egress: booked, isIPv6: arrival.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds)
+        switch outcome {
         case .busy:
             return .busy
         case .noAddressOfFamily:
@@ -463,7 +475,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         guard ConnectionLog.isLogged(end, by: logger) else { return }
         ConnectionLog(
             relay: name, client: arrival.clientEndpoint.description, egress: arrival.binding.description,
-            upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
+            upstream: arrival.destination?.description ?? "-", bytesToUpstream: 0, bytesToClient: 0,
             duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- arrival.acceptedAt)), end: end
         ).log(to: logger)
     }

@@ -97,11 +97,12 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
         relay.startAccepting()
         let upstreams = upstreamLists[ObjectIdentifier(relay)] ?? []
-        let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
+        let upstreamList = spec.forwardsToOriginal ? "original destinations (\(spec.destinations))" : zip(spec.upstreams, upstreams).map { name, addresses in
             addresses.count == 1 && name.endpoint != nil
                 ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
         }.joined(separator: ", ")
         var metadata: Logger.Metadata = ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)]
+        if spec.transparent { metadata["transparent"] = "true" }
         if relay.isInherited { metadata["socket"] = "systemd" }
         logger.info(
             "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",

@@ -266,7 +266,7 @@ struct ConfigurationProblemTests {
             "f.toml:2:10: invalid listen address 'relay.example:7000': listen on an IP address or *:PORT, not a host name",
             "f.toml:5:3: invalid address '[::1:9001': the '[' of an IPv6 address is not closed; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT",
             "f.toml:6:3: invalid upstream '*:9002': '*' is for listening; name the upstream's host",
-            "f.toml:8:10: invalid egress 'sideways': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000",
+            "f.toml:8:10: invalid egress 'sideways': expected same-port, ephemeral, client, client-ip, or a local IP:PORT such as 127.0.0.1:7000",
             "f.toml:9:11: invalid on-busy policy 'maybe': expected queue, reject or ephemeral",
             "f.toml:10:16: invalid duration '5 parsecs': expected a number with a unit: ms, s, m or h (for example 250ms, 5s, 10m)",
             "f.toml:11:24: invalid CIDR '10.1.0.0/8': the address has bits set past the /8 prefix; did you mean 10.0.0.0/8?",
