@@ -8,8 +8,8 @@ struct CheckCommand: ParsableCommand {
         abstract: "Validate a configuration file and print the relays it would run.",
         discussion: """
             Reads --config FILE as 'sameport run --config FILE' would, without binding or resolving \
-            anything. On success prints one row per relay (name, listen address (marked \
-            "transparent" with transparent = true), upstreams ("original" with its destinations), egress, \
+            anything. On success prints one row per relay (name, listen address (with ",transparent" \
+            for transparent = true), upstreams ("original" with its destinations), egress, \
             busy policy, timeouts, limits, splice and pipe size, client access) and exits 0. Otherwise prints every \
             problem, one per line, as FILE:LINE:COLUMN: message, and exits 2.
 
@@ -79,7 +79,7 @@ struct CheckCommand: ParsableCommand {
             if !relay.access.allow.isEmpty { access.append("allow " + relay.access.allow.map(\.description).joined(separator: ",")) }
             if !relay.access.deny.isEmpty { access.append("deny " + relay.access.deny.map(\.description).joined(separator: ",")) }
             return [
-                relay.name, relay.transparent ? "\(relay.listen) transparent" : "\(relay.listen)",
+                relay.name, relay.transparent ? "\(relay.listen),transparent" : "\(relay.listen)",
                 relay.forwardsToOriginal ? "original to \(relay.destinations.rules.map(\.description).joined(separator: ","))"
                     : relay.upstreams.map(\.description).joined(separator: ","),
                 "\(relay.egress)", relay.onBusy.rawValue, relay.connectTimeout.shortDescription,

@@ -167,6 +167,19 @@ struct TransparentStartupTests {
         #expect(relay.output.contains("upstream \"original\" with no destinations would relay clients to any address they dial (an open proxy): list the allowed ones, e.g. destinations = [\"10.0.0.0/8:443\"] (--destination 10.0.0.0/8:443), or \"0.0.0.0/0\" and \"::/0\" to allow every destination"), "\(relay.output)")
     }
 
+    @Test("sameport check shows upstream original with its destinations, transparent and egress client")
+    func check() throws {
+        let example = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Config/transparent.toml").path
+        let relay = try RelayProcess(["check", "--config", example])
+        #expect(relay.waitForExit(timeout: .seconds(10)) == 0, "\(relay.output)")
+        let rows = relay.output.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        #expect(rows.count == 4, "\(relay.output)")
+        #expect(rows.dropFirst().first?.prefix(4) == ["redirected", "*:7000", "original", "to"])
+        #expect(rows.dropFirst().first?.dropFirst(4).prefix(2) == ["10.0.0.0/8:80,10.0.0.0/8:443,[fd00::]/8:443", "same-port"])
+        #expect(rows.dropFirst(2).first?.prefix(6) == ["tproxied", "*:7001,transparent", "original", "to", "10.0.0.0/8:80,10.0.0.0/8:443,[fd00::]/8:443", "client"])
+    }
+
     @Test("transparent and egress client without CAP_NET_ADMIN: refused at start-up with the cure",
           .enabled(if: geteuid() == 0, "needs root to become nobody"))
     func missingCapability() throws {
