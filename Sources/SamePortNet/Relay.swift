@@ -255,6 +255,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// egress binds beside the listener, and some upstream has an address of its family.
     public func check(spec newSpec: RelaySpec, upstreams: [[Endpoint]]) throws(StartupError) {
         guard let listenEndpoint else { return }
+        // A socket from systemd that a reload makes transparent (one is never made plain again).
+        if newSpec.transparent, !spec.transparent, let listener = shared.withLock({ $0.listener }) {
+            try listener.makeTransparent()
+        }
         try probeEgress(listenEndpoint, spec: newSpec)
         try checkFamilies(listenEndpoint, spec: newSpec, upstreams: upstreams.map { $0.map(\.unmapped) })
     }

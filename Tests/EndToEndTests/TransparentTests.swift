@@ -121,6 +121,31 @@ struct TransparentTests {
         }
     }
 
+    @Test("4-tuples are booked per original destination: a second client to one destination is busy, another destination is not")
+    func busy() throws {
+        try withRelay(["--upstream", "original", "--on-busy", "reject", "--destination", "10.0.2.0/24:80-81"], rules: {
+            try $0.redirect(port: 80, to: Self.relayPort)
+            try $0.redirect(port: 81, to: Self.relayPort)
+        }) { topology, server4, _, relay in
+            let other = try topology.server.withThread { try TestServer(Endpoint(RoutedTopology.serverV4, 81), handler: TestServer.echo) }
+            defer { other.stop() }
+            let first = try topology.client.withThread { try TestSocket.connect(to: Endpoint(RoutedTopology.serverV4, 80)) }
+            defer { first.close() }
+            try first.sendAll([1])
+            #expect(try first.receive(exactly: 1).bytes == [1])
+            // 10.0.2.1:7000 → 10.0.2.2:80 is in use: the same destination is busy.
+            let second = try topology.client.withThread { try TestSocket.connect(to: Endpoint(RoutedTopology.serverV4, 80)) }
+            defer { second.close() }
+            #expect(try second.waitForEnd(timeout: .seconds(5)) == .eof)
+            let rejected = try relay.waitForLines(containing: "end=busy-rejected")[0]
+            #expect(field("upstream", in: rejected) == "10.0.2.2:80")
+            // Another destination port is another 4-tuple.
+            _ = try echoThrough(topology, to: Endpoint(RoutedTopology.serverV4, 81), seed: 6)
+            #expect(server4.peers == [Endpoint(RoutedTopology.routerServerSideV4, Self.relayPort)])
+            #expect(other.peers == [Endpoint(RoutedTopology.routerServerSideV4, Self.relayPort)])
+        }
+    }
+
     /// How a connection from the client namespace to `destination` ends, unused: a reset may come
     /// before connect() has returned.
     private func endOfConnection(from topology: RoutedTopology, to destination: Endpoint) throws -> TestSocket.End {
