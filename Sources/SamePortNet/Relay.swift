@@ -230,12 +230,15 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// user owns the listener, SO_REUSEPORT off, a foreign egress IP) is a start-up error, not a
     /// failure on every client later.
     private func probeEgress(_ listenEndpoint: Endpoint, spec: RelaySpec? = nil) throws(StartupError) {
-        let binding = EgressBinding(mode: (spec ?? self.spec).egress, local: listenEndpoint)
+        let mode = (spec ?? self.spec).egress
+        let binding = EgressBinding(mode: mode, local: listenEndpoint)
         do {
             try binding.makeSocket().close()
         } catch {
             let hint = EgressBinding.hint(for: error.errno) ?? "check --egress"
-            throw StartupError("the egress cannot bind \(binding): \(error.errno): \(hint)", errno: error.errno)
+            // The probe of egress client binds this host's address the way clients' will be bound.
+            let what = mode.presentsClient ? "egress \(mode) binds each client's own address with IP_TRANSPARENT" : "the egress cannot bind \(binding)"
+            throw StartupError("\(what): \(error.errno): \(hint)", errno: error.errno)
         }
     }
 

@@ -213,11 +213,11 @@ struct TransparentStartupTests {
             ["--listen", "127.0.0.1:\(try freePort())", "--upstream", "original", "--destination", "10.0.0.0/8", "--transparent"], prefix: nobody)
         defer { listener.stop() }
         #expect(listener.waitForExit(timeout: .seconds(10)) != 0)
-        #expect(listener.output.contains("transparent = true (IP_TRANSPARENT) needs CAP_NET_ADMIN or CAP_NET_RAW: run sameport as root, or grant AmbientCapabilities=CAP_NET_ADMIN"), "\(listener.output)")
+        #expect(listener.output.contains("Operation not permitted: transparent = true (IP_TRANSPARENT) needs CAP_NET_ADMIN or CAP_NET_RAW: run sameport as root, or grant AmbientCapabilities=CAP_NET_ADMIN"), "\(listener.output)")
         let egress = try RelayProcess(
             ["--listen", "127.0.0.1:\(try freePort())", "--upstream", "127.0.0.1:9", "--egress", "client"], prefix: nobody)
         defer { egress.stop() }
         #expect(egress.waitForExit(timeout: .seconds(10)) != 0)
-        #expect(egress.output.contains("IP_TRANSPARENT (transparent = true, egress client or client-ip) needs CAP_NET_ADMIN or CAP_NET_RAW"), "\(egress.output)")
+        #expect(egress.output.contains("sameport: cannot start: egress client binds each client's own address with IP_TRANSPARENT: Operation not permitted: IP_TRANSPARENT (transparent = true, egress client or client-ip) needs CAP_NET_ADMIN or CAP_NET_RAW: run sameport as root, or grant AmbientCapabilities=CAP_NET_ADMIN"), "\(egress.output)")
     }
 }
