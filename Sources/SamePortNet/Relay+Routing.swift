@@ -28,6 +28,9 @@ extension Relay {
             case .failure(let refusal): return refusal.message
             }
             arrival.destination = destination
+            egressLocal = Self.egressLocal(listener: listener, fallback: arrival.local, family: destination.address)
+            // Set before the checks, so that a refusal's log line names the egress it would have had.
+            arrival.binding = EgressBinding(mode: spec.egress, local: egressLocal, client: client)
             if let listener {
                 if isOwnListener(destination, listener: listener) {
                     return "the original destination \(destination) is this relay's own listener: the client dialled the relay directly, or a rule sends the relay's traffic back to it (a redirect loop)"
@@ -39,7 +42,6 @@ extension Relay {
             if let refusal = spec.destinations.refusal(of: destination) {
                 return refusal
             }
-            egressLocal = Self.egressLocal(listener: listener, fallback: arrival.local, family: destination.address)
             if egressLocal.address.isIPv6 != destination.address.isIPv6 {
                 return "the original destination \(destination) is \(destination.address.familyName), and the relay listens on \(egressLocal.address.familyName) \(egressLocal): listen on *:\(egressLocal.port) to forward both"
             }

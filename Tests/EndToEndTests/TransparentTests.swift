@@ -148,14 +148,27 @@ struct TransparentTests {
 
     /// How a connection from the client namespace to `destination` ends, unused: a reset may come
     /// before connect() has returned.
-    private func endOfConnection(from topology: RoutedTopology, to destination: Endpoint) throws -> TestSocket.End {
+    private func endOfConnection(from namespace: NetworkNamespace, to destination: Endpoint) throws -> TestSocket.End {
         do {
-            let socket = try topology.client.withThread { try TestSocket.connect(to: destination) }
+            let socket = try namespace.withThread { try TestSocket.connect(to: destination) }
             defer { socket.close() }
             return try socket.waitForEnd(timeout: .seconds(5))
         } catch TestError.system(_, let code) where code == ECONNRESET {
             return .reset
         }
+    }
+
+    /// One namespace, no nftables rule: conntrack is not even running there.
+    @Test("A client that was not redirected is refused and logged")
+    func notRedirected() throws {
+        let namespace = try NetworkNamespace("\(RoutedTopology.prefix)-n")
+        defer { namespace.remove() }
+        let relay = try RelayProcess(["--listen", "127.0.0.1:\(Self.relayPort)", "--upstream", "original", "--destination", "127.0.0.0/8"], prefix: namespace.prefix)
+        defer { relay.stop() }
+        try relay.waitUntilListening()
+        #expect(try endOfConnection(from: namespace, to: Endpoint(.loopbackV4, Self.relayPort)) == .reset)
+        let line = try relay.waitForLines(containing: "end=refused")[0]
+        #expect(line.contains("cause=\"no original destination: the connection was not redirected to the relay (an nftables REDIRECT or DNAT rule, or TPROXY with transparent = true); clients must not dial the relay directly\""), "\(line)")
     }
 
     @Test("A destination outside destinations, and the relay's own listener, are refused and logged; the server never sees them", arguments: Family.allCases)
@@ -167,12 +180,12 @@ struct TransparentTests {
             let outside = try topology.server.withThread { try TestServer(Endpoint(family.server, 81), handler: TestServer.echo) }
             defer { outside.stop() }
             // Port 81 is redirected to the relay too, but destinations allow only port 80.
-            #expect(try endOfConnection(from: topology, to: Endpoint(family.server, 81)) == .reset)
+            #expect(try endOfConnection(from: topology.client, to: Endpoint(family.server, 81)) == .reset)
             let outsideLine = try relay.waitForLines(containing: "end=refused")[0]
             #expect(outsideLine.contains("cause=\"the original destination \(Endpoint(family.server, 81)) is in no destinations entry (10.0.2.0/24:80, [fd00:2::]/64:80)\""), "\(outsideLine)")
             // Dialling the relay itself: its own listener as the destination (a loop).
             let own = Endpoint(family.routerClientSide, Self.relayPort)
-            #expect(try endOfConnection(from: topology, to: own) == .reset)
+            #expect(try endOfConnection(from: topology.client, to: own) == .reset)
             let loopLine = try relay.waitForLines(containing: "end=refused", count: 2)[1]
             #expect(loopLine.contains("cause=\"the original destination \(own) is this relay's own listener"), "\(loopLine)")
             #expect(outside.peers.isEmpty)
