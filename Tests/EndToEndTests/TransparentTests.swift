@@ -158,6 +158,21 @@ struct TransparentTests {
         }
     }
 
+    @Test("A redirect loop (the relay's own connection redirected back to it) is refused and logged", arguments: Family.allCases)
+    func loop(family: Family) throws {
+        try withRelay(["--upstream", "original"] + Self.destinations, rules: {
+            try $0.redirect(port: 80, to: Self.relayPort)
+            try $0.redirectOwnTraffic(port: 80, to: Self.relayPort)
+        }) { topology, server4, server6, relay in
+            let end = try endOfConnection(from: topology.client, to: Endpoint(family.server, 80))
+            #expect(end == .eof || end == .reset)
+            let line = try relay.waitForLines(containing: "end=refused")[0]
+            let egress = Endpoint(family.routerServerSide, Self.relayPort)
+            #expect(line.contains("cause=\"the client \(egress) is this relay's own egress: a redirect loop; exempt the relay's own source port \(Self.relayPort) from the redirect rule (tcp sport != \(Self.relayPort))\""), "\(line)")
+            #expect(server4.peers.isEmpty && server6.peers.isEmpty)
+        }
+    }
+
     /// One namespace, no nftables rule: conntrack is not even running there.
     @Test("A client that was not redirected is refused and logged")
     func notRedirected() throws {

@@ -118,6 +118,20 @@ public final class RoutedTopology: Sendable {
             """)
     }
 
+    /// REDIRECT of the router's own connections to `port` (a `nat hook output` chain) with no
+    /// guard for the relay's own port: the relay's connections come back to it, a loop.
+    public func redirectOwnTraffic(port: UInt16, to relayPort: UInt16) throws {
+        try loadRules("""
+            table inet sameport_loop_\(port) {
+             chain output {
+              type nat hook output priority -100
+              tcp dport \(port) redirect to :\(relayPort)
+             }
+            }
+
+            """)
+    }
+
     /// TPROXY: TCP from the client side to `port` is delivered, unchanged, to the transparent
     /// listener on `relayPort`; replies to a transparent socket (egress client) are delivered
     /// locally too (the `socket transparent 1` rule and the fwmark 1 routing table).
