@@ -19,6 +19,14 @@ extension Relay {
     ///
     /// - Parameter listener: the address the listener is bound to (its real port).
     static func route(_ arrival: inout Arrival, spec: RelaySpec, listener: Endpoint?) -> String? {
+        if spec.transparent {
+            // What TPROXY delivered the connection to (the listener's own address is no hint).
+            do {
+                arrival.local = try arrival.client.localEndpoint().unmapped
+            } catch {
+                return "cannot read the address the client reached: \(error)"
+            }
+        }
         var egressLocal = arrival.local
         let client = arrival.clientEndpoint.unmapped
         if spec.forwardsToOriginal {

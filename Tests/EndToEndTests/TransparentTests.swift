@@ -33,7 +33,7 @@ struct TransparentTests {
     /// A topology with an echo server on the server's port 80 (both families) and a relay in the
     /// router started with `arguments`; `body` runs with them, then everything is removed.
     private func withRelay(
-        _ arguments: [String], rules: (RoutedTopology) throws -> Void,
+        _ arguments: [String], listen: String = "*:\(TransparentTests.relayPort)", rules: (RoutedTopology) throws -> Void,
         _ body: (RoutedTopology, TestServer, TestServer, RelayProcess) throws -> Void
     ) throws {
         let topology = try RoutedTopology()
@@ -47,7 +47,7 @@ struct TransparentTests {
             servers.0.stop()
             servers.1.stop()
         }
-        let relay = try RelayProcess(["--listen", "*:\(Self.relayPort)", "--log-level", "debug"] + arguments, prefix: topology.router.prefix)
+        let relay = try RelayProcess(["--listen", listen, "--log-level", "debug"] + arguments, prefix: topology.router.prefix)
         defer { relay.stop() }
         try relay.waitUntilListening()
         try body(topology, servers.0, servers.1, relay)
@@ -89,6 +89,20 @@ struct TransparentTests {
             let line = try relay.waitForLines(containing: "connection ended")[0]
             #expect(field("upstream", in: line) == Endpoint(family.server, 80).description)
             #expect(field("end", in: line) == "completed")
+        }
+    }
+
+    @Test("TPROXY to a listener on one address: the destination is still the accepted connection's address")
+    func tproxyAddressedListener() throws {
+        let listen = Endpoint(RoutedTopology.routerClientSideV4, Self.relayPort)
+        try withRelay(["--upstream", "original", "--transparent"] + Self.destinations, listen: listen.description, rules: {
+            try $0.tproxy(port: 80, to: Self.relayPort, address: RoutedTopology.routerClientSideV4)
+        }) { topology, server4, _, relay in
+            _ = try echoThrough(topology, to: Endpoint(RoutedTopology.serverV4, 80), seed: 7)
+            // Dialled from the listener's own ip:P, routed out of the other interface.
+            #expect(server4.peers == [listen])
+            let line = try relay.waitForLines(containing: "connection ended")[0]
+            #expect(field("upstream", in: line) == "10.0.2.2:80")
         }
     }
 

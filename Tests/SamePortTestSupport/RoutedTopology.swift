@@ -135,15 +135,19 @@ public final class RoutedTopology: Sendable {
     /// TPROXY: TCP from the client side to `port` is delivered, unchanged, to the transparent
     /// listener on `relayPort`; replies to a transparent socket (egress client) are delivered
     /// locally too (the `socket transparent 1` rule and the fwmark 1 routing table).
-    public func tproxy(port: UInt16, to relayPort: UInt16) throws {
+    ///
+    /// - Parameter address: the relay's listening address, when it is not a wildcard (IPv4 only).
+    public func tproxy(port: UInt16, to relayPort: UInt16, address: IPAddress? = nil) throws {
+        let target = address.map { "\($0):\(relayPort)" } ?? ":\(relayPort)"
+        let ipv6Rule = address == nil
+            ? "  iifname \"rc\" meta nfproto ipv6 tcp dport \(port) tproxy ip6 to :\(relayPort) meta mark set 1 accept\n" : ""
         try loadRules("""
             table inet sameport_tproxy_\(port) {
              chain prerouting {
               type filter hook prerouting priority mangle
               meta l4proto tcp socket transparent 1 meta mark set 1 accept
-              iifname "rc" meta nfproto ipv4 tcp dport \(port) tproxy ip to :\(relayPort) meta mark set 1 accept
-              iifname "rc" meta nfproto ipv6 tcp dport \(port) tproxy ip6 to :\(relayPort) meta mark set 1 accept
-             }
+              iifname "rc" meta nfproto ipv4 tcp dport \(port) tproxy ip to \(target) meta mark set 1 accept
+            \(ipv6Rule) }
             }
 
             """)
