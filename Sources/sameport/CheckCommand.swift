@@ -18,13 +18,12 @@ struct CheckCommand: ParsableCommand {
               [[relay]]                   one table per relay
               name = "partner"            required when the file has several relays
               listen = "127.0.0.1:7000"   IP:PORT, [IPv6]:PORT or *:PORT
-              upstream = ["host:443"]     one HOST:PORT, or a list; "original": the destination
-                                          each client dialled (REDIRECT, DNAT or TPROXY)
+              upstream = ["host:443"]     one HOST:PORT, a list, or "original": where
+                                          each client was going (REDIRECT, DNAT, TPROXY)
               destinations = ["10.0.0.0/8:443"]
-                                          with upstream = "original", required: where clients
-                                          may go, CIDR[:PORT[-PORT]] ([IPv6]/LEN:PORTS)
+                                          with "original", required: CIDR[:PORT[-PORT]]
               transparent = false         IP_TRANSPARENT on the listener, for TPROXY
-              egress = "same-port"        same-port, ephemeral, client, client-ip or IP:PORT
+              egress = "same-port"        same-port, ephemeral, client, client-ip, IP:PORT
               on_busy = "queue"           queue, reject or ephemeral
               connect_timeout = "5s"      durations: 250ms, 5s, 10m, 1h
               idle_timeout = "0"          0: never

@@ -32,11 +32,20 @@ struct RunCommand: ParsableCommand {
               same-port   dial from the address the client reached and the listening port (default)
               ephemeral   dial from the address the client reached, with a kernel-chosen port
               IP:PORT     dial from this local ip:port (IP:0 for that IP with a kernel-chosen port)
-              client      dial from the client's own ip:port (IP_TRANSPARENT: needs CAP_NET_ADMIN,             and replies routed back through this host)
+              client      dial from the client's own ip:port (IP_TRANSPARENT: needs \
+            CAP_NET_ADMIN, and replies routed back through this host)
               client-ip   dial from the client's own IP, with a kernel-chosen port (the same needs)
 
             TRANSPARENT FORWARDING (--upstream original)
-              Each client goes to the destination it dialled: redirected here by an nftables             REDIRECT or DNAT rule (read with SO_ORIGINAL_DST), or delivered by TPROXY to a listener             with --transparent (IP_TRANSPARENT, needs CAP_NET_ADMIN). --destination CIDR[:PORTS]             (repeatable; 10.0.0.0/8, 192.0.2.1:443, [2001:db8::]/32:80-90) lists where clients may             go, and is required: 0.0.0.0/0 and ::/0 allow every destination. A client that was not             redirected, one whose destination is the relay itself (a redirect loop), or one outside             --destination is reset and logged with end=refused. The egress is still the relay's             own port (a wildcard listener dials from the route's source address).
+              Each client goes to the destination it dialled: redirected here by an nftables \
+            REDIRECT or DNAT rule (read with SO_ORIGINAL_DST), or delivered by TPROXY to a \
+            listener with --transparent (IP_TRANSPARENT, needs CAP_NET_ADMIN). --destination \
+            CIDR[:PORTS] (repeatable; 10.0.0.0/8, 192.0.2.1:443, [2001:db8::]/32:80-90) lists \
+            where clients may go, and is required: 0.0.0.0/0 and ::/0 allow every destination. \
+            A client that was not redirected, one whose destination is the relay itself (a \
+            redirect loop), or one outside --destination is reset and logged with end=refused. \
+            The egress is still the relay's own port (a wildcard listener dials from the \
+            route's source address).
 
             WHEN EVERY UPSTREAM IS IN USE (--on-busy)
               queue       the client waits, in arrival order, up to --connect-timeout and \
