@@ -405,7 +405,8 @@ private struct Reader {
             pipeSize: pick(\.pipeSize)?.value ?? RelaySpec.defaultPipeSize,
             drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout,
             forwardsToOriginal: original,
-            destinations: Destinations(pick(\.destinations)?.value ?? []),
+            // Inherited destinations apply where upstream is "original"; a relay's own are checked.
+            destinations: Destinations((original || own.destinations != nil ? pick(\.destinations)?.value : nil) ?? []),
             transparent: pick(\.transparent)?.value ?? false)
 
         var isValid = unusable.isEmpty

@@ -35,14 +35,14 @@ struct TransparentConfigurationTests {
             name = "listed"
             listen = "*:7002"
             upstream = "192.0.2.1:443"
-            destinations = []
             egress = "client"
             """, path: "f.toml").relays
         #expect(specs.count == 3)
         #expect(specs[0].forwardsToOriginal && specs[0].upstreams.isEmpty && !specs[0].transparent)
         #expect(specs[0].destinations.description == "10.0.0.0/8:443, [2001:db8::]/32:80-90")
         #expect(specs[1].forwardsToOriginal && specs[1].transparent && specs[1].egress == .clientIP)
-        // The relay's own upstream list replaces "original" from the defaults.
+        // The relay's own upstream list replaces "original" from the defaults, and the inherited
+        // destinations do not apply to it.
         let listed = try HostPort(parsing: "192.0.2.1:443")
         #expect(!specs[2].forwardsToOriginal && specs[2].upstreams == [listed])
         #expect(specs[2].egress == .client && specs[2].destinations.isEmpty)
