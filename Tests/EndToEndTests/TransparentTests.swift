@@ -50,7 +50,11 @@ struct TransparentTests {
         let relay = try RelayProcess(["--listen", listen, "--log-level", "debug"] + arguments, prefix: topology.router.prefix)
         defer { relay.stop() }
         try relay.waitUntilListening()
+        let descriptors = relay.openFileDescriptors(linkingTo: ["socket:", "pipe:"])
         try body(topology, servers.0, servers.1, relay)
+        // Every connection, served or refused, gave its sockets and pipes back.
+        #expect(waitUntil(timeout: .seconds(10)) { relay.openFileDescriptors(linkingTo: ["socket:", "pipe:"]) == descriptors },
+                "sockets and pipes: \(relay.openFileDescriptors(linkingTo: ["socket:", "pipe:"])) vs \(descriptors) before")
     }
 
     /// Connects from the client namespace to `destination`, sends bytes and checks they come
