@@ -131,11 +131,23 @@ struct TransparentTests {
         }
     }
 
-    @Test("egress client with a listed upstream: the upstream sees the client", arguments: [Family.ipv4])
+    @Test("egress client with a listed upstream behind TPROXY: the upstream sees the client", arguments: [Family.ipv4])
     func egressClientListedUpstream(family: Family) throws {
         try withRelay(["--upstream", Endpoint(family.server, 80).description, "--transparent", "--egress", "client"], rules: { try $0.tproxy(port: 80, to: Self.relayPort) }) { topology, server4, _, _ in
             let client = try echoThrough(topology, to: Endpoint(family.server, 80), seed: 5)
             #expect(server4.peers == [client])
+        }
+    }
+
+    @Test("egress client on a plain relay (clients dial the relay): the upstream sees each client", arguments: Family.allCases)
+    func egressClientPlainRelay(family: Family) throws {
+        try withRelay(["--upstream", Endpoint(family.server, 80).description, "--egress", "client"], rules: { try $0.deliverTransparentReplies() }) { topology, server4, server6, relay in
+            let server = family == .ipv4 ? server4 : server6
+            let client = try echoThrough(topology, to: Endpoint(family.routerClientSide, Self.relayPort), seed: 8)
+            #expect(client.address == family.client)
+            #expect(server.peers == [client])
+            let line = try relay.waitForLines(containing: "connection ended")[0]
+            #expect(field("egress", in: line) == client.description)
         }
     }
 

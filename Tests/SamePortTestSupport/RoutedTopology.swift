@@ -22,6 +22,7 @@ public final class RoutedTopology: Sendable {
     public let server: NetworkNamespace
 
     public static let prefix = "sameport-tp"
+    private let transparentRepliesDelivered = Locked(false)
 
     public static let clientV4 = IPAddress("10.0.1.2")!  // literal
     public static let routerClientSideV4 = IPAddress("10.0.1.1")!  // literal
@@ -133,21 +134,36 @@ public final class RoutedTopology: Sendable {
     }
 
     /// TPROXY: TCP from the client side to `port` is delivered, unchanged, to the transparent
-    /// listener on `relayPort`; replies to a transparent socket (egress client) are delivered
-    /// locally too (the `socket transparent 1` rule and the fwmark 1 routing table).
+    /// listener on `relayPort`, with `deliverTransparentReplies()`.
     ///
     /// - Parameter address: the relay's listening address, when it is not a wildcard (IPv4 only).
     public func tproxy(port: UInt16, to relayPort: UInt16, address: IPAddress? = nil) throws {
         let target = address.map { "\($0):\(relayPort)" } ?? ":\(relayPort)"
         let ipv6Rule = address == nil
             ? "  iifname \"rc\" meta nfproto ipv6 tcp dport \(port) tproxy ip6 to :\(relayPort) meta mark set 1 accept\n" : ""
+        try deliverTransparentReplies()
         try loadRules("""
             table inet sameport_tproxy_\(port) {
              chain prerouting {
               type filter hook prerouting priority mangle
-              meta l4proto tcp socket transparent 1 meta mark set 1 accept
               iifname "rc" meta nfproto ipv4 tcp dport \(port) tproxy ip to \(target) meta mark set 1 accept
             \(ipv6Rule) }
+            }
+
+            """)
+    }
+
+    /// Packets for a transparent socket of the router (the egress of `egress = "client"`, bound
+    /// to the client's address) are marked and delivered locally instead of forwarded: the
+    /// `socket transparent 1` rule and a routing table for fwmark 1. Idempotent.
+    public func deliverTransparentReplies() throws {
+        guard !transparentRepliesDelivered.withLock({ $0 }) else { return }
+        try loadRules("""
+            table inet sameport_transparent_replies {
+             chain prerouting {
+              type filter hook prerouting priority mangle - 1
+              meta l4proto tcp socket transparent 1 meta mark set 1 accept
+             }
             }
 
             """)
@@ -155,6 +171,7 @@ public final class RoutedTopology: Sendable {
         try router.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
         try router.run(["ip", "-6", "rule", "add", "fwmark", "1", "lookup", "100"])
         try router.run(["ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"])
+        transparentRepliesDelivered.withLock { $0 = true }
     }
 
     /// Deletes the namespaces of topologies whose test process has ended.
