@@ -107,8 +107,14 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     /// Sets IP_TRANSPARENT on a socket systemd passed (`transparent = true`; systemd's own
     /// Transparent=yes does the same).
     func makeTransparent() throws(StartupError) {
+        let ipv6 = endpoint.address.isIPv6
+        // Already set (Transparent=yes): setting it again would need CAP_NET_ADMIN for nothing.
+        let current = ipv6
+            ? try? socket.option(level: Int32(IPPROTO_IPV6), name: IPV6_TRANSPARENT)
+            : try? socket.option(level: Int32(IPPROTO_IP), name: IP_TRANSPARENT)
+        if current == 1 { return }
         do {
-            try socket.setTransparent(ipv6: endpoint.address.isIPv6)
+            try socket.setTransparent(ipv6: ipv6)
         } catch {
             throw StartupError("cannot make \(endpoint) transparent: \(error): \(EgressBinding.hint(for: error.errno) ?? "check transparent = true")", errno: error.errno)
         }

@@ -48,6 +48,25 @@ struct TransparentSocketTests {
         #expect(bound == foreign)
     }
 
+    @Test("A socket from systemd is made transparent (transparent = true)",
+          .enabled(if: geteuid() == 0, "IP_TRANSPARENT needs CAP_NET_ADMIN"))
+    func inheritedTransparent() throws {
+        for address in [IPAddress.loopbackV4, .loopbackV6] {
+            let socket = try Socket.tcp(ipv6: address.isIPv6)
+            try socket.bind(to: Endpoint(address, 0))
+            try socket.listen(backlog: 1)
+            let listener = try Listener.adopt(fd: socket.fd, label: "socket \(socket.fd)")
+            defer { listener.close() }
+            try listener.makeTransparent()
+            let option = address.isIPv6
+                ? try socket.option(level: Int32(IPPROTO_IPV6), name: IPV6_TRANSPARENT)
+                : try socket.option(level: Int32(IPPROTO_IP), name: IP_TRANSPARENT)
+            #expect(option == 1)
+            // A second call finds it set and asks nothing of the kernel.
+            try listener.makeTransparent()
+        }
+    }
+
     @Test("A socket that was not redirected has no original destination (ENOENT)")
     func noOriginalDestination() throws {
         let listening = try Socket.tcp(ipv6: false)
