@@ -50,8 +50,9 @@ extension Relay {
             if let refusal = spec.destinations.refusal(of: destination) {
                 return refusal
             }
-            if egressLocal.address.isIPv6 != destination.address.isIPv6 {
-                return "the original destination \(destination) is \(destination.address.familyName), and the relay listens on \(egressLocal.address.familyName) \(egressLocal): listen on *:\(egressLocal.port) to forward both"
+            if arrival.binding.isIPv6 != destination.address.isIPv6 {
+                let fix = spec.listen.host == .any ? "give an egress of the destination's family" : "listen on *:\(spec.listen.port)"
+                return "the original destination \(destination) is \(destination.address.familyName), and the relay dials from \(arrival.binding.address.familyName) \(arrival.binding): \(fix) to forward both families"
             }
         } else if spec.transparent {
             // The accepted socket's address is the client's destination, not this host's.

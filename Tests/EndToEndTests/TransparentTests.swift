@@ -176,6 +176,19 @@ struct TransparentTests {
         }
     }
 
+    @Test("A fixed egress serves destinations of its family; another family is refused and logged")
+    func fixedEgressFamily() throws {
+        let egress = Endpoint(RoutedTopology.routerServerSideV4, 0)
+        try withRelay(["--upstream", "original", "--egress", egress.description] + Self.destinations, rules: { try $0.redirect(port: 80, to: Self.relayPort) }) { topology, server4, server6, relay in
+            _ = try echoThrough(topology, to: Endpoint(RoutedTopology.serverV4, 80), seed: 9)
+            #expect(server4.peers.map(\.address) == [RoutedTopology.routerServerSideV4])
+            #expect(try endOfConnection(from: topology.client, to: Endpoint(RoutedTopology.serverV6, 80)) == .reset)
+            let line = try relay.waitForLines(containing: "end=refused")[0]
+            #expect(line.contains("cause=\"the original destination [fd00:2::2]:80 is IPv6, and the relay dials from IPv4 10.0.2.1:0: give an egress of the destination's family to forward both families\""), "\(line)")
+            #expect(server6.peers.isEmpty)
+        }
+    }
+
     /// How a connection from the client namespace to `destination` ends, unused: a reset may come
     /// before connect() has returned.
     private func endOfConnection(from namespace: NetworkNamespace, to destination: Endpoint) throws -> TestSocket.End {
