@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 # python3: that test's upstream and clients (and scripts/bench.py).
 # man-db, bash-completion: what the Debian package's install test asks of the container (man -w,
 # completing `sameport --eg`); scripts/package.sh installs the package build's own tools.
-packages=(libsystemd-dev socat iproute2 util-linux procps systemd-container python3 man-db bash-completion)
+# nftables, iproute2: the transparent forwarding tests' REDIRECT and TPROXY rules and the network
+# namespaces they run in (Tests/SamePortTestSupport/RoutedTopology.swift).
+packages=(libsystemd-dev socat iproute2 nftables util-linux procps systemd-container python3 man-db bash-completion)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

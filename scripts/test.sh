@@ -3,8 +3,9 @@
 # end-to-end tests a second time on the read/write path. The end-to-end tests' relays splice from
 # the first byte (--splice-after 0); with SAMEPORT_TEST_SPLICE=off they run with --splice off
 # (see Tests/SamePortTestSupport/RelayProcess.swift; the Splice suite sets its own flags).
-# The end-to-end tests use loopback only; a few need root (run as nobody via setpriv, a private
-# mount namespace via unshare) and are written for CI, which runs as root.
+# The end-to-end tests use loopback only, or network namespaces they create and remove; a few need
+# root (run as nobody via setpriv, a private mount namespace via unshare, network namespaces with
+# nftables rules for transparent forwarding) and are written for CI, which runs as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --build-tests

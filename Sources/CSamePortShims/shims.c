@@ -5,6 +5,9 @@
 #include <signal.h>
 #include <string.h>
 #include <linux/capability.h>
+#include <netinet/in.h>
+#include <linux/netfilter_ipv4.h>
+#include <linux/netfilter_ipv6/ip6_tables.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sched.h>
@@ -113,6 +116,9 @@ int sameport_signal_pipe(const int *signals, int count) {
     }
     return ends[0];
 }
+
+const int sameport_so_original_dst = SO_ORIGINAL_DST;
+const int sameport_ip6t_so_original_dst = IP6T_SO_ORIGINAL_DST;
 
 const int sameport_cap_chown = CAP_CHOWN;
 const int sameport_cap_setpcap = CAP_SETPCAP;

@@ -90,6 +90,7 @@ public enum RelayKey: String, CaseIterable, Sendable {
     case acceptProxy = "accept_proxy"
     case acceptProxyFrom = "accept_proxy_from"
     case proxyTimeout = "proxy_timeout"
+    case destinations, transparent
 
     /// Keys that name one relay and so cannot be defaults.
     var isPerRelay: Bool { self == .name || self == .listen }
@@ -257,6 +258,10 @@ private struct Reader {
         var acceptProxy: Located<Bool>?
         var acceptProxyFrom: Located<[CIDR]>?
         var proxyTimeout: Located<Duration>?
+        /// `upstream = "original"` (then `upstreams` is empty).
+        var original: Located<Bool>?
+        var destinations: Located<[DestinationRule]>?
+        var transparent: Located<Bool>?
         /// Keys that were present, even if their value was wrong: no "missing key" for those.
         var present: Set<RelayKey> = []
         /// Keys that an unknown key was taken for ("did you mean"): not reported missing either.
@@ -297,7 +302,21 @@ private struct Reader {
             case .listen:
                 fields.listen = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, HostPort.init(parsing:)) }.map(locate)
             case .upstream:
-                fields.upstreams = list(value, key, at: valuePosition, elements: elements, emptyAllowed: false, HostPort.init(parsing:))
+                if value.string == "original" {
+                    fields.upstreams = locate([])
+                    fields.original = locate(true)
+                } else {
+                    fields.upstreams = list(value, key, at: valuePosition, elements: elements, emptyAllowed: false) { text throws(OptionError) in
+                        guard text != "original" else {
+                            throw OptionError("upstream \"original\" stands alone: write upstream = \"original\", not in a list with other upstreams")
+                        }
+                        do {
+                            return try HostPort(parsing: text)
+                        } catch {
+                            throw OptionError("\(error)")
+                        }
+                    }
+                }
             case .egress:
                 fields.egress = string(value, key, at: valuePosition).flatMap { parse($0, at: valuePosition, EgressMode.init(parsing:)) }.map(locate)
             case .onBusy:
@@ -349,6 +368,14 @@ private struct Reader {
                 fields.acceptProxyFrom = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
             case .proxyTimeout:
                 fields.proxyTimeout = duration(value, key, at: valuePosition).map(locate)
+            case .destinations:
+                fields.destinations = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, DestinationRule.init(parsing:))
+            case .transparent:
+                if value.type == .bool, let on = value.bool {
+                    fields.transparent = locate(on)
+                } else {
+                    report("'\(key)' must be true or false, not \(Self.describe(value.type))", at: valuePosition)
+                }
             }
         }
         return fields
@@ -385,10 +412,12 @@ private struct Reader {
         func pick<V>(_ path: KeyPath<Fields, Located<V>?>) -> Located<V>? { own[keyPath: path] ?? defaults[keyPath: path] }
         let standIn = HostPort(host: .ip(.loopbackV4), port: 1)
         let upstreams = pick(\.upstreams)
+        // "original" comes with the upstream key it was read from: the relay's own, else the default.
+        let original = (own.present.contains(.upstream) ? own.original : defaults.original)?.value ?? false
         let spec = RelaySpec(
             name: own.name?.value ?? "main",
             listen: own.listen?.value ?? standIn,
-            upstreams: (upstreams?.value).flatMap { $0.isEmpty ? nil : $0 } ?? [standIn],
+            upstreams: original ? [] : (upstreams?.value).flatMap { $0.isEmpty ? nil : $0 } ?? [standIn],
             egress: pick(\.egress)?.value ?? .samePort,
             onBusy: pick(\.onBusy)?.value ?? .queue,
             connectTimeout: pick(\.connectTimeout)?.value ?? RelaySpec.defaultConnectTimeout,
@@ -403,7 +432,11 @@ private struct Reader {
             proxyProtocol: pick(\.proxyProtocol)?.value ?? nil,
             acceptProxy: pick(\.acceptProxy)?.value ?? false,
             acceptProxyFrom: pick(\.acceptProxyFrom)?.value ?? [],
-            proxyTimeout: pick(\.proxyTimeout)?.value ?? RelaySpec.defaultProxyTimeout)
+            proxyTimeout: pick(\.proxyTimeout)?.value ?? RelaySpec.defaultProxyTimeout,
+            forwardsToOriginal: original,
+            // Inherited destinations apply where upstream is "original"; a relay's own are checked.
+            destinations: Destinations((original || own.destinations != nil ? pick(\.destinations)?.value : nil) ?? []),
+            transparent: pick(\.transparent)?.value ?? false)
 
         var isValid = unusable.isEmpty
         for problem in spec.fieldProblems() {
@@ -413,7 +446,9 @@ private struct Reader {
             switch problem.field {
             case .name: position = own.name?.position
             case .listen: position = own.listen?.position
-            case .upstream(let index): position = upstreams.map { $0.position(ofElement: index) } ?? nil
+            case .upstream(let index):
+                guard !unusable.contains(.destinations) else { continue }
+                position = upstreams.map { $0.position(ofElement: index) } ?? nil
             case .egress:
                 guard !unusable.contains(.listen), !unusable.contains(.egress) else { continue }
                 position = pick(\.egress)?.position
@@ -435,6 +470,9 @@ private struct Reader {
                 // only; a list in [defaults] is for the relays that turn accept_proxy on.
                 position = spec.acceptProxy ? pick(\.acceptProxy)?.position : own.acceptProxyFrom?.position
             case .proxyTimeout: position = pick(\.proxyTimeout)?.position
+            case .destinations:
+                guard !unusable.contains(.destinations) else { continue }
+                position = pick(\.destinations)?.position
             }
             guard let position else { continue }
             report(problem.message, at: position)
@@ -464,6 +502,8 @@ private struct Reader {
         case .acceptProxy: return fields.acceptProxy != nil
         case .acceptProxyFrom: return fields.acceptProxyFrom?.isComplete == true
         case .proxyTimeout: return fields.proxyTimeout != nil
+        case .destinations: return fields.destinations?.isComplete == true
+        case .transparent: return fields.transparent != nil
         }
     }
 
@@ -647,7 +687,7 @@ private struct Reader {
         guard parts.count == 2 else { return "" }
         let key = trimmingBlanks(parts[0])
         let value = trimmingBlanks(parts[1])
-        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny, .proxyProtocol, .acceptProxyFrom, .proxyTimeout]
+        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny, .proxyProtocol, .acceptProxyFrom, .proxyTimeout, .destinations]
         guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
               let first = value.first, !"\"'[".contains(first) else { return "" }
         return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""

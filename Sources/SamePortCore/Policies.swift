@@ -6,14 +6,23 @@ public enum EgressMode: Hashable, Sendable, CustomStringConvertible {
     case ephemeral
     /// From a fixed ip:port given by the user; port 0 means that IP with a kernel-chosen port.
     case fixed(Endpoint)
+    /// From the client's own ip:port (IP_TRANSPARENT): the upstream sees the client itself.
+    case client
+    /// From the client's own IP with a kernel-chosen port (IP_TRANSPARENT).
+    case clientIP
 
-    /// Parses `same-port`, `ephemeral` or `IP:PORT` (`[IPv6]:PORT`).
+    /// Whether the egress binds the client's address, which needs IP_TRANSPARENT.
+    public var presentsClient: Bool { self == .client || self == .clientIP }
+
+    /// Parses `same-port`, `ephemeral`, `client`, `client-ip` or `IP:PORT` (`[IPv6]:PORT`).
     public init(parsing text: String) throws(OptionError) {
         switch text {
         case "same-port": self = .samePort
         case "ephemeral": self = .ephemeral
+        case "client": self = .client
+        case "client-ip": self = .clientIP
         default:
-            let expected = "expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000"
+            let expected = "expected same-port, ephemeral, client, client-ip, or a local IP:PORT such as 127.0.0.1:7000"
             let hostPort: HostPort
             do {
                 hostPort = try HostPort(parsing: text)
@@ -36,6 +45,8 @@ public enum EgressMode: Hashable, Sendable, CustomStringConvertible {
         case .samePort: return "same-port"
         case .ephemeral: return "ephemeral"
         case .fixed(let endpoint): return endpoint.description
+        case .client: return "client"
+        case .clientIP: return "client-ip"
         }
     }
 }

@@ -4,8 +4,16 @@ public struct RelaySpec: Sendable, Equatable {
     public var name: String
     /// The address to accept clients on (an IP or `*`, never a host name).
     public var listen: HostPort
-    /// The upstreams, in order; host names are resolved at start-up.
+    /// The upstreams, in order; host names are resolved at start-up. Empty when the relay
+    /// forwards to each client's original destination.
     public var upstreams: [HostPort]
+    /// `upstream = "original"`: each client goes to the destination it dialled (read with
+    /// SO_ORIGINAL_DST after a REDIRECT/DNAT, or the accepted socket's own address under TPROXY).
+    public var forwardsToOriginal: Bool
+    /// With `forwardsToOriginal`: the original destinations that may be dialled (required).
+    public var destinations: Destinations
+    /// The listener has IP_TRANSPARENT, so that TPROXY can hand it connections to any address.
+    public var transparent: Bool
     public var egress: EgressMode
     public var onBusy: BusyPolicy
     /// How long one connect attempt, and a queued client's wait, may last.
@@ -81,11 +89,17 @@ public struct RelaySpec: Sendable, Equatable {
         proxyProtocol: ProxyProtocolVersion? = nil,
         acceptProxy: Bool = false,
         acceptProxyFrom: [CIDR] = [],
-        proxyTimeout: Duration = RelaySpec.defaultProxyTimeout
+        proxyTimeout: Duration = RelaySpec.defaultProxyTimeout,
+        forwardsToOriginal: Bool = false,
+        destinations: Destinations = Destinations(),
+        transparent: Bool = false
     ) {
         self.name = name
         self.listen = listen
         self.upstreams = upstreams
+        self.forwardsToOriginal = forwardsToOriginal
+        self.destinations = destinations
+        self.transparent = transparent
         self.egress = egress
         self.onBusy = onBusy
         self.connectTimeout = connectTimeout
@@ -117,6 +131,7 @@ public struct RelaySpec: Sendable, Equatable {
             case acceptProxyFrom, proxyTimeout
             /// The upstreams have no address of the egress's family.
             case upstreamFamilies
+            case destinations
         }
         public var field: Field
         public var message: String
@@ -144,8 +159,20 @@ public struct RelaySpec: Sendable, Equatable {
         if listen.port == 0 {
             add(.listen, "invalid listen address '\(listen)': the port must be from 1 to 65535")
         }
-        if upstreams.isEmpty {
-            add(.upstream(index: 0), "no upstream: give at least one --upstream HOST:PORT")
+        if forwardsToOriginal {
+            if !upstreams.isEmpty {
+                add(.upstream(index: 0), "upstream \"original\" cannot be listed with other upstreams: give either \"original\" or HOST:PORT upstreams")
+            }
+            if destinations.isEmpty {
+                add(.upstream(index: 0), "upstream \"original\" with no destinations would relay clients to any address they dial (an open proxy): list the allowed ones, e.g. destinations = [\"10.0.0.0/8:443\"] (--destination 10.0.0.0/8:443), or \"0.0.0.0/0\" and \"::/0\" to allow every destination")
+            }
+        } else {
+            if upstreams.isEmpty {
+                add(.upstream(index: 0), "no upstream: give at least one --upstream HOST:PORT")
+            }
+            if !destinations.isEmpty {
+                add(.destinations, "destinations apply only to upstream \"original\": drop them, or set upstream = \"original\" (--upstream original)")
+            }
         }
         for (index, upstream) in upstreams.enumerated() {
             if upstream.host == .any {
@@ -208,6 +235,7 @@ public struct RelaySpec: Sendable, Equatable {
         switch egress {
         case .fixed(let endpoint): address = endpoint.address
         case .samePort, .ephemeral: address = listen.endpoint?.address.unmapped
+        case .client, .clientIP: address = nil  // each client's own
         }
         guard let address, !address.isUnspecified else { return nil }
         return address

@@ -9,12 +9,18 @@
 public struct UpstreamSelector: Sendable {
     /// An upstream handed to one connection: the addresses to try, in order.
     public struct Reservation: Hashable, Sendable {
-        /// The index of the upstream in the relay's list.
+        /// The index of the upstream in the relay's list, or `Reservation.originalDestination`.
         public var upstreamIndex: Int
         /// The fixed egress the pairs are booked under; nil for a kernel-chosen port.
         public var egress: Endpoint?
         /// The upstream's addresses of the egress's family, in resolver order.
         public var addresses: [Endpoint]
+
+        /// The index of a reservation for a client's original destination, in no list.
+        public static let originalDestination = -1
+
+        /// Whether this is the client's original destination rather than a listed upstream.
+        public var isOriginalDestination: Bool { upstreamIndex == Self.originalDestination }
     }
 
     /// What `reserve` found.
@@ -96,6 +102,21 @@ public struct UpstreamSelector: Sendable {
             return .reserved(Reservation(upstreamIndex: index, egress: egress, addresses: addresses))
         }
         return sawFamily ? .busy : .noAddressOfFamily
+    }
+
+    /// Books the pair (`egress`, `destination`) for a connection to a client's original
+    /// destination (`upstream = "original"`): busy while another connection from `egress` holds it.
+    /// The reservation's index is `Reservation.originalDestination`: there is no other upstream to
+    /// fail over to.
+    public mutating func reserve(egress: Endpoint?, destination: Endpoint) -> Outcome {
+        let destination = destination.unmapped
+        let egress = egress?.unmapped
+        if let egress {
+            let pair = Pair(egress: egress, upstream: destination)
+            guard !inUse.contains(pair) else { return .busy }
+            inUse.insert(pair)
+        }
+        return .reserved(Reservation(upstreamIndex: Reservation.originalDestination, egress: egress, addresses: [destination]))
     }
 
     /// Books the pairs of a reservation that an earlier selector handed out (a reload replaced the

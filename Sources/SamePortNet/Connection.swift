@@ -260,6 +260,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             retries += 1
             return
         }
+        // A client's original destination has no other upstream to fail over to.
+        if reservation.isOriginalDestination { return failDial() }
         // Fail over to another upstream: at once if one is free, else when one frees up, within
         // the connect timeout.
         state = .awaitingUpstream
@@ -449,10 +451,11 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
 
     // MARK: Ending
 
-    /// The egress for log lines: the fixed one, or the port the kernel chose (asked only when a
+    /// The egress for log lines: the fixed one, or the address the kernel chose (asked only when a
     /// line is written, while the upstream socket is open).
     private var egressDescription: String {
-        if let fixed = binding.bookedEndpoint { return fixed.description }
+        // A wildcard egress (upstream "original" on a wildcard listener): the route chose the IP.
+        if let fixed = binding.bookedEndpoint, !fixed.address.isUnspecified { return fixed.description }
         return (upstream.flatMap { try? $0.localEndpoint() } ?? nil)?.description ?? binding.description
     }
 

@@ -7,23 +7,41 @@ public enum EgressBinding: Hashable, Sendable, CustomStringConvertible {
     case fixed(Endpoint)
     /// Bound to this IP with a port the kernel picks at connect time (IP_BIND_ADDRESS_NO_PORT).
     case ephemeral(IPAddress)
+    /// Bound to a client's own ip:port, which is not this host's: IP_TRANSPARENT (egress client).
+    case transparent(Endpoint)
+    /// Bound to a client's own IP with a kernel-chosen port: IP_TRANSPARENT (egress client-ip).
+    case transparentIP(IPAddress)
 
     /// How a relay with egress `mode` dials for a client that reached `local` (the accepted
     /// socket's getsockname, or the listener's own address).
-    public init(mode: EgressMode, local: Endpoint) {
+    ///
+    /// - Parameter client: the client's address, for `client` and `client-ip`; nil (a start-up
+    ///   probe) binds `local`'s IP with IP_TRANSPARENT instead, which needs the same privilege.
+    public init(mode: EgressMode, local: Endpoint, client: Endpoint? = nil) {
         let local = local.unmapped
         switch mode {
         case .samePort: self = .fixed(local)
         case .ephemeral: self = .ephemeral(local.address)
         case .fixed(let endpoint): self = endpoint.port == 0 ? .ephemeral(endpoint.address) : .fixed(endpoint)
+        case .client: self = client.map { .transparent($0.unmapped) } ?? .transparentIP(local.address)
+        case .clientIP: self = .transparentIP(client?.unmapped.address ?? local.address)
         }
     }
 
     /// The IP the egress socket binds.
     public var address: IPAddress {
         switch self {
-        case .fixed(let endpoint): return endpoint.address
-        case .ephemeral(let address): return address
+        case .fixed(let endpoint), .transparent(let endpoint): return endpoint.address
+        case .ephemeral(let address), .transparentIP(let address): return address
+        }
+    }
+
+    /// The same source IP with a kernel-chosen port: the `on_busy = "ephemeral"` fallback.
+    public var withKernelPort: EgressBinding {
+        switch self {
+        case .fixed(let endpoint): return .ephemeral(endpoint.address)
+        case .transparent(let endpoint): return .transparentIP(endpoint.address)
+        case .ephemeral, .transparentIP: return self
         }
     }
 
@@ -32,8 +50,10 @@ public enum EgressBinding: Hashable, Sendable, CustomStringConvertible {
 
     /// The fixed ip:port whose 4-tuples must be booked; nil when the kernel chooses the port.
     public var bookedEndpoint: Endpoint? {
-        if case .fixed(let endpoint) = self { return endpoint }
-        return nil
+        switch self {
+        case .fixed(let endpoint), .transparent(let endpoint): return endpoint
+        case .ephemeral, .transparentIP: return nil
+        }
     }
 
     /// What to do about a failure to bind the egress socket, for messages.
@@ -45,6 +65,8 @@ public enum EgressBinding: Hashable, Sendable, CustomStringConvertible {
             return "ports below 1024 need CAP_NET_BIND_SERVICE for the egress socket too"
         case .addressNotAvailable:
             return "the egress IP is not an address of this host"
+        case .notPermitted:
+            return "IP_TRANSPARENT (transparent = true, egress client or client-ip) needs CAP_NET_ADMIN or CAP_NET_RAW: run sameport as root, or grant AmbientCapabilities=CAP_NET_ADMIN"
         default:
             return nil
         }
@@ -52,8 +74,8 @@ public enum EgressBinding: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .fixed(let endpoint): return endpoint.description
-        case .ephemeral(let address): return Endpoint(address, 0).description
+        case .fixed(let endpoint), .transparent(let endpoint): return endpoint.description
+        case .ephemeral(let address), .transparentIP(let address): return Endpoint(address, 0).description
         }
     }
 
@@ -65,10 +87,16 @@ public enum EgressBinding: Hashable, Sendable, CustomStringConvertible {
         socket.setUrgentDataInline()
         do {
             switch self {
-            case .fixed(let endpoint):
+            case .transparent, .transparentIP:
+                try socket.setTransparent(ipv6: isIPv6)
+            case .fixed, .ephemeral:
+                break
+            }
+            switch self {
+            case .fixed(let endpoint), .transparent(let endpoint):
                 try socket.setReuseAddressAndPort()
                 try socket.bind(to: endpoint)
-            case .ephemeral(let address):
+            case .ephemeral(let address), .transparentIP(let address):
                 // Defers the port choice to connect(), so one source port can serve many
                 // destinations (ip(7)); bind(ip:0) alone would reserve a port per socket. The
                 // option lives at the IPPROTO_IP level for IPv6 sockets too.

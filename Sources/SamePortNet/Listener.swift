@@ -51,9 +51,11 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     ///
     /// - Parameter exclusive: false skips that probe, for a reload that moves a relay onto an
     ///   address another of this process's relays still holds.
-    static func open(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool = true) throws(StartupError) -> Listener {
+    /// - Parameter transparent: IP_TRANSPARENT, so that TPROXY can deliver connections to any
+    ///   address (`transparent = true`).
+    static func open(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool = true, transparent: Bool = false) throws(StartupError) -> Listener {
         do {
-            return try bind(endpoint, dualStack: dualStack, exclusive: exclusive)
+            return try bind(endpoint, dualStack: dualStack, exclusive: exclusive, transparent: transparent)
         } catch {
             throw StartupError("cannot listen on \(endpoint): \(error.errno)\(hint(for: error.errno, endpoint: endpoint))", errno: error.errno)
         }
@@ -61,23 +63,24 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
 
     /// Listens on every local address: one dual-stack [::]:port socket, or 0.0.0.0:port on a
     /// host without IPv6.
-    static func openWildcard(port: UInt16, exclusive: Bool = true) throws(StartupError) -> Listener {
+    static func openWildcard(port: UInt16, exclusive: Bool = true, transparent: Bool = false) throws(StartupError) -> Listener {
         do {
-            return try bind(Endpoint(.anyV6, port), dualStack: true, exclusive: exclusive)
+            return try bind(Endpoint(.anyV6, port), dualStack: true, exclusive: exclusive, transparent: transparent)
         } catch where error.errno == .addressFamilyNotSupported {
-            return try open(Endpoint(.anyV4, port), dualStack: false, exclusive: exclusive)
+            return try open(Endpoint(.anyV4, port), dualStack: false, exclusive: exclusive, transparent: transparent)
         } catch {
             throw StartupError("cannot listen on *:\(port): \(error.errno)\(hint(for: error.errno, endpoint: Endpoint(.anyV6, port)))", errno: error.errno)
         }
     }
 
-    private static func bind(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool) throws(SystemError) -> Listener {
+    private static func bind(_ endpoint: Endpoint, dualStack: Bool, exclusive: Bool, transparent: Bool) throws(SystemError) -> Listener {
         if exclusive {
             let probe = try makeSocket(endpoint, dualStack: dualStack, reusePort: false)
             probe.close()
         }
         let socket = try makeSocket(endpoint, dualStack: dualStack, reusePort: true)
         do throws(SystemError) {
+            if transparent { try socket.setTransparent(ipv6: endpoint.address.isIPv6) }
             socket.setNoDelayForClients()
             try socket.listen(backlog: backlog)
             return Listener(socket: socket, endpoint: try socket.localEndpoint())
@@ -103,6 +106,22 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
 
     /// The listening socket, for the checks made on a socket systemd passed.
     var listeningSocket: Socket { socket }
+
+    /// Sets IP_TRANSPARENT on a socket systemd passed (`transparent = true`; systemd's own
+    /// Transparent=yes does the same).
+    func makeTransparent() throws(StartupError) {
+        let ipv6 = endpoint.address.isIPv6
+        // Already set (Transparent=yes): setting it again would need CAP_NET_ADMIN for nothing.
+        let current = ipv6
+            ? try? socket.option(level: Int32(IPPROTO_IPV6), name: IPV6_TRANSPARENT)
+            : try? socket.option(level: Int32(IPPROTO_IP), name: IP_TRANSPARENT)
+        if current == 1 { return }
+        do {
+            try socket.setTransparent(ipv6: ipv6)
+        } catch {
+            throw StartupError("cannot make \(endpoint) transparent: \(error): \(EgressBinding.hint(for: error.errno) ?? "check transparent = true")", errno: error.errno)
+        }
+    }
 
     private static func makeSocket(_ endpoint: Endpoint, dualStack: Bool, reusePort: Bool) throws(SystemError) -> Socket {
         let socket = try Socket.tcp(ipv6: endpoint.address.isIPv6)
@@ -133,6 +152,8 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
             return ": \(endpoint.address) is not an address of this host; listen on one of its addresses or on *:\(endpoint.port)"
         case .addressFamilyNotSupported:
             return ": this host has no \(endpoint.address.familyName) support"
+        case .notPermitted:
+            return ": transparent = true (IP_TRANSPARENT) needs CAP_NET_ADMIN or CAP_NET_RAW: run sameport as root, or grant AmbientCapabilities=CAP_NET_ADMIN"
         default:
             return ""
         }

@@ -124,9 +124,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         } else {
             switch spec.listen.host {
             case .any:
-                listener = try Listener.openWildcard(port: spec.listen.port, exclusive: !sharedWithOwnRelay)
+                listener = try Listener.openWildcard(port: spec.listen.port, exclusive: !sharedWithOwnRelay, transparent: spec.transparent)
             case .ip(let address):
-                listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, exclusive: !sharedWithOwnRelay)
+                listener = try Listener.open(Endpoint(address, spec.listen.port), dualStack: false, exclusive: !sharedWithOwnRelay, transparent: spec.transparent)
             case .name:
                 throw StartupError("cannot listen on \(spec.listen): listen on an IP address or *:PORT")
             }
@@ -134,6 +134,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         do {
             if let inherited {
                 try prepareInherited(listener, inherited)
+                if spec.transparent { try listener.makeTransparent() }
             } else {
                 try probeEgress(listener.endpoint)
             }
@@ -235,20 +236,24 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// user owns the listener, SO_REUSEPORT off, a foreign egress IP) is a start-up error, not a
     /// failure on every client later.
     private func probeEgress(_ listenEndpoint: Endpoint, spec: RelaySpec? = nil) throws(StartupError) {
-        let binding = EgressBinding(mode: (spec ?? self.spec).egress, local: listenEndpoint)
+        let mode = (spec ?? self.spec).egress
+        let binding = EgressBinding(mode: mode, local: listenEndpoint)
         do {
             try binding.makeSocket().close()
         } catch {
             let hint = EgressBinding.hint(for: error.errno) ?? "check --egress"
-            throw StartupError("the egress cannot bind \(binding): \(error.errno): \(hint)", errno: error.errno)
+            // The probe of egress client binds this host's address the way clients' will be bound.
+            let what = mode.presentsClient ? "egress \(mode) binds each client's own address with IP_TRANSPARENT" : "the egress cannot bind \(binding)"
+            throw StartupError("\(what): \(error.errno): \(hint)", errno: error.errno)
         }
     }
 
     /// Refuses a relay whose egress can only be IPv4 (or IPv6) while no upstream has an address of
     /// that family: every client would fail. A wildcard listener can take either family.
     private func checkFamilies(_ listenEndpoint: Endpoint, spec: RelaySpec? = nil, upstreams: [[Endpoint]]? = nil) throws(StartupError) {
-        let egressAddress = EgressBinding(mode: (spec ?? self.spec).egress, local: listenEndpoint).address
-        guard !egressAddress.isUnspecified else { return }
+        let spec = spec ?? self.spec
+        let egressAddress = EgressBinding(mode: spec.egress, local: listenEndpoint).address
+        guard !egressAddress.isUnspecified, !spec.forwardsToOriginal, !spec.egress.presentsClient else { return }
         let family = egressAddress.familyName
         guard (upstreams ?? shared.withLock { $0.selector.upstreams }).contains(where: { $0.contains { $0.address.isIPv6 == egressAddress.isIPv6 } }) else {
             throw StartupError("no upstream has an \(family) address to dial from \(egressAddress); give an \(family) upstream, or listen on an address of the upstreams' family")
@@ -259,6 +264,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// egress binds beside the listener, and some upstream has an address of its family.
     public func check(spec newSpec: RelaySpec, upstreams: [[Endpoint]]) throws(StartupError) {
         guard let listenEndpoint else { return }
+        // A socket from systemd that a reload makes transparent (one is never made plain again).
+        if newSpec.transparent, !spec.transparent, let listener = shared.withLock({ $0.listener }) {
+            try listener.makeTransparent()
+        }
         try probeEgress(listenEndpoint, spec: newSpec)
         try checkFamilies(listenEndpoint, spec: newSpec, upstreams: upstreams.map { $0.map(\.unmapped) })
     }
@@ -352,7 +361,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 return .unreadable(client, acceptedAt: acceptedAt)
             }
             var arrival = Arrival(
-                client: client, clientEndpoint: peer.unmapped, reached: local.unmapped,
+                client: client, clientEndpoint: peer.unmapped, reached: local.unmapped, local: local,
                 binding: EgressBinding(mode: shared.spec.egress, local: local), acceptedAt: acceptedAt, loop: loop)
             defer { accepted = arrival }
             if shared.spec.acceptProxy { return readHeader(&shared, arrival) }
@@ -378,6 +387,11 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
             return .ended(.refused(cause: refusal))
         }
+        if let refusal = Self.route(&arrival, spec: shared.spec, listener: listenEndpoint) {
+            return .ended(.refused(cause: refusal))
+        }
+        // A header sent onward names the destination the client dialled, unless one announced it.
+        if let destination = arrival.destination, !shared.spec.acceptProxy { arrival.reached = destination }
         let outcome = serve(&shared, arrival)
         switch outcome {
         case .busy:
@@ -386,7 +400,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 return .ended(.busyRejected)
             case .ephemeral:
                 let fixed = arrival.binding
-                arrival.binding = .ephemeral(fixed.address)
+                arrival.binding = fixed.withKernelPort
                 switch serve(&shared, arrival) {
                 case .started(let connection): return .startedEphemeral(connection, from: fixed)
                 case .busy: return .ended(.connectFailed(cause: "no upstream address"))
@@ -484,12 +498,17 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     struct Arrival {
         var client: Socket
         /// The client: the peer of the accepted socket, or the client its PROXY header announced
-        /// (accept_proxy). Everything downstream uses this one value: allow/deny, the log line,
-        /// the PROXY header sent upstream.
+        /// (accept_proxy). Everything downstream uses this one value: allow/deny, the egress of
+        /// `egress = "client"` (see Relay+Routing.swift), the log line, the PROXY header sent upstream.
         var clientEndpoint: Endpoint
-        /// The address the client reached: the accepted socket's local address, or the
-        /// destination its PROXY header announced. A PROXY header sent upstream announces it.
+        /// The address the client reached: the accepted socket's local address, the destination
+        /// its PROXY header announced, or (upstream = "original") its original destination. A
+        /// PROXY header sent upstream announces it.
         var reached: Endpoint
+        /// The accepted socket's own address (or the listener's).
+        var local: Endpoint
+        /// With `upstream = "original"`: where the client is forwarded.
+        var destination: Endpoint?
         var binding: EgressBinding
         var acceptedAt: UInt64
         var loop: EventLoop
@@ -517,7 +536,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// arrival's shard, once the lock is released).
     private func serve(_ shared: inout Shared, _ arrival: Arrival) -> ServeOutcome {
         let booked = arrival.binding.bookedEndpoint
-        switch shared.selector.reserve(egress: booked, isIPv6: arrival.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds) {
+        let outcome = arrival.destination.map { shared.selector.reserve(egress: booked, destination: $0) }
+            ?? shared.selector.reserve(egress: booked, isIPv6: arrival.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds)
+        switch outcome {
         case .busy:
             return .busy
         case .noAddressOfFamily:
@@ -538,7 +559,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         guard ConnectionLog.isLogged(end, by: logger) else { return }
         ConnectionLog(
             relay: name, client: arrival.clientEndpoint.description, egress: arrival.binding.description,
-            upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
+            upstream: arrival.destination?.description ?? "-", bytesToUpstream: 0, bytesToClient: 0,
             duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- arrival.acceptedAt)), end: end
         ).log(to: logger)
     }

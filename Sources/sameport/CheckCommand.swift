@@ -8,7 +8,8 @@ struct CheckCommand: ParsableCommand {
         abstract: "Validate a configuration file and print the relays it would run.",
         discussion: """
             Reads --config FILE as 'sameport run --config FILE' would, without binding or resolving \
-            anything. On success prints one row per relay (name, listen address, upstreams, egress, \
+            anything. On success prints one row per relay (name, listen address (with ",transparent" \
+            for transparent = true), upstreams ("original" with its destinations), egress, \
             busy policy, timeouts, limits, splice and pipe size, client access, PROXY protocol) and exits 0. Otherwise prints every \
             problem, one per line, as FILE:LINE:COLUMN: message, and exits 2.
 
@@ -17,8 +18,12 @@ struct CheckCommand: ParsableCommand {
               [[relay]]                   one table per relay
               name = "partner"            required when the file has several relays
               listen = "127.0.0.1:7000"   IP:PORT, [IPv6]:PORT or *:PORT
-              upstream = ["host:443"]     one HOST:PORT, or a list
-              egress = "same-port"        same-port, ephemeral or IP:PORT
+              upstream = ["host:443"]     one HOST:PORT, a list, or "original": where
+                                          each client was going (REDIRECT, DNAT, TPROXY)
+              destinations = ["10.0.0.0/8:443"]
+                                          with "original", required: CIDR[:PORT[-PORT]]
+              transparent = false         IP_TRANSPARENT on the listener, for TPROXY
+              egress = "same-port"        same-port, ephemeral, client, client-ip, IP:PORT
               on_busy = "queue"           queue, reject or ephemeral
               connect_timeout = "5s"      durations: 250ms, 5s, 10m, 1h
               idle_timeout = "0"          0: never
@@ -87,7 +92,9 @@ struct CheckCommand: ParsableCommand {
             if !relay.access.allow.isEmpty { access.append("allow " + relay.access.allow.map(\.description).joined(separator: ",")) }
             if !relay.access.deny.isEmpty { access.append("deny " + relay.access.deny.map(\.description).joined(separator: ",")) }
             return [
-                relay.name, "\(relay.listen)", relay.upstreams.map(\.description).joined(separator: ","),
+                relay.name, relay.transparent ? "\(relay.listen),transparent" : "\(relay.listen)",
+                relay.forwardsToOriginal ? "original to \(relay.destinations.rules.map(\.description).joined(separator: ","))"
+                    : relay.upstreams.map(\.description).joined(separator: ","),
                 "\(relay.egress)", relay.onBusy.rawValue, relay.connectTimeout.shortDescription,
                 relay.idleTimeout?.shortDescription ?? "off", relay.drainTimeout.shortDescription, "\(relay.maxConnections)", "\(relay.queueLimit)",
                 "\(relay.bufferSize)", relay.splice == .on ? "on/\(relay.pipeSize)" : "off", access.isEmpty ? "any" : access.joined(separator: "; "),

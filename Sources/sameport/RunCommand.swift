@@ -32,6 +32,20 @@ struct RunCommand: ParsableCommand {
               same-port   dial from the address the client reached and the listening port (default)
               ephemeral   dial from the address the client reached, with a kernel-chosen port
               IP:PORT     dial from this local ip:port (IP:0 for that IP with a kernel-chosen port)
+              client      dial from the client's own ip:port (IP_TRANSPARENT: needs \
+            CAP_NET_ADMIN, and replies routed back through this host)
+              client-ip   dial from the client's own IP, with a kernel-chosen port (the same needs)
+
+            TRANSPARENT FORWARDING (--upstream original)
+              Each client goes to the destination it dialled: redirected here by an nftables \
+            REDIRECT or DNAT rule (read with SO_ORIGINAL_DST), or delivered by TPROXY to a \
+            listener with --transparent (IP_TRANSPARENT, needs CAP_NET_ADMIN). --destination \
+            CIDR[:PORTS] (repeatable; 10.0.0.0/8, 192.0.2.1:443, [2001:db8::]/32:80-90) lists \
+            where clients may go, and is required: 0.0.0.0/0 and ::/0 allow every destination. \
+            A client that was not redirected, one whose destination is the relay itself (a \
+            redirect loop), or one outside --destination is reset and logged with end=refused. \
+            The egress is still the relay's own port (a wildcard listener dials from the \
+            route's source address).
 
             WHEN EVERY UPSTREAM IS IN USE (--on-busy)
               queue       the client waits, in arrival order, up to --connect-timeout and \
@@ -75,6 +89,7 @@ struct RunCommand: ParsableCommand {
               sameport --listen 127.0.0.1:7000 --upstream 127.0.0.1:9000
               sameport --listen '*:7000' --upstream partner.example:443 --upstream partner.example:8443
               sameport run --listen '[::1]:7000' --upstream '[::1]:9000' --on-busy reject --log-format json
+              sameport --listen '*:7000' --upstream original --destination 10.0.0.0/8:443
             """
     )
 
@@ -87,8 +102,14 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Relay to this upstream; repeat for several (tried round-robin, one per free 4-tuple).", valueName: "host:port"))
     var upstream: [String] = []
 
-    @Option(help: ArgumentHelp("Where upstream connections come from: same-port (default), ephemeral, or IP:PORT.", valueName: "mode"))
+    @Option(help: ArgumentHelp("Where upstream connections come from: same-port (default), ephemeral, client, client-ip, or IP:PORT.", valueName: "mode"))
     var egress: String?
+
+    @Option(name: .customLong("destination"), help: ArgumentHelp("With --upstream original: a destination clients may be forwarded to, CIDR[:PORT[-PORT]]; repeat for several (required).", valueName: "cidr[:ports]"))
+    var destinations: [String] = []
+
+    @Flag(help: "Set IP_TRANSPARENT on the listener, for connections delivered by TPROXY (needs CAP_NET_ADMIN).")
+    var transparent = false
 
     @Option(name: .customLong("on-busy"), help: ArgumentHelp("When every upstream is in use from the egress: queue (default), reject or ephemeral.", valueName: "policy"))
     var onBusy: String?
@@ -170,6 +191,7 @@ struct RunCommand: ParsableCommand {
             ("--pipe-size", pipeSize != nil), ("--splice-after", spliceAfter != nil), ("--name", name != nil),
             ("--proxy-protocol", proxyProtocol != nil), ("--accept-proxy", acceptProxy),
             ("--accept-proxy-from", !acceptProxyFrom.isEmpty), ("--proxy-timeout", proxyTimeout != nil),
+            ("--destination", !destinations.isEmpty), ("--transparent", transparent),
         ]
         return given.filter(\.1).map(\.0)
     }
@@ -184,10 +206,11 @@ struct RunCommand: ParsableCommand {
             guard !upstream.isEmpty else {
                 throw ValidationError("missing --upstream HOST:PORT: where to relay clients to")
             }
+            let original = upstream.contains("original")
             let spec = RelaySpec(
                 name: name ?? "main",
                 listen: listenAddress,
-                upstreams: try upstream.map { text throws(AddressError) in try HostPort(parsing: text) },
+                upstreams: try upstream.filter { $0 != "original" }.map { text throws(AddressError) in try HostPort(parsing: text) },
                 egress: try EgressMode(parsing: egress ?? "same-port"),
                 onBusy: try BusyPolicy(parsing: onBusy ?? "queue"),
                 connectTimeout: try connectTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
@@ -208,7 +231,10 @@ struct RunCommand: ParsableCommand {
                 acceptProxy: acceptProxy,
                 acceptProxyFrom: try acceptProxyFrom.map { text throws(OptionError) in try CIDR(parsing: text) },
                 proxyTimeout: try proxyTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
-                    ?? RelaySpec.defaultProxyTimeout)
+                    ?? RelaySpec.defaultProxyTimeout,
+                forwardsToOriginal: original,
+                destinations: Destinations(try destinations.map { text throws(OptionError) in try DestinationRule(parsing: text) }),
+                transparent: transparent)
             if let problem = spec.problems().first { throw ValidationError(problem) }
             return spec
         } catch let error as ValidationError {

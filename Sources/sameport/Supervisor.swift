@@ -99,11 +99,12 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
         relay.startAccepting()
         let upstreams = upstreamLists[ObjectIdentifier(relay)] ?? []
-        let upstreamList = zip(spec.upstreams, upstreams).map { name, addresses in
+        let upstreamList = spec.forwardsToOriginal ? "original destinations (\(spec.destinations))" : zip(spec.upstreams, upstreams).map { name, addresses in
             addresses.count == 1 && name.endpoint != nil
                 ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
         }.joined(separator: ", ")
         var metadata: Logger.Metadata = ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)]
+        if spec.transparent { metadata["transparent"] = "true" }
         if relay.isInherited { metadata["socket"] = "systemd" }
         logger.info(
             "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
@@ -350,9 +351,10 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         for relay in relays where relay.isInherited && !names.contains(relay.name) {
             failures.append("relay \(relay.name) takes its socket from systemd, so a reload cannot remove or rename it: keep the relay, or change the .socket unit and restart the service")
         }
-        // A relay is kept when its name stays and its listener can: same address, or systemd's.
+        // A relay is kept when its name stays and its listener can: same address (and the same
+        // IP_TRANSPARENT, set only when it binds), or systemd's.
         func keeps(_ relay: Relay, _ spec: RelaySpec) -> Bool {
-            relay.isInherited || relay.spec.listen == spec.listen
+            relay.isInherited || (relay.spec.listen == spec.listen && relay.spec.transparent == spec.transparent)
         }
         let keptIDs = Set(prepared.compactMap { item in current[item.spec.name].flatMap { keeps($0, item.spec) ? ObjectIdentifier($0) : nil } })
         // Relays retired by an earlier reload closed their listeners: only this reload's count.

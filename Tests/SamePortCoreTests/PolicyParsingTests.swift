@@ -59,7 +59,7 @@ struct EgressModeTests {
         let error = try #require(egressError(text), "'\(text)' should not parse")
         #expect(
             error.message
-                == "invalid egress '\(text)': expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000"
+                == "invalid egress '\(text)': expected same-port, ephemeral, client, client-ip, or a local IP:PORT such as 127.0.0.1:7000"
         )
         #expect(error.description == error.message)
     }
@@ -71,7 +71,7 @@ struct EgressModeTests {
     ])
     func explains(text: String, reason: String) throws {
         let error = try #require(egressError(text), "'\(text)' should not parse")
-        #expect(error.message == "invalid egress '\(text)': \(reason); expected same-port, ephemeral, or a local IP:PORT such as 127.0.0.1:7000")
+        #expect(error.message == "invalid egress '\(text)': \(reason); expected same-port, ephemeral, client, client-ip, or a local IP:PORT such as 127.0.0.1:7000")
     }
 }
 

@@ -115,6 +115,12 @@ int sameport_eventfd(void);
 /// The CPUs this process may run on (sched_getaffinity(2) and CPU_COUNT, a macro), or 1.
 int sameport_cpu_count(void);
 
+/// SO_ORIGINAL_DST (<linux/netfilter_ipv4.h>, level SOL_IP) and IP6T_SO_ORIGINAL_DST
+/// (<linux/netfilter_ipv6/ip6_tables.h>, level SOL_IPV6): the destination a client dialled before
+/// a REDIRECT or DNAT rule sent it to the relay. Glibc's Swift module shows neither.
+extern const int sameport_so_original_dst;
+extern const int sameport_ip6t_so_original_dst;
+
 /// CAP_CHOWN and CAP_SETPCAP, from <linux/capability.h>.
 extern const int sameport_cap_chown;
 extern const int sameport_cap_setpcap;
