@@ -1,3 +1,4 @@
+import CSamePortShims
 import Glibc
 import SamePortCore
 
