@@ -52,8 +52,15 @@ public enum ConnectionEnd: Hashable, Sendable {
         }
     }
 
-    /// True when the relay should reset (RST) rather than close (FIN) the client.
-    public var resetsClient: Bool { self == .upstreamReset }
+    /// True when the relay resets (RST) rather than closes (FIN) the client whatever was relayed
+    /// before: the upstream reset, or the client was never served. To a protocol where the server
+    /// speaks first, a FIN after nothing looks like an empty, successful session.
+    public var resetsClient: Bool {
+        switch self {
+        case .upstreamReset, .connectFailed, .busyRejected, .queueTimeout, .queueFull, .refused, .failed: true
+        case .completed, .clientReset, .idleTimeout, .shutdown: false
+        }
+    }
 }
 
 /// Exponential backoff for retrying a connect that the kernel refused with EADDRNOTAVAIL.

@@ -437,9 +437,10 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             closeClient(reset: false)
         default:
             // Cut short (idle timeout, stop, no upstream): a direction that has not seen its EOF
-            // ends with a reset to its receiver, so that a cut stream never looks complete.
+            // ends with a reset to its receiver, so that a cut stream never looks complete; a
+            // client never served (connect failed, stopped while dialling) is reset too.
             closeUpstream(reset: wasRelaying && !clientToUpstream.isFinished)
-            closeClient(reset: wasRelaying && !upstreamToClient.isFinished)
+            closeClient(reset: !wasRelaying || !upstreamToClient.isFinished)
         }
         if logged {
             log(end, egress: egress)

@@ -395,10 +395,6 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             logger.notice("every upstream is in use from \(fixed): dialling from an ephemeral port", metadata: ["relay": .string(name), "client": .stringConvertible(arrival.clientEndpoint)])
             connection.start()
         case .ended(let end):
-            if case .refused = end {
-                // A reset, not a FIN: the client learns at once, and no TIME_WAIT is left here.
-                client.setResetOnClose()
-            }
             endArrival(arrival, end)
         case .queued(let waiter, let position):
             if logger.logLevel <= .debug {
@@ -457,8 +453,11 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         }
     }
 
-    /// Closes a client that never got a connection, with its log line.
+    /// Resets a client that never got a connection, with its log line: a reset, not a FIN, so
+    /// that the client learns it was not served (a FIN after nothing looks like an empty, successful
+    /// session where the server speaks first), and no TIME_WAIT is left here.
     private func endArrival(_ arrival: Arrival, _ end: ConnectionEnd) {
+        arrival.client.setResetOnClose()
         arrival.client.close()
         guard ConnectionLog.isLogged(end, by: logger) else { return }
         ConnectionLog(

@@ -36,7 +36,7 @@ struct RunCommand: ParsableCommand {
             WHEN EVERY UPSTREAM IS IN USE (--on-busy)
               queue       the client waits, in arrival order, up to --connect-timeout and \
             --queue-limit clients (default)
-              reject      the client is closed at once, and the reason logged
+              reject      the client is reset at once, and the reason logged
               ephemeral   the client is served from an ephemeral source port, and that is logged
 
             CLIENT ACCESS (--allow, --deny)

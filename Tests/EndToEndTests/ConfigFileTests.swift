@@ -141,7 +141,7 @@ struct ConfigFileTests {
         #expect(waitUntil(timeout: .seconds(5)) { pool.allSatisfy { $0.peers.count == 1 } })
         #expect(pool.flatMap(\.peers) == Array(repeating: poolListen, count: 4))
         let fifth = try TestSocket.connect(to: poolListen)
-        #expect(try fifth.waitForEnd(timeout: .seconds(5)) == .eof)
+        #expect(try fifth.waitForEnd(timeout: .seconds(5)) == .reset)
         fifth.close()
         let rejected = try relay.waitForLines(containing: "end=busy-rejected")
         #expect(field("relay", in: rejected[0]) == "pool")
