@@ -131,6 +131,15 @@ public struct RelaySpec: Sendable, Equatable {
                 add(.upstream(index: index), "invalid upstream '\(upstream)': the port must be from 1 to 65535")
             }
         }
+        // Known before any name is resolved: a literal upstream on the listen address, or on a
+        // loopback address of a wildcard listener's port. The relay checks resolved names and
+        // every local address when it starts, and each dial.
+        let listener = listen.endpoint ?? (listen.host == .any ? Endpoint(.anyV6, listen.port) : nil)
+        for (index, upstream) in upstreams.enumerated() {
+            guard let listener, listener.port != 0, let endpoint = upstream.endpoint,
+                  SelfDial.reaches(endpoint, listener: listener, isLocal: \.isLoopback) else { continue }
+            add(.upstream(index: index), "upstream \(upstream) is the relay's own listen address \(listen): the relay would dial itself; \(SelfDial.fix)")
+        }
         if let listenEndpoint = listen.endpoint, case .fixed(let egress) = egress,
            egress.address.isIPv6 != listenEndpoint.address.unmapped.isIPv6, !listenEndpoint.address.isUnspecified {
             add(.egress, "egress \(egress) and listen \(listen) are of different address families")

@@ -180,6 +180,10 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private func attempt(address index: Int) {
         guard index < reservation.addresses.count else { return roundFailed() }
         let address = reservation.addresses[index]
+        if relay.dialsItself(address) {
+            failures.append("\(address): this relay's own listening address, not dialled (it would dial itself; \(SelfDial.fix))")
+            return attempt(address: index + 1)
+        }
         let socket: Socket
         do {
             socket = try binding.makeSocket()

@@ -18,6 +18,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     public let name: String
     /// The address the listener is bound to (with the real port, once started).
     public private(set) var listenEndpoint: Endpoint?
+    /// False for a wildcard `[::]` listener that takes IPv6 clients only (IPV6_V6ONLY).
+    private(set) var listenerAcceptsIPv4 = true
     /// True when the listener is a socket systemd passed (socket activation).
     public private(set) var isInherited = false
     /// The socket from systemd belonged to another user and was made this process's (CAP_CHOWN).
@@ -132,6 +134,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 try probeEgress(listener.endpoint)
             }
             try checkFamilies(listener.endpoint)
+            listenerAcceptsIPv4 = (try? listener.listeningSocket.option(level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY)) != 1
+            try refuseSelfDial(
+                listener: listener.endpoint, acceptsIPv4: listenerAcceptsIPv4, spec: spec,
+                upstreams: shared.withLock { $0.selector.upstreams })
         } catch {
             // A passed socket stays systemd's: it is closed here, never shut down.
             listener.close()
@@ -255,6 +261,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         guard let listenEndpoint else { return }
         try probeEgress(listenEndpoint, spec: newSpec)
         try checkFamilies(listenEndpoint, spec: newSpec, upstreams: upstreams.map { $0.map(\.unmapped) })
+        try refuseSelfDial(listener: listenEndpoint, acceptsIPv4: listenerAcceptsIPv4, spec: newSpec, upstreams: upstreams)
     }
 
     /// Stops accepting and closes waiting clients at once; lets open connections finish for up
