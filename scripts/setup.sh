@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # python3: that test's upstream and clients (and scripts/bench.py).
 # man-db, bash-completion: what the Debian package's install test asks of the container (man -w,
 # completing `sameport --eg`); scripts/package.sh installs the package build's own tools.
-packages=(libsystemd-dev socat iproute2 util-linux procps systemd-container python3 man-db bash-completion)
+# nftables: the vanished-peer tests and soak round drop a peer's packets inside a namespace.
+packages=(libsystemd-dev socat iproute2 util-linux procps systemd-container python3 man-db bash-completion nftables)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

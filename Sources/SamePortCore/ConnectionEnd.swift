@@ -16,6 +16,8 @@ public enum ConnectionEnd: Hashable, Sendable {
     case queueTimeout
     /// The wait queue was full.
     case queueFull
+    /// The client's address already held `limit` connections (max_per_client).
+    case clientLimit(limit: Int)
     /// The client's address is denied, or not allowed, by the relay's allow/deny lists.
     case refused(cause: String)
     /// The relay was stopping.
@@ -34,6 +36,7 @@ public enum ConnectionEnd: Hashable, Sendable {
         case .busyRejected: return "busy-rejected"
         case .queueTimeout: return "queue-timeout"
         case .queueFull: return "queue-full"
+        case .clientLimit: return "client-limit"
         case .refused: return "refused"
         case .shutdown: return "shutdown"
         case .failed: return "error"
@@ -48,6 +51,8 @@ public enum ConnectionEnd: Hashable, Sendable {
         case .queueTimeout:
             return "no upstream became free within the connect timeout (one connection per upstream from one ip:port: add upstreams, or use --on-busy ephemeral)"
         case .queueFull: return "the queue of clients waiting for a free upstream is full"
+        case .clientLimit(let limit):
+            return "this client address holds \(limit) connection\(limit == 1 ? "" : "s") already, the relay's max_per_client"
         default: return nil
         }
     }
@@ -57,7 +62,7 @@ public enum ConnectionEnd: Hashable, Sendable {
     /// speaks first, a FIN after nothing looks like an empty, successful session.
     public var resetsClient: Bool {
         switch self {
-        case .upstreamReset, .connectFailed, .busyRejected, .queueTimeout, .queueFull, .refused, .failed: true
+        case .upstreamReset, .connectFailed, .busyRejected, .queueTimeout, .queueFull, .clientLimit, .refused, .failed: true
         case .completed, .clientReset, .idleTimeout, .shutdown: false
         }
     }

@@ -10,6 +10,8 @@ final class ConnectionContext: Sendable {
     let relayName: String
     let connectTimeout: Duration
     let idleTimeout: Duration?
+    /// Set on both sockets once connected.
+    let keepalive: Keepalive
     let bufferSize: Int
     /// The pipe size asked for the splice path; nil: read/write only.
     let pipeSize: Int?
@@ -21,6 +23,7 @@ final class ConnectionContext: Sendable {
         relayName = spec.name
         connectTimeout = spec.connectTimeout
         idleTimeout = spec.idleTimeout.flatMap { $0 > .zero ? $0 : nil }
+        keepalive = spec.keepalive
         bufferSize = spec.bufferSize
         pipeSize = spec.splice == .on ? spec.pipeSize : nil
         spliceAfter = UInt64(spec.spliceAfter)
@@ -296,6 +299,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         // A relay forwards what it reads as soon as it reads it: Nagle would only add delay. The
         // client has it from the listener (Linux copies TCP_NODELAY to accepted sockets).
         try? upstream.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
+        upstream.setKeepalive(context.keepalive)
+        client.setKeepalive(context.keepalive)
         if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
         pump(.clientToUpstream)
         pump(.upstreamToClient)

@@ -67,6 +67,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         var stopCompletions: [@Sendable () -> Void] = []
         /// Clients handed to a connection since start.
         var served = 0
+        /// What each client address holds (connections and queued clients), for max_per_client.
+        var perClient = ClientCounts()
     }
 
     /// Work to do once the lock is released.
@@ -275,6 +277,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             let listener = shared.listener
             shared.listener = nil
             for waiter in shared.waiting.removeAll() {
+                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
                 actions.append { [self] in endQueued(waiter, .shutdown) }
             }
             for failover in shared.failingOver {
@@ -354,6 +357,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
                 return .ended(.refused(cause: refusal))
             }
+            let limit = shared.spec.maxPerClient
+            if limit > 0, shared.perClient[arrival.clientEndpoint.address] >= limit {
+                return .ended(.clientLimit(limit: limit))
+            }
             let outcome = serve(&shared, arrival)
             switch outcome {
             case .busy:
@@ -364,7 +371,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                     let fixed = arrival.binding
                     arrival.binding = .ephemeral(fixed.address)
                     switch serve(&shared, arrival) {
-                    case .started(let connection): return .startedEphemeral(connection, from: fixed)
+                    case .started(let connection):
+                        shared.perClient.add(arrival.clientEndpoint.address)
+                        return .startedEphemeral(connection, from: fixed)
                     case .busy: return .ended(.connectFailed(cause: "no upstream address"))
                     case .ended(let end): return .ended(end)
                     }
@@ -373,10 +382,12 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                     let waiter = QueuedClient(arrival, relay: self, connectTimeout: shared.spec.connectTimeout)
                     guard let ticket = shared.waiting.append(waiter) else { return .ended(.queueFull) }
                     waiter.ticket = ticket
+                    shared.perClient.add(arrival.clientEndpoint.address)
                     updateAccepting(&shared)
                     return .queued(waiter, position: shared.waiting.count)
                 }
             case .started(let connection):
+                shared.perClient.add(arrival.clientEndpoint.address)
                 updateAccepting(&shared)
                 return .started(connection)
             case .ended(let end):
@@ -486,6 +497,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     fileprivate func queueWaitEnded(_ waiter: QueuedClient) {
         let removed = shared.withLock { shared -> Bool in
             guard shared.waiting.remove(ticket: waiter.ticket) != nil else { return false }
+            shared.perClient.remove(waiter.arrival.clientEndpoint.address)
             updateAccepting(&shared)
             return true
         }
@@ -545,6 +557,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         var actions: Actions = []
         let completions = shared.withLock { shared -> [@Sendable () -> Void] in
             guard let entry = shared.connections.removeValue(forKey: ObjectIdentifier(connection)) else { return [] }
+            shared.perClient.remove(connection.clientEndpoint.address)
             if let reservation = entry.reservation { shared.selector.release(reservation) }
             serveWaiters(&shared, &actions)
             updateAccepting(&shared)
@@ -588,6 +601,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         shared.waiting = WaitQueue(limit: waiting.limit)
         waiting.serve { waiter in
             if waiter.arrival.client.peerHasReset() {
+                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
                 actions.append { [self] in endQueued(waiter, .clientReset) }
                 return true
             }
@@ -595,6 +609,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             case .busy:
                 return false
             case .ended(let end):
+                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
                 actions.append { [self] in endQueued(waiter, end) }
                 return true
             case .started(let connection):

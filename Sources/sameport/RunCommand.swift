@@ -85,8 +85,23 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait (default 5s).", valueName: "duration"))
     var connectTimeout: String?
 
-    @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off.", valueName: "duration"))
+    @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off: a vanished peer is found by keepalive.", valueName: "duration"))
     var idleTimeout: String?
+
+    @Option(help: ArgumentHelp("TCP keepalive on both sockets: probe a connection idle this long, in whole seconds; 0 turns it off (default \(Keepalive.defaultIdle.shortDescription)).", valueName: "duration"))
+    var keepalive: String?
+
+    @Option(help: ArgumentHelp("Time between keepalive probes, in whole seconds (default \(Keepalive.defaultInterval.shortDescription)).", valueName: "duration"))
+    var keepaliveInterval: String?
+
+    @Option(help: ArgumentHelp("Unanswered keepalive probes before the connection is dropped, 1 to 127 (default \(Keepalive.defaultCount)).", valueName: "n"))
+    var keepaliveCount: Int?
+
+    @Option(help: ArgumentHelp("TCP_USER_TIMEOUT on both sockets: drop a connection whose sent bytes stay unacknowledged this long; 0 turns it off (default: the keepalive bound, keepalive + interval x count).", valueName: "duration"))
+    var userTimeout: String?
+
+    @Option(help: ArgumentHelp("Connections (open or queued) one client address may hold; the next is reset and logged end=client-limit (default 0: no limit).", valueName: "n"))
+    var maxPerClient: Int?
 
     @Option(help: ArgumentHelp("On SIGTERM, let open connections finish for this long before cutting them; 0 cuts them at once (default 30s). SIGINT always cuts at once.", valueName: "duration"))
     var drainTimeout: String?
@@ -141,7 +156,10 @@ struct RunCommand: ParsableCommand {
         let given: [(String, Bool)] = [
             ("--listen", listen != nil), ("--upstream", !upstream.isEmpty), ("--egress", egress != nil),
             ("--on-busy", onBusy != nil), ("--connect-timeout", connectTimeout != nil),
-            ("--idle-timeout", idleTimeout != nil), ("--drain-timeout", drainTimeout != nil), ("--max-connections", maxConnections != nil),
+            ("--idle-timeout", idleTimeout != nil), ("--keepalive", keepalive != nil),
+            ("--keepalive-interval", keepaliveInterval != nil), ("--keepalive-count", keepaliveCount != nil),
+            ("--user-timeout", userTimeout != nil), ("--max-per-client", maxPerClient != nil),
+            ("--drain-timeout", drainTimeout != nil), ("--max-connections", maxConnections != nil),
             ("--queue-limit", queueLimit != nil), ("--buffer-size", bufferSize != nil),
             ("--allow", !allow.isEmpty), ("--deny", !deny.isEmpty), ("--splice", splice != nil),
             ("--pipe-size", pipeSize != nil), ("--splice-after", spliceAfter != nil), ("--name", name != nil),
@@ -168,6 +186,13 @@ struct RunCommand: ParsableCommand {
                 connectTimeout: try connectTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
                     ?? RelaySpec.defaultConnectTimeout,
                 idleTimeout: try Self.optionalDuration(idleTimeout ?? "0"),
+                keepalive: Keepalive(
+                    idle: try keepalive.map { text throws(DurationError) in try Self.optionalDuration(text) } ?? Keepalive.defaultIdle,
+                    interval: try keepaliveInterval.map { text throws(DurationError) in try Duration(parsing: text) }
+                        ?? Keepalive.defaultInterval,
+                    count: keepaliveCount ?? Keepalive.defaultCount,
+                    userTimeout: try userTimeout.map { text throws(DurationError) in try Duration(parsing: text) }),
+                maxPerClient: maxPerClient ?? 0,
                 maxConnections: maxConnections ?? RelaySpec.defaultMaxConnections,
                 queueLimit: queueLimit ?? RelaySpec.defaultQueueLimit,
                 bufferSize: bufferSize ?? RelaySpec.defaultBufferSize,
@@ -200,7 +225,7 @@ struct RunCommand: ParsableCommand {
         }
     }
 
-    private static func optionalDuration(_ text: String) throws -> Duration? {
+    private static func optionalDuration(_ text: String) throws(DurationError) -> Duration? {
         let duration = try Duration(parsing: text)
         return duration == .zero ? nil : duration
     }

@@ -124,6 +124,8 @@ struct CommandLineTests {
         #expect(status == 0)
         for needle in ["USAGE: sameport run", "--listen <addr:port>", "--upstream <host:port>", "--egress <mode>",
                        "--on-busy <policy>", "--connect-timeout <duration>", "--idle-timeout <duration>",
+                       "--keepalive <duration>", "--keepalive-interval <duration>", "--keepalive-count <n>",
+                       "--user-timeout <duration>", "--max-per-client <n>",
                        "--max-connections <n>", "--splice <on|off>", "--pipe-size <bytes>", "--log-format <format>", "EXIT STATUS", "EXAMPLES", "4-tuple"] {
             #expect(help.contains(needle), "help lacks \(needle)")
         }
