@@ -82,37 +82,40 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("on-busy"), help: ArgumentHelp("When every upstream is in use from the egress: queue (default), reject or ephemeral.", valueName: "policy"))
     var onBusy: String?
 
-    @Option(help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait (default 5s).", valueName: "duration"))
+    // Numbers and durations are parsed `.unconditional`: `--connect-timeout -5s` takes "-5s" as
+    // its value and says what is wrong with it, where ArgumentParser would take it for an option
+    // and say "Missing value".
+    @Option(parsing: .unconditional, help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait (default 5s).", valueName: "duration"))
     var connectTimeout: String?
 
-    @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off: a vanished peer is found by keepalive.", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off: a vanished peer is found by keepalive.", valueName: "duration"))
     var idleTimeout: String?
 
-    @Option(help: ArgumentHelp("TCP keepalive on both sockets: probe a connection idle this long, in whole seconds; 0 turns it off (default \(Keepalive.defaultIdle.shortDescription)).", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("TCP keepalive on both sockets: probe a connection idle this long, in whole seconds; 0 turns it off (default \(Keepalive.defaultIdle.shortDescription)).", valueName: "duration"))
     var keepalive: String?
 
-    @Option(help: ArgumentHelp("Time between keepalive probes, in whole seconds (default \(Keepalive.defaultInterval.shortDescription)).", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Time between keepalive probes, in whole seconds (default \(Keepalive.defaultInterval.shortDescription)).", valueName: "duration"))
     var keepaliveInterval: String?
 
-    @Option(help: ArgumentHelp("Unanswered keepalive probes before the connection is dropped, 1 to 127 (default \(Keepalive.defaultCount)).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Unanswered keepalive probes before the connection is dropped, 1 to 127 (default \(Keepalive.defaultCount)).", valueName: "n"))
     var keepaliveCount: Int?
 
-    @Option(help: ArgumentHelp("TCP_USER_TIMEOUT on both sockets: drop a connection whose sent bytes stay unacknowledged this long; 0 turns it off (default: the keepalive bound, keepalive + interval x count).", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("TCP_USER_TIMEOUT on both sockets: drop a connection whose sent bytes stay unacknowledged this long; 0 turns it off (default: the keepalive bound, keepalive + interval x count).", valueName: "duration"))
     var userTimeout: String?
 
-    @Option(help: ArgumentHelp("Connections (open or queued) one client address may hold; the next is reset and logged end=client-limit (default 0: no limit).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Connections (open or queued) one client address may hold; the next is reset and logged end=client-limit (default 0: no limit).", valueName: "n"))
     var maxPerClient: Int?
 
-    @Option(help: ArgumentHelp("On SIGTERM, let open connections finish for this long before cutting them; 0 cuts them at once (default 30s). SIGINT always cuts at once.", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("On SIGTERM, let open connections finish for this long before cutting them; 0 cuts them at once (default 30s). SIGINT always cuts at once.", valueName: "duration"))
     var drainTimeout: String?
 
-    @Option(help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog (default \(RelaySpec.defaultMaxConnections)).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog (default \(RelaySpec.defaultMaxConnections)).", valueName: "n"))
     var maxConnections: Int?
 
-    @Option(help: ArgumentHelp("Clients waiting for a free upstream at most, with --on-busy queue (default \(RelaySpec.defaultQueueLimit)).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Clients waiting for a free upstream at most, with --on-busy queue (default \(RelaySpec.defaultQueueLimit)).", valueName: "n"))
     var queueLimit: Int?
 
-    @Option(help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216 (default \(RelaySpec.defaultBufferSize)).", valueName: "bytes"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216 (default \(RelaySpec.defaultBufferSize)).", valueName: "bytes"))
     var bufferSize: Int?
 
     @Option(help: ArgumentHelp("Serve only clients in this CIDR block; repeat for several.", valueName: "cidr"))
@@ -124,25 +127,25 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Move bytes with splice(2) through a pipe per direction: on (default) or off (read/write).", valueName: "on|off"))
     var splice: String?
 
-    @Option(help: ArgumentHelp("Pipe size asked per direction with --splice on, from 4096 to 16777216 (default \(RelaySpec.defaultPipeSize)); the kernel may grant less.", valueName: "bytes"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Pipe size asked per direction with --splice on, from 4096 to 16777216 (default \(RelaySpec.defaultPipeSize)); the kernel may grant less.", valueName: "bytes"))
     var pipeSize: Int?
 
     /// Tuning, and how the tests run the whole suite on the splice path: not in --help.
-    @Option(help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
     var spliceAfter: Int?
 
     @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name; default main).", valueName: "name"))
     var name: String?
 
-    @Option(help: ArgumentHelp("With --config: a reload (SIGHUP) whose reading of the file and resolving of its host names takes longer fails, and the running configuration stays (default 60s).", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("With --config: a reload (SIGHUP) whose reading of the file and resolving of its host names takes longer fails, and the running configuration stays (default 60s).", valueName: "duration"))
     var reloadTimeout: String?
 
-    @Option(help: ArgumentHelp("Event loops (shards) that accept and relay, each on its own thread: 1 to 256 (default: one per CPU sameport may run on).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Event loops (shards) that accept and relay, each on its own thread: 1 to 256 (default: one per CPU sameport may run on).", valueName: "n"))
     var threads: Int?
 
     /// Tuning and measuring: how long a shard waits for more events before it gives its thread
     /// back to Dispatch (0: at once). Not in --help.
-    @Option(help: ArgumentHelp("How long an idle shard keeps its thread (default 1ms).", valueName: "duration", visibility: .hidden))
+    @Option(parsing: .unconditional, help: ArgumentHelp("How long an idle shard keeps its thread (default 1ms).", valueName: "duration", visibility: .hidden))
     var linger: String?
 
     @Option(help: ArgumentHelp("Least severe level logged: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
