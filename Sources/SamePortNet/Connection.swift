@@ -242,6 +242,14 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private func roundFailed() {
         let now = DispatchTime.now().uptimeNanoseconds
         if sawAddressNotAvailable {
+            // Held outside this relay's bookings: another free upstream beats waiting for it.
+            if retries == 0, let next = relay.swapHeldPair(self, excluding: Set(earlierUpstreams + [reservation.upstreamIndex])) {
+                earlierUpstreams.append(reservation.upstreamIndex)
+                reservation = next
+                failures.removeAll()
+                sawAddressNotAvailable = false
+                return attempt(address: 0)
+            }
             let deadline = retryDeadline != 0 ? retryDeadline : now &+ UInt64(max(0, context.connectTimeout.nanoseconds))
             retryDeadline = deadline
             guard now < deadline else {

@@ -64,6 +64,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         /// What the listener was last told (`updateAccepting`).
         var accepting = false
         var isStopping = false
+        /// The drain is over: whatever is left is ended, and a connection whose upstream fails
+        /// gets no other.
+        var isCut = false
         var stopCompletions: [@Sendable () -> Void] = []
         /// Clients handed to a connection since start.
         var served = 0
@@ -266,28 +269,19 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         try refuseSelfDial(listener: listenEndpoint, acceptsIPv4: listenerAcceptsIPv4, spec: newSpec, upstreams: upstreams)
     }
 
-    /// Stops accepting and closes waiting clients at once; lets open connections finish for up
-    /// to `timeout`, then ends those left (logged `end=shutdown`); then calls `completion`. A
-    /// second call (a shorter timeout: a second signal) cuts sooner; both completions run.
+    /// Stops accepting; lets open connections finish, and queued clients (and connections failing
+    /// over) be served as pairs free up, for up to `timeout`; then ends those left (logged
+    /// `end=shutdown`); then calls `completion`. A second call (a shorter timeout: a second
+    /// signal) cuts sooner; both completions run.
     public func drain(timeout: Duration, completion: @escaping @Sendable () -> Void) {
-        var actions: Actions = []
         let (listener, isEmpty, completions) = shared.withLock { shared in
             shared.isStopping = true
             shared.stopCompletions.append(completion)
             let listener = shared.listener
             shared.listener = nil
-            for waiter in shared.waiting.removeAll() {
-                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
-                actions.append { [self] in endQueued(waiter, .shutdown) }
-            }
-            for failover in shared.failingOver {
-                actions.append { Self.answer(failover.connection, .stopping) }
-            }
-            shared.failingOver.removeAll()
-            return (listener, shared.connections.isEmpty, finishStopIfDone(&shared))
+            return (listener, shared.connections.isEmpty && shared.waiting.isEmpty, finishStopIfDone(&shared))
         }
         listener?.close()
-        for action in actions { action() }
         if timeout <= .zero {
             cutConnections()
         } else if !isEmpty {
@@ -296,10 +290,27 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         for completion in completions { completion() }
     }
 
+    /// The end of a drain: queued clients are reset, connections failing over told to stop, and
+    /// open connections cut.
     private func cutConnections() {
-        for connection in shared.withLock({ $0.connections.values.map(\.connection) }) {
+        var actions: Actions = []
+        let (connections, completions) = shared.withLock { shared in
+            shared.isCut = true
+            for waiter in shared.waiting.removeAll() {
+                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
+                actions.append { [self] in endQueued(waiter, .shutdown) }
+            }
+            for failover in shared.failingOver {
+                actions.append { Self.answer(failover.connection, .stopping) }
+            }
+            shared.failingOver.removeAll()
+            return (shared.connections.values.map(\.connection), finishStopIfDone(&shared))
+        }
+        for action in actions { action() }
+        for connection in connections {
             connection.loop.execute { connection.stop() }
         }
+        for completion in completions { completion() }
     }
 
     /// Live counts, for the service manager's status line.
@@ -495,13 +506,14 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
 
     /// A queued client's wait ran out (on its shard).
     fileprivate func queueWaitEnded(_ waiter: QueuedClient) {
-        let removed = shared.withLock { shared -> Bool in
-            guard shared.waiting.remove(ticket: waiter.ticket) != nil else { return false }
+        let (removed, completions) = shared.withLock { shared -> (Bool, [@Sendable () -> Void]) in
+            guard shared.waiting.remove(ticket: waiter.ticket) != nil else { return (false, []) }
             shared.perClient.remove(waiter.arrival.clientEndpoint.address)
             updateAccepting(&shared)
-            return true
+            return (true, finishStopIfDone(&shared))
         }
         if removed { endArrival(waiter.arrival, .queueTimeout) }
+        for completion in completions { completion() }
     }
 
     // MARK: Connections
@@ -521,7 +533,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 actions.append { Self.answer(connection, .noneLeft) }
                 return nil
             }
-            guard !shared.isStopping else {
+            guard !shared.isCut else {
                 actions.append { Self.answer(connection, .stopping) }
                 return nil
             }
@@ -550,6 +562,27 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             logger.warning("upstream \(passedOver) failed to connect: passed over for \(Self.downTime.shortDescription)", metadata: ["relay": .string(name)])
         }
         for action in actions { action() }
+    }
+
+    /// A connection's pair was held although this relay had it free (EADDRNOTAVAIL: another
+    /// process, or a relay of ours still draining on this address after a reload moved it away
+    /// and back): hands it another free upstream at once, releasing the held one's booking, so
+    /// that it does not wait out the connect timeout on that pair. nil when none is free: it keeps
+    /// retrying the held pair.
+    func swapHeldPair(_ connection: Connection, excluding tried: Set<Int>) -> UpstreamSelector.Reservation? {
+        let id = ObjectIdentifier(connection)
+        let now = DispatchTime.now().uptimeNanoseconds
+        return shared.withLock { shared -> UpstreamSelector.Reservation? in
+            guard var entry = shared.connections[id], entry.generation == shared.generation,
+                  let held = entry.reservation else { return nil }
+            let binding = connection.binding
+            guard case .reserved(let next) = shared.selector.reserve(
+                egress: binding.bookedEndpoint, isIPv6: binding.isIPv6, excluding: tried, now: now) else { return nil }
+            shared.selector.release(held)
+            entry.reservation = next
+            shared.connections[id] = entry
+            return next
+        }
     }
 
     /// A connection has ended (on its shard): its upstream goes to the next in line.
@@ -635,7 +668,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     }
 
     private func finishStopIfDone(_ shared: inout Shared) -> [@Sendable () -> Void] {
-        guard shared.isStopping, shared.connections.isEmpty, !shared.stopCompletions.isEmpty else { return [] }
+        guard shared.isStopping, shared.connections.isEmpty, shared.waiting.isEmpty, !shared.stopCompletions.isEmpty else { return [] }
         defer { shared.stopCompletions = [] }
         return shared.stopCompletions
     }
