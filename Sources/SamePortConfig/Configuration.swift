@@ -411,6 +411,9 @@ private struct Reader {
             case .name: position = own.name?.position
             case .listen: position = own.listen?.position
             case .upstream(let index): position = upstreams.map { $0.position(ofElement: index) } ?? nil
+            case .upstreamIsListener(let index):
+                guard unusable.isDisjoint(with: [.listen, .upstream]) else { continue }
+                position = upstreams.map { $0.position(ofElement: index) } ?? nil
             case .egress:
                 guard !unusable.contains(.listen), !unusable.contains(.egress) else { continue }
                 position = pick(\.egress)?.position

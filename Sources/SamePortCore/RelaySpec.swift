@@ -107,6 +107,8 @@ public struct RelaySpec: Sendable, Equatable {
             case maxPerClient
             /// The upstreams have no address of the egress's family.
             case upstreamFamilies
+            /// This upstream is the relay's own listen address: it would dial itself.
+            case upstreamIsListener(index: Int)
         }
         public var field: Field
         public var message: String
@@ -151,7 +153,7 @@ public struct RelaySpec: Sendable, Equatable {
         for (index, upstream) in upstreams.enumerated() {
             guard let listener, listener.port != 0, let endpoint = upstream.endpoint,
                   SelfDial.reaches(endpoint, listener: listener, isLocal: \.isLoopback) else { continue }
-            add(.upstream(index: index), "upstream \(upstream) is the relay's own listen address \(listen): the relay would dial itself; \(SelfDial.fix)")
+            add(.upstreamIsListener(index: index), "upstream \(upstream) is the relay's own listen address \(listen): the relay would dial itself; \(SelfDial.fix)")
         }
         if let listenEndpoint = listen.endpoint, case .fixed(let egress) = egress,
            egress.address.isIPv6 != listenEndpoint.address.unmapped.isIPv6, !listenEndpoint.address.isUnspecified {

@@ -35,7 +35,7 @@ struct SelfDialCoreTests {
             listen: try HostPort(parsing: "*:7000"),
             upstreams: [try HostPort(parsing: "192.0.2.1:7000"), try HostPort(parsing: "[::1]:7000")])
         let problems = spec.fieldProblems()
-        #expect(problems.map(\.field) == [.upstream(index: 1)])
+        #expect(problems.map(\.field) == [.upstreamIsListener(index: 1)])
         #expect(problems.map(\.message) == ["upstream [::1]:7000 is the relay's own listen address *:7000: the relay would dial itself; give the upstream's own address, or listen on another port"])
     }
 }
