@@ -33,13 +33,20 @@ let package = Package(
         .target(name: "SamePortSystemd", dependencies: ["CSystemd", "CSamePortShims"]),
         // Pure Swift: endpoints, options, policies, bookkeeping. No syscalls.
         .target(name: "SamePortCore"),
-        // The only module that talks to the kernel: sockets, listener, dialer, pump, relay.
+        // What TOMLKit cannot do: free a document it parsed. C++ against TOMLKit's own toml++,
+        // configured as TOMLKit builds it (TOML_EXCEPTIONS=1).
+        .target(
+            name: "CSamePortTOML",
+            dependencies: [.product(name: "TOMLKit", package: "TOMLKit")],
+            cxxSettings: [.define("TOML_EXCEPTIONS", to: "1")]
+        ),
         // The configuration file: TOML read with TOMLKit, validated into RelaySpecs, every
         // problem reported as FILE:LINE:COLUMN.
         .target(
             name: "SamePortConfig",
-            dependencies: ["SamePortCore", .product(name: "TOMLKit", package: "TOMLKit")]
+            dependencies: ["SamePortCore", "CSamePortTOML", .product(name: "TOMLKit", package: "TOMLKit")]
         ),
+        // The only module that talks to the kernel: sockets, listener, dialer, pump, relay.
         .target(
             name: "SamePortNet",
             dependencies: [
@@ -78,5 +85,7 @@ let package = Package(
             dependencies: ["sameport", "SamePortCore", "SamePortConfig", "SamePortTestSupport"]
         ),
     ],
-    swiftLanguageModes: [.v6]
+    swiftLanguageModes: [.v6],
+    // toml++ 3 (in CSamePortTOML) needs C++17, as in TOMLKit's own package.
+    cxxLanguageStandard: .cxx17
 )

@@ -24,6 +24,11 @@ int sameport_unsent_bytes(int fd) {
     return ioctl(fd, SIOCOUTQ, &count) == 0 ? count : -1;
 }
 
+int sameport_unread_bytes(int fd) {
+    int count = 0;
+    return ioctl(fd, SIOCINQ, &count) == 0 ? count : -1;
+}
+
 int sameport_pipe2(int fds[2], int flags) {
     return pipe2(fds, flags);
 }
@@ -154,6 +159,7 @@ int sameport_epoll_wait(int epfd, struct sameport_epoll_event *events, int max, 
 }
 
 const unsigned int sameport_epollin = EPOLLIN;
+const unsigned int sameport_epollpri = EPOLLPRI;
 const unsigned int sameport_epollout = EPOLLOUT;
 const unsigned int sameport_epollrdhup = EPOLLRDHUP;
 const unsigned int sameport_epollerr = EPOLLERR;

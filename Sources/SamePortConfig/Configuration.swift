@@ -1,5 +1,4 @@
 import SamePortCore
-import TOMLKit
 
 /// A configuration file, read and validated: the relays it describes.
 ///
@@ -92,6 +91,10 @@ public enum RelayKey: String, CaseIterable, Sendable {
     case bufferSize = "buffer_size"
     case allow, deny, splice
     case pipeSize = "pipe_size"
+    case proxyProtocol = "proxy_protocol"
+    case acceptProxy = "accept_proxy"
+    case acceptProxyFrom = "accept_proxy_from"
+    case proxyTimeout = "proxy_timeout"
 
     /// Keys that name one relay and so cannot be defaults.
     var isPerRelay: Bool { self == .name || self == .listen }
@@ -126,17 +129,13 @@ private struct Reader {
             return []
         }
         locator = SourceLocator(text)
-        let document: TOMLTable
+        let document: [String: TOMLNode]
         do {
-            document = try TOMLTable(string: text)
-        } catch let error as TOMLParseError {
-            let begin = error.source.begin
-            report(
-                "syntax error: \(error.description)\(Self.quotingHint(line: begin.line, in: text))",
-                at: SourcePosition(line: max(begin.line, 1), column: max(begin.column, 1)))
-            return []
+            document = try TOMLNode.parse(text)
         } catch {
-            report("syntax error: \(error)", at: .start)
+            report(
+                "syntax error: \(error.description)\(Self.quotingHint(line: error.line, in: text))",
+                at: SourcePosition(line: max(error.line, 1), column: max(error.column, 1)))
             return []
         }
 
@@ -263,6 +262,11 @@ private struct Reader {
         var deny: Located<[CIDR]>?
         var splice: Located<SpliceMode>?
         var pipeSize: Located<Int>?
+        /// nil inside: `off`.
+        var proxyProtocol: Located<ProxyProtocolVersion?>?
+        var acceptProxy: Located<Bool>?
+        var acceptProxyFrom: Located<[CIDR]>?
+        var proxyTimeout: Located<Duration>?
         /// Keys that were present, even if their value was wrong: no "missing key" for those.
         var present: Set<RelayKey> = []
         /// Keys that an unknown key was taken for ("did you mean"): not reported missing either.
@@ -270,7 +274,7 @@ private struct Reader {
     }
 
     mutating func readFields(
-        _ table: TOMLTable, where located: SourceLocator.Table?, context: String, isDefaults: Bool
+        _ table: [String: TOMLNode], where located: SourceLocator.Table?, context: String, isDefaults: Bool
     ) -> Fields {
         var fields = Fields()
         for key in table.keys.sorted() {
@@ -344,6 +348,27 @@ private struct Reader {
                 }
             case .pipeSize:
                 fields.pipeSize = integer(value, key, at: valuePosition).map(locate)
+            case .proxyProtocol:
+                fields.proxyProtocol = string(value, key, at: valuePosition).flatMap { text in
+                    parse(text, at: valuePosition) { text throws(OptionError) -> ProxyProtocolVersion? in
+                        if text == "off" { return nil }
+                        guard let version = ProxyProtocolVersion(rawValue: text) else {
+                            throw OptionError("invalid proxy_protocol '\(text)': expected v1, v2 or off")
+                        }
+                        return version
+                    }
+                }.map(locate)
+            case .acceptProxy:
+                guard value.type == .bool, let on = value.bool else {
+                    report("'accept_proxy' must be true or false, not \(Self.describe(value.type))", at: valuePosition)
+                    continue
+                }
+                fields.acceptProxy = locate(on)
+            case .acceptProxyFrom:
+                // An empty list is how a relay drops the list it would inherit.
+                fields.acceptProxyFrom = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
+            case .proxyTimeout:
+                fields.proxyTimeout = duration(value, key, at: valuePosition).map(locate)
             }
         }
         return fields
@@ -400,7 +425,11 @@ private struct Reader {
             access: ClientAccess(allow: pick(\.allow)?.value ?? [], deny: pick(\.deny)?.value ?? []),
             splice: pick(\.splice)?.value ?? .on,
             pipeSize: pick(\.pipeSize)?.value ?? RelaySpec.defaultPipeSize,
-            drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout)
+            drainTimeout: pick(\.drainTimeout)?.value ?? RelaySpec.defaultDrainTimeout,
+            proxyProtocol: pick(\.proxyProtocol)?.value ?? nil,
+            acceptProxy: pick(\.acceptProxy)?.value ?? false,
+            acceptProxyFrom: pick(\.acceptProxyFrom)?.value ?? [],
+            proxyTimeout: pick(\.proxyTimeout)?.value ?? RelaySpec.defaultProxyTimeout)
 
         var isValid = unusable.isEmpty
         for problem in spec.fieldProblems() {
@@ -434,6 +463,12 @@ private struct Reader {
             case .bufferSize: position = pick(\.bufferSize)?.position
             case .pipeSize: position = pick(\.pipeSize)?.position
             case .spliceAfter: position = nil  // not a key of the file
+            case .acceptProxyFrom:
+                guard unusable.isDisjoint(with: [.acceptProxy, .acceptProxyFrom]) else { continue }
+                // Missing: at accept_proxy. Given without accept_proxy: at the relay's own list
+                // only; a list in [defaults] is for the relays that turn accept_proxy on.
+                position = spec.acceptProxy ? pick(\.acceptProxy)?.position : own.acceptProxyFrom?.position
+            case .proxyTimeout: position = pick(\.proxyTimeout)?.position
             }
             guard let position else { continue }
             report(problem.message, at: position)
@@ -464,6 +499,10 @@ private struct Reader {
         case .deny: return fields.deny?.isComplete == true
         case .splice: return fields.splice != nil
         case .pipeSize: return fields.pipeSize != nil
+        case .proxyProtocol: return fields.proxyProtocol != nil
+        case .acceptProxy: return fields.acceptProxy != nil
+        case .acceptProxyFrom: return fields.acceptProxyFrom?.isComplete == true
+        case .proxyTimeout: return fields.proxyTimeout != nil
         }
     }
 
@@ -567,7 +606,7 @@ private struct Reader {
 
     // MARK: Values
 
-    mutating func string(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> String? {
+    mutating func string(_ value: TOMLNode, _ key: String, at position: SourcePosition?) -> String? {
         guard let text = value.string else {
             report("'\(key)' must be a string, not \(Self.describe(value.type))", at: position)
             return nil
@@ -578,10 +617,10 @@ private struct Reader {
     /// A string or a list of strings, each parsed by `parser`: the elements that parsed, with their
     /// positions, and whether every element did. Every bad element is reported.
     mutating func list<V, E: Error>(
-        _ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?, elements: [SourcePosition],
+        _ value: TOMLNode, _ key: String, at position: SourcePosition?, elements: [SourcePosition],
         emptyAllowed: Bool, _ parser: (String) throws(E) -> V
     ) -> Located<[V]>? {
-        let items: [(TOMLValueConvertible, SourcePosition?)]
+        let items: [(TOMLNode, SourcePosition?)]
         if value.string != nil {
             items = [(value, position)]
         } else if let array = value.array {
@@ -611,7 +650,7 @@ private struct Reader {
         return parsed
     }
 
-    mutating func duration(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Duration? {
+    mutating func duration(_ value: TOMLNode, _ key: String, at position: SourcePosition?) -> Duration? {
         guard let text = value.string else {
             report("'\(key)' must be a duration string such as \"5s\" or \"250ms\", not \(Self.describe(value.type))", at: position)
             return nil
@@ -619,7 +658,7 @@ private struct Reader {
         return parse(text, at: position) { text throws(DurationError) in try Duration(parsing: text) }
     }
 
-    mutating func integer(_ value: TOMLValueConvertible, _ key: String, at position: SourcePosition?) -> Int? {
+    mutating func integer(_ value: TOMLNode, _ key: String, at position: SourcePosition?) -> Int? {
         guard value.type == .int, let number = value.int else {
             let hint = value.string.flatMap { Int($0) }.map { ": write \(key) = \($0), without quotes" } ?? ""
             report("'\(key)' must be an integer, not \(Self.describe(value.type))\(hint)", at: position)
@@ -645,12 +684,22 @@ private struct Reader {
         guard number <= lines.count else { return "" }
         let parts = lines[number - 1].split(separator: "=", maxSplits: 1)
         guard parts.count == 2 else { return "" }
-        let key = parts[0].trimmingCharacters(in: .whitespaces)
-        let value = parts[1].trimmingCharacters(in: .whitespaces)
-        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .keepalive, .keepaliveInterval, .userTimeout, .drainTimeout, .allow, .deny]
+        let key = trimmingBlanks(parts[0])
+        let value = trimmingBlanks(parts[1])
+        let stringKeys: [RelayKey] = [
+            .name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .keepalive, .keepaliveInterval,
+            .userTimeout, .drainTimeout, .allow, .deny, .proxyProtocol, .acceptProxyFrom, .proxyTimeout,
+        ]
         guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
               let first = value.first, !"\"'[".contains(first) else { return "" }
         return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""
+    }
+
+    /// `text` without the spaces and tabs (any blank but a line end) at either end.
+    private static func trimmingBlanks(_ text: Substring) -> String {
+        let isBlank = { (character: Character) in character.isWhitespace && !character.isNewline }
+        guard let start = text.firstIndex(where: { !isBlank($0) }), let end = text.lastIndex(where: { !isBlank($0) }) else { return "" }
+        return String(text[start...end])
     }
 
     /// The position of a top-level table or key, from its header or its key line.
@@ -660,7 +709,7 @@ private struct Reader {
             ?? locator.tables.first { $0.path.first == name }?.position
     }
 
-    static func describe(_ type: TOMLType) -> String {
+    static func describe(_ type: TOMLNode.Kind) -> String {
         switch type {
         case .string: return "a string"
         case .int: return "an integer"

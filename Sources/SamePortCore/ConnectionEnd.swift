@@ -20,6 +20,9 @@ public enum ConnectionEnd: Hashable, Sendable {
     case clientLimit(limit: Int)
     /// The client's address is denied, or not allowed, by the relay's allow/deny lists.
     case refused(cause: String)
+    /// The client's PROXY protocol header was malformed, truncated, oversized or late (accept_proxy);
+    /// `cause` names the problem. Nothing of the client reached an upstream.
+    case badProxyHeader(cause: String)
     /// The relay was stopping.
     case shutdown
     /// A socket error other than a reset; `cause` names it.
@@ -38,6 +41,7 @@ public enum ConnectionEnd: Hashable, Sendable {
         case .queueFull: return "queue-full"
         case .clientLimit: return "client-limit"
         case .refused: return "refused"
+        case .badProxyHeader: return "bad-proxy-header"
         case .shutdown: return "shutdown"
         case .failed: return "error"
         }
@@ -46,7 +50,7 @@ public enum ConnectionEnd: Hashable, Sendable {
     /// The cause behind a failure, when there is one.
     public var cause: String? {
         switch self {
-        case .connectFailed(let cause), .failed(let cause), .refused(let cause): return cause
+        case .connectFailed(let cause), .failed(let cause), .refused(let cause), .badProxyHeader(let cause): return cause
         case .busyRejected: return "every upstream is in use from this egress ip:port (on-busy reject)"
         case .queueTimeout:
             return "no upstream became free within the connect timeout (one connection per upstream from one ip:port: add upstreams, or use --on-busy ephemeral)"
@@ -62,7 +66,8 @@ public enum ConnectionEnd: Hashable, Sendable {
     /// speaks first, a FIN after nothing looks like an empty, successful session.
     public var resetsClient: Bool {
         switch self {
-        case .upstreamReset, .connectFailed, .busyRejected, .queueTimeout, .queueFull, .clientLimit, .refused, .failed: true
+        case .upstreamReset, .connectFailed, .busyRejected, .queueTimeout, .queueFull, .clientLimit, .refused, .badProxyHeader,
+             .failed: true
         case .completed, .clientReset, .idleTimeout, .shutdown: false
         }
     }

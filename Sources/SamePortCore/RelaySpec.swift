@@ -37,6 +37,17 @@ public struct RelaySpec: Sendable, Equatable {
     /// How long open connections may go on once the relay stops (SIGTERM, or removed by a reload)
     /// before they are cut; 0 cuts them at once.
     public var drainTimeout: Duration
+    /// The PROXY protocol header written to each upstream before any byte of the client's,
+    /// announcing the client and the address it reached; nil: none.
+    public var proxyProtocol: ProxyProtocolVersion?
+    /// Each client starts with a PROXY protocol header (v1 or v2, from a proxy in front), read
+    /// before the client is served: the client it announces is the client from then on.
+    public var acceptProxy: Bool
+    /// The senders trusted to announce a client; required with `acceptProxy`. Any other sender is
+    /// refused: whoever may send a header may claim any address.
+    public var acceptProxyFrom: [CIDR]
+    /// How long a client may take to send its whole PROXY header.
+    public var proxyTimeout: Duration
 
     public static let defaultConnectTimeout = Duration.seconds(5)
     public static let defaultMaxConnections = 1024
@@ -51,6 +62,9 @@ public struct RelaySpec: Sendable, Equatable {
     public static let defaultSpliceAfter = 256 * 1024
     /// Long enough for most requests in flight to finish, short of systemd's 90 s stop timeout.
     public static let defaultDrainTimeout = Duration.seconds(30)
+    /// A proxy sends its header at once with the connection (the specification): 5 s is lenient
+    /// for a slow network and short for a client that never sends one.
+    public static let defaultProxyTimeout = Duration.seconds(5)
     /// The longest name: systemd's limit for `FileDescriptorName=`, which a relay's name matches
     /// under socket activation. A name is repeated in every log line.
     public static let maxNameLength = 255
@@ -72,7 +86,11 @@ public struct RelaySpec: Sendable, Equatable {
         splice: SpliceMode = .on,
         pipeSize: Int = RelaySpec.defaultPipeSize,
         spliceAfter: Int = RelaySpec.defaultSpliceAfter,
-        drainTimeout: Duration = RelaySpec.defaultDrainTimeout
+        drainTimeout: Duration = RelaySpec.defaultDrainTimeout,
+        proxyProtocol: ProxyProtocolVersion? = nil,
+        acceptProxy: Bool = false,
+        acceptProxyFrom: [CIDR] = [],
+        proxyTimeout: Duration = RelaySpec.defaultProxyTimeout
     ) {
         self.name = name
         self.listen = listen
@@ -91,6 +109,10 @@ public struct RelaySpec: Sendable, Equatable {
         self.pipeSize = pipeSize
         self.spliceAfter = spliceAfter
         self.drainTimeout = drainTimeout
+        self.proxyProtocol = proxyProtocol
+        self.acceptProxy = acceptProxy
+        self.acceptProxyFrom = acceptProxyFrom
+        self.proxyTimeout = proxyTimeout
     }
 
     /// Every problem with this spec, each a message that names the value and the fix; empty if valid.
@@ -105,6 +127,7 @@ public struct RelaySpec: Sendable, Equatable {
             case maxConnections, queueLimit, bufferSize, pipeSize, spliceAfter, drainTimeout
             case keepalive(Keepalive.Field)
             case maxPerClient
+            case acceptProxyFrom, proxyTimeout
             /// The upstreams have no address of the egress's family.
             case upstreamFamilies
             /// This upstream is the relay's own listen address: it would dial itself.
@@ -196,6 +219,14 @@ public struct RelaySpec: Sendable, Equatable {
         }
         if !(0...(1 << 30)).contains(spliceAfter) {
             add(.spliceAfter, "the splice threshold must be from 0 to 1073741824 bytes, not \(spliceAfter)")
+        }
+        if acceptProxy, acceptProxyFrom.isEmpty {
+            add(.acceptProxyFrom, "accept_proxy needs accept_proxy_from: list the proxies trusted to announce clients (whoever may send a header may claim any address), for example accept_proxy_from = [\"127.0.0.1\"] (--accept-proxy-from 127.0.0.1)")
+        } else if !acceptProxy, !acceptProxyFrom.isEmpty {
+            add(.acceptProxyFrom, "accept_proxy_from without accept_proxy: the headers would be relayed as the client's bytes; add accept_proxy = true (--accept-proxy), or drop accept_proxy_from")
+        }
+        if proxyTimeout <= .zero {
+            add(.proxyTimeout, "the PROXY header timeout must be above 0 (for example 5s)")
         }
         return problems
     }

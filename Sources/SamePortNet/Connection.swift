@@ -17,6 +17,8 @@ final class ConnectionContext: Sendable {
     let pipeSize: Int?
     /// The bytes each direction copies before it splices.
     let spliceAfter: UInt64
+    /// The PROXY protocol header to send upstream first; nil: none.
+    let proxyProtocol: ProxyProtocolVersion?
     let logger: Logger
 
     init(spec: RelaySpec, logger: Logger) {
@@ -27,6 +29,7 @@ final class ConnectionContext: Sendable {
         bufferSize = spec.bufferSize
         pipeSize = spec.splice == .on ? spec.pipeSize : nil
         spliceAfter = UInt64(spec.spliceAfter)
+        proxyProtocol = spec.proxyProtocol
         self.logger = logger
     }
 }
@@ -77,7 +80,11 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private var clientRegistration: UInt64 = 0
     private var upstream: Socket?
     private var upstreamRegistration: UInt64 = 0
+    /// The client (announced by a PROXY header with accept_proxy): in the log line, and in the
+    /// PROXY header sent upstream.
     let clientEndpoint: Endpoint
+    /// The address the client reached (or that a PROXY header announced it reached).
+    let reached: Endpoint
     let binding: EgressBinding
     private let acceptedAt: UInt64
     private var state = State.starting
@@ -88,12 +95,17 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private var upstreamToClient: Direction
     /// The address connected to: its index in the reservation (-1: none yet).
     private var connectedAddress: Int32 = -1
+    /// When the idle check last looked at the send queues (UInt64.max: never).
+    private var lastLook = UInt64.max
     /// Why each address failed in the current round of attempts.
     private var failures: [String] = []
     private var sawAddressNotAvailable = false
     /// When retrying a held 4-tuple stops (0: not retrying), and how many retries so far.
     private var retryDeadline: UInt64 = 0
     private var retries: UInt32 = 0
+    /// Bytes of the PROXY header that went through `clientToUpstream` (what the first write left):
+    /// the log counts the client's bytes only.
+    private var headerBytesQueued: UInt64 = 0
 
     var deadlineIndex = -1
     var deadline: UInt64 = 0
@@ -106,7 +118,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     }
 
     init(
-        client: Socket, clientEndpoint: Endpoint, acceptedAt: UInt64, binding: EgressBinding,
+        client: Socket, clientEndpoint: Endpoint, reached: Endpoint, acceptedAt: UInt64, binding: EgressBinding,
         reservation: UpstreamSelector.Reservation, context: ConnectionContext, relay: Relay, loop: EventLoop
     ) {
         self.loop = loop
@@ -114,6 +126,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         self.context = context
         self.client = client
         self.clientEndpoint = clientEndpoint
+        self.reached = reached
         self.acceptedAt = acceptedAt
         self.binding = binding
         self.reservation = reservation
@@ -309,9 +322,41 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         try? upstream.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
         upstream.setKeepalive(context.keepalive)
         client.setKeepalive(context.keepalive)
+        if let version = context.proxyProtocol, !sendProxyHeader(version, to: upstream) { return }
         if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
         pump(.clientToUpstream)
         pump(.upstreamToClient)
+    }
+
+    /// Writes the PROXY header to the new upstream connection, before any byte of the client's.
+    ///
+    /// A new connection's send buffer is empty, so the header (at most 107 bytes) goes at once;
+    /// whatever the socket did not take is queued first in `clientToUpstream`, which delivers it
+    /// before it reads the client, on either path. False when the connection ended.
+    private func sendProxyHeader(_ version: ProxyProtocolVersion, to upstream: Socket) -> Bool {
+        let header = ProxyHeader(version: version, addresses: ProxyAddresses(source: clientEndpoint, destination: reached)).encoded()
+        var written = 0
+        do throws(SystemError) {
+            while written < header.count {
+                let result = header.withUnsafeBytes { raw -> Result<IOResult<Int>, SystemError> in
+                    do throws(SystemError) {
+                        return .success(try upstream.write(from: UnsafeRawBufferPointer(rebasing: raw[written...])))
+                    } catch {
+                        return .failure(error)
+                    }
+                }
+                guard case .processed(let count) = try result.get(), count > 0 else { break }
+                written += count
+            }
+        } catch {
+            directionFailed(side: .upstream, error)
+            return false
+        }
+        if written < header.count {
+            clientToUpstream.preload(header[written...])
+            headerBytesQueued = UInt64(header.count - written)
+        }
+        return true
     }
 
     private enum Which {
@@ -321,12 +366,17 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
 
     /// Drives the directions that this socket's event can unblock.
     private func relay(events: UInt32, on side: Side) {
-        let readable = events & (sameport_epollin | sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
+        let readable = events & (sameport_epollin | sameport_epollpri | sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
         let writable = events & (sameport_epollout | sameport_epollhup | sameport_epollerr) != 0
         let from: Which = side == .client ? .clientToUpstream : .upstreamToClient
         let to: Which = side == .client ? .upstreamToClient : .clientToUpstream
+        if events & sameport_epollpri != 0 {
+            // Urgent data: splice stops at its mark for good, so this direction copies from now on.
+            if from == .clientToUpstream { clientToUpstream.leaveSplice() } else { upstreamToClient.leaveSplice() }
+        }
         if readable, waitingFor(from) == .read {
-            let closing = events & (sameport_epollrdhup | sameport_epollhup | sameport_epollerr) != 0
+            // Urgent data (EPOLLPRI) ends a read early at its mark: read on to EAGAIN then too.
+            let closing = events & (sameport_epollrdhup | sameport_epollhup | sameport_epollerr | sameport_epollpri) != 0
             pump(from, drainedByShortRead: !closing)
         }
         if writable, waitingFor(to) == .write { pump(to) }
@@ -394,11 +444,23 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     /// what the kernel delivered from the send queues; otherwise waits for the new deadline.
     private func checkIdle(now: UInt64) {
         guard let idleTimeout = context.idleTimeout, let upstream else { return }
-        clientToUpstream.noteKernelProgress(to: upstream)
-        upstreamToClient.noteKernelProgress(to: client)
+        let queuedUp = clientToUpstream.noteKernelProgress(to: upstream)
+        let queuedDown = upstreamToClient.noteKernelProgress(to: client)
+        let previousLook = lastLook
+        lastLook = now
         let last = max(clientToUpstream.lastActivity, upstreamToClient.lastActivity)
-        let idleDeadline = last &+ UInt64(max(0, idleTimeout.nanoseconds))
-        if now >= idleDeadline { return finish(.idleTimeout) }
+        let timeout = UInt64(max(0, idleTimeout.nanoseconds))
+        let idleDeadline = last &+ timeout
+        if now >= idleDeadline {
+            // Bytes queued in the kernel may be moving: a queue first looked at now, or only just
+            // before, cannot show it yet. Look again a quarter of the timeout later (a receiver
+            // whose window stays shut is cut at 1.25 times the timeout at most).
+            let gap = max(timeout / 4, 1_000_000)
+            if queuedUp || queuedDown, previousLook == .max || now &- previousLook < gap {
+                return loop.setDeadline(self, at: now &+ gap)
+            }
+            return finish(.idleTimeout)
+        }
         loop.setDeadline(self, at: idleDeadline)
     }
 
@@ -473,7 +535,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             egress: egress,
             upstream: (connectedAddress >= 0 ? reservation.addresses[Int(connectedAddress)] : nil).map(\.description)
                 ?? reservation.addresses.map(\.description).joined(separator: ","),
-            bytesToUpstream: clientToUpstream.bytes,
+            bytesToUpstream: clientToUpstream.bytes - min(headerBytesQueued, clientToUpstream.bytes),
             bytesToClient: upstreamToClient.bytes,
             duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: end
         ).log(to: context.logger)

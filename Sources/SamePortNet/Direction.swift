@@ -90,6 +90,8 @@ struct Direction {
     /// refusal means that splice is unavailable; a later one is an error.
     private var splicedIn = false
     private var splicedOut = false
+    /// Set by `leaveSplice`: the splice path hands over to the copy path once its pipe is empty.
+    private var leavingSplice = false
     // Stored narrow, read through the properties below: a direction is kept for every open
     // connection, idle or not, twice.
     private var spliceAtStored = UInt64.max
@@ -171,6 +173,26 @@ struct Direction {
         return outcome
     }
 
+    /// Copies for good from now on: the sending socket has urgent data (EPOLLPRI). Linux's splice
+    /// from a TCP socket stops at the urgent mark and never passes it (it returns EAGAIN there with
+    /// bytes waiting, and no new edge comes), while read(2) steps over it. What is already in the
+    /// pipe is delivered first.
+    mutating func leaveSplice() {
+        spliceAt = nil
+        if path == .splice { leavingSplice = true }
+    }
+
+    /// Queues `bytes` to be delivered before anything this direction reads: the part of a PROXY
+    /// header that the receiving socket did not take at once. Before the first pump only, while
+    /// the buffer is empty; `bytes` counts them when they are delivered.
+    mutating func preload(_ bytes: some Collection<UInt8>) {
+        guard buffered == 0, bytes.count <= capacity else { return }
+        let buffer = allocatedBuffer()
+        buffer.copyBytes(from: bytes)
+        start = 0
+        end = bytes.count
+    }
+
     /// Bytes taken in and not yet delivered (in the buffer or the pipe).
     var buffered: Int { end - start + pipeBytes }
 
@@ -223,6 +245,12 @@ struct Direction {
                 }
             }
             if sawEOF { return forwardEOF(to: to) }
+            if leavingSplice {
+                // Nothing is in the pipe: the copy path goes on from the same place in the stream.
+                releasePipe()
+                path = .copy
+                return pumpCopy(from: from, to: to, rounds: rounds)
+            }
             if rounds == Self.roundsPerWakeup { return .yielded }
             rounds += 1
             // The pipe is empty here: one splice takes what the socket holds, up to a full pipe
@@ -235,6 +263,9 @@ struct Direction {
                 return fail(side: fromSide, error)
             }
             switch result {
+            case .processed(0) where from.unreadBytes() > 0:
+                // Not the end: splice stopped at urgent data that arrived with the peer's FIN.
+                leavingSplice = true
             case .processed(0):
                 sawEOF = true
             case .processed(let count):
@@ -407,12 +438,13 @@ struct Direction {
     /// While the receiver reads slowly, the relay waits for the socket to become writable, which
     /// the kernel reports only once much of its send queue is free; the bytes still move. A send
     /// queue that shrank (or grew) since the last look is progress; one that stayed put is not.
-    mutating func noteKernelProgress(to: Socket) {
+    /// The first look is only a baseline. Returns whether the queue holds bytes.
+    @discardableResult
+    mutating func noteKernelProgress(to: Socket) -> Bool {
         let unsent = Int32(clamping: to.unsentBytes())
-        if unsent != unsentAtLastLook {
-            if unsentAtLastLook > 0 || unsent > 0 { lastActivity = Self.now }
-            unsentAtLastLook = unsent
-        }
+        if unsentAtLastLook >= 0, unsent != unsentAtLastLook { lastActivity = Self.now }
+        unsentAtLastLook = unsent
+        return unsent > 0
     }
 
     /// Every byte before the EOF is delivered: pass the EOF on as a half-close.

@@ -62,6 +62,7 @@ public enum EgressBinding: Hashable, Sendable, CustomStringConvertible {
     /// The caller owns the returned socket. Errors name the step that failed.
     public func makeSocket() throws(SystemError) -> Socket {
         let socket = try Socket.tcp(ipv6: isIPv6)
+        socket.setUrgentDataInline()
         do {
             switch self {
             case .fixed(let endpoint):

@@ -47,8 +47,10 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     let queue: DispatchQueue
     private let epollFD: Int32
     private let wakeFD: Int32
-    private let source: DispatchSourceRead
-    private let timer: DispatchSourceTimer
+    /// Made at activation, never before: libdispatch aborts the process when an object that was
+    /// never activated is released (a shard made by a group whose next shard failed to start).
+    private var source: DispatchSourceRead?
+    private var timer: DispatchSourceTimer?
     private let linger: UInt64
     /// A run of the loop returns to Dispatch after this long, busy or not.
     private static let maximumRun: UInt64 = 10_000_000
@@ -67,8 +69,11 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     /// The deadline the Dispatch timer is armed for (UInt64.max: none).
     private var armedDeadline = UInt64.max
     /// Work for this shard from this shard: run before the loop next waits.
-    private var deferred: [() -> Void] = []
+    private var deferred: [@Sendable () -> Void] = []
     private let events: UnsafeMutablePointer<sameport_epoll_event>
+
+    /// Told when the group's accept spread changes (the acceptors of this shard).
+    private var spreadWatchers: [ObjectIdentifier: () -> Void] = [:]
 
     /// Work from other threads, and whether the eventfd has been written since the loop last
     /// emptied the inbox.
@@ -82,13 +87,14 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         self.index = index
         self.linger = UInt64(max(0, linger.nanoseconds))
         let epollFD = try systemCall("epoll_create1") { sameport_epoll_create() }
-        let wakeFD: Int32
+        var wakeFD: Int32 = -1
         do throws(SystemError) {
             wakeFD = try systemCall("eventfd") { sameport_eventfd() }
             _ = try systemCall("epoll_ctl") {
                 sameport_epoll_ctl(epollFD, sameport_epoll_ctl_add, wakeFD, sameport_epollin | sameport_epollet, Self.wakeID)
             }
         } catch {
+            if wakeFD >= 0 { Glibc.close(wakeFD) }
             Glibc.close(epollFD)
             throw error
         }
@@ -97,23 +103,35 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         queue = DispatchQueue(label: "sameport.shard.\(index)")
         queue.setSpecific(key: Self.key, value: index)
         events = .allocate(capacity: Int(Self.batch))
-        source = DispatchSource.makeReadSource(fileDescriptor: epollFD, queue: queue)
-        timer = DispatchSource.makeTimerSource(queue: queue)
-        source.setEventHandler { [unowned self] in run(fromEvent: true) }
-        timer.setEventHandler { [unowned self] in
-            armedDeadline = .max
-            run(fromEvent: false)
-        }
+    }
+
+    /// Only a shard that was never activated goes away (its group failed to start): no Dispatch
+    /// object watches its descriptors.
+    deinit {
+        guard source == nil else { return }
+        Glibc.close(wakeFD)
+        Glibc.close(epollFD)
+        events.deallocate()
     }
 
     /// Starts the Dispatch source and timer: the first Dispatch thread starts here, so this waits
     /// until start-up has dropped what only the main thread may keep (capabilities).
     fileprivate func activate() {
-        source.activate()
-        timer.activate()
+        let source = DispatchSource.makeReadSource(fileDescriptor: epollFD, queue: queue)
+        let timer = DispatchSource.makeTimerSource(queue: queue)
+        source.setEventHandler { [unowned self] in run(fromEvent: true) }
+        timer.setEventHandler { [unowned self] in
+            armedDeadline = .max
+            run(fromEvent: false)
+        }
         // Arms the timer once now, so that libdispatch makes its timer descriptor at start-up
         // rather than at the first connection that has a deadline.
         timer.schedule(deadline: .now() + .milliseconds(20))
+        // Stored before activation: nothing runs on `queue` until then.
+        self.source = source
+        self.timer = timer
+        source.activate()
+        timer.activate()
     }
 
     /// Whether the caller runs on this shard's queue.
@@ -147,7 +165,7 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     /// Registers a connected socket for everything, edge-triggered, for its whole life.
     func registerSocket(_ socket: Socket, handler: any EventHandler, tag: UInt8) throws(SystemError) -> UInt64 {
         try register(
-            fd: socket.fd, events: sameport_epollin | sameport_epollout | sameport_epollrdhup | sameport_epollet,
+            fd: socket.fd, events: sameport_epollin | sameport_epollpri | sameport_epollout | sameport_epollrdhup | sameport_epollet,
             handler: handler, tag: tag)
     }
 
@@ -176,6 +194,21 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     /// Forgets `handler`'s deadline, if it has one.
     func cancelDeadline(_ handler: any DeadlineHandler) {
         heap.remove(handler)
+    }
+
+    // MARK: Accept spread
+
+    /// Calls `body` on this shard whenever the group's accept spread changes, until `unwatch`.
+    func watchAcceptSpread(_ watcher: AnyObject, _ body: @escaping () -> Void) {
+        spreadWatchers[ObjectIdentifier(watcher)] = body
+    }
+
+    func unwatchAcceptSpread(_ watcher: AnyObject) {
+        spreadWatchers[ObjectIdentifier(watcher)] = nil
+    }
+
+    fileprivate func acceptSpreadChanged() {
+        for body in spreadWatchers.values { body() }
     }
 
     // MARK: Work
@@ -208,12 +241,13 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         for task in tasks { task() }
     }
 
+    /// Runs the tasks deferred so far, once: a task that defers another (a busy direction that
+    /// yields) waits for the next pass, after the shard has looked at its other sockets.
     private func runDeferred() {
-        while !deferred.isEmpty {
-            let tasks = deferred
-            deferred.removeAll(keepingCapacity: true)
-            for task in tasks { task() }
-        }
+        guard !deferred.isEmpty else { return }
+        let tasks = deferred
+        deferred.removeAll(keepingCapacity: true)
+        for task in tasks { task() }
     }
 
     // MARK: The loop
@@ -233,14 +267,21 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
                 runDeferred()
                 now = DispatchTime.now().uptimeNanoseconds
             }
-            if count > 0 { lastBusy = now }
+            if count > 0 || !deferred.isEmpty { lastBusy = now }
             timeout = 0
             guard now &- started < Self.maximumRun else { break }
-            if count == Self.batch { continue }
+            if count == Self.batch || !deferred.isEmpty { continue }
             guard let busy = lastBusy, linger > 0, now &- busy < linger else { break }
             var wait = linger - (now &- busy)
             if let next = heap.earliest { wait = min(wait, next > now ? next - now : 0) }
             timeout = Int64(wait)
+        }
+        if !deferred.isEmpty {
+            // Out of time with work left: through the inbox, whose eventfd brings Dispatch back.
+            let tasks = deferred
+            deferred.removeAll()
+            inbox.withLock { $0.append(contentsOf: tasks) }
+            wake()
         }
         armTimer()
     }
@@ -262,6 +303,7 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     private func armTimer() {
         let next = heap.earliest ?? .max
         guard next != armedDeadline else { return }
+        guard let timer else { return }
         armedDeadline = next
         if next == .max {
             timer.schedule(deadline: .distantFuture)
@@ -326,6 +368,23 @@ public final class EventLoopGroup: Sendable {
 
     /// The number of shards.
     public var count: Int { loops.count }
+
+    /// Whether every shard takes new clients, or only the first. A connection lives on the shard
+    /// that accepted it, and a client handed to a shard that sleeps in Dispatch costs a thread
+    /// wake-up, while one taken by the shard already running costs none: so the first shard
+    /// accepts alone while it keeps up (every accept finds one client waiting), and the others
+    /// join once clients queue up behind it (see `Acceptor`). Without this, a listener in every
+    /// shard's epoll set wakes every shard that sleeps in Dispatch for each client
+    /// (EPOLLEXCLUSIVE only wakes one of the waiters *in* epoll_wait).
+    let acceptSpread = Atomic<Bool>(false)
+
+    /// Switches the spread; tells the shards after the first (whose acceptors follow it).
+    func setAcceptSpread(_ spread: Bool) {
+        guard acceptSpread.exchange(spread, ordering: .acquiringAndReleasing) != spread else { return }
+        for loop in loops.dropFirst() {
+            loop.execute { loop.acceptSpreadChanged() }
+        }
+    }
 
     /// A shard, round robin.
     func nextLoop() -> EventLoop {

@@ -38,6 +38,9 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     private let socket: Socket
     private var acceptors: [Acceptor] = []
     private let isClosed = Atomic<Bool>(false)
+    /// Whether the relay wants clients now: set under the relay's lock, read by each shard when it
+    /// updates its registration, so that a stale task can never leave a shard switched off.
+    fileprivate let wantsAccepting = AcceptSwitch()
 
     private static let backlog: Int32 = 4096
 
@@ -150,14 +153,17 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     ) {
         guard acceptors.isEmpty else { return }
         acceptors = group.loops.map {
-            Acceptor(socket: socket, loop: $0, acceptNext: acceptNext, onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
+            Acceptor(
+                wantsAccepting: wantsAccepting, group: group, socket: socket, loop: $0, acceptNext: acceptNext,
+                onFatalError: onFatalError, onTemporaryFailure: onTemporaryFailure)
         }
     }
 
     /// Starts or stops taking clients off the accept queue (the kernel keeps queueing them).
     func setAccepting(_ accepting: Bool) {
+        wantsAccepting.isOn.store(accepting, ordering: .releasing)
         for acceptor in acceptors {
-            acceptor.loop.execute { acceptor.setAccepting(accepting) }
+            acceptor.loop.execute { acceptor.updateRegistration() }
         }
     }
 
@@ -179,18 +185,30 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     }
 }
 
+/// Whether a listener's relay wants clients, shared by its shards' acceptors (which may outlive
+/// the listener object by a task).
+final class AcceptSwitch: Sendable {
+    let isOn = Atomic<Bool>(false)
+}
+
 /// Accepts one client from the listening socket on the given shard; false when none is waiting.
 typealias AcceptNext = @Sendable (Socket, EventLoop) throws(SystemError) -> Bool
 
 /// One shard's part of a listener: its registration, and the accepting.
 private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable {  // confined to `loop`
     let loop: EventLoop
+    private let wantsAccepting: AcceptSwitch
+    private let group: EventLoopGroup
+    /// The group's first shard accepts always; the others while the group spreads accepting.
+    private let isFirst: Bool
+    private var isWatchingSpread = false
+    /// On the first shard: when an accept last found clients queued behind the one it took.
+    private var lastBacklog: UInt64 = 0
     private let socket: Socket
     private let acceptNext: AcceptNext
     private let onFatalError: @Sendable (SystemError) -> Void
     private let onTemporaryFailure: @Sendable (SystemError) -> Void
     private var registration: UInt64?
-    private var wantsAccepting = false
     private var isBackingOff = false
     private var isClosed = false
     var deadlineIndex = -1
@@ -198,12 +216,17 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
 
     /// Clients accepted per event at most: others are served by the next event (level-triggered).
     private static let acceptBatch = 64
+    /// The other shards stop accepting once the first has kept up this long.
+    private static let spreadHold: UInt64 = 1_000_000_000
 
     init(
-        socket: Socket, loop: EventLoop, acceptNext: @escaping AcceptNext,
+        wantsAccepting: AcceptSwitch, group: EventLoopGroup, socket: Socket, loop: EventLoop, acceptNext: @escaping AcceptNext,
         onFatalError: @escaping @Sendable (SystemError) -> Void,
         onTemporaryFailure: @escaping @Sendable (SystemError) -> Void
     ) {
+        self.wantsAccepting = wantsAccepting
+        self.group = group
+        self.isFirst = group.loops.first === loop
         self.socket = socket
         self.loop = loop
         self.acceptNext = acceptNext
@@ -211,19 +234,20 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
         self.onTemporaryFailure = onTemporaryFailure
     }
 
-    func setAccepting(_ accepting: Bool) {
-        wantsAccepting = accepting
-        updateRegistration()
-    }
-
     func close() {
         isClosed = true
         loop.cancelDeadline(self)
+        loop.unwatchAcceptSpread(self)
         updateRegistration()
     }
 
-    private func updateRegistration() {
-        let registered = wantsAccepting && !isBackingOff && !isClosed
+    func updateRegistration() {
+        if !isFirst, !isWatchingSpread, !isClosed {
+            isWatchingSpread = true
+            loop.watchAcceptSpread(self) { [unowned self] in updateRegistration() }
+        }
+        let registered = wantsAccepting.isOn.load(ordering: .acquiring) && !isBackingOff && !isClosed
+            && (isFirst || group.acceptSpread.load(ordering: .acquiring))
         if registered, registration == nil {
             do {
                 registration = try loop.register(
@@ -238,14 +262,19 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     }
 
     func handle(events: UInt32, tag: UInt8) {
-        for _ in 0..<Self.acceptBatch {
+        for accepted in 0..<Self.acceptBatch {
             guard registration != nil else { return }
             do {
-                guard try acceptNext(socket, loop) else { return }
+                guard try acceptNext(socket, loop) else {
+                    if isFirst { noteLoad(backlog: accepted > 1) }
+                    updateRegistration()  // none waiting, or the relay is full or stopping
+                    return
+                }
             } catch {
                 switch error.errno {
                 case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
-                    setAccepting(false)
+                    isClosed = true
+                    updateRegistration()
                     onFatalError(error)  // the listening socket itself is broken
                     return
                 case .connectionAborted, .protocolError, .protocolNotAvailable, .hostDown, .noNetwork,
@@ -262,19 +291,42 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
                 }
             }
         }
+        if isFirst { noteLoad(backlog: true) }  // a whole batch: clients are queueing
     }
 
     func deadlineReached(now: UInt64) {
         isBackingOff = false
         updateRegistration()
     }
+
+    /// On the first shard, after an event's accepts: clients that queued behind the first one
+    /// bring the other shards in; a second of single arrivals lets them go.
+    private func noteLoad(backlog: Bool) {
+        guard group.loops.count > 1 else { return }
+        let now = DispatchTime.now().uptimeNanoseconds
+        if backlog {
+            lastBacklog = now
+            if !group.acceptSpread.load(ordering: .relaxed) { group.setAcceptSpread(true) }
+        } else if now &- lastBacklog > Self.spreadHold, group.acceptSpread.load(ordering: .relaxed) {
+            group.setAcceptSpread(false)
+        }
+    }
 }
 
 extension Socket {
-    /// TCP_NODELAY on a listening socket: Linux copies it to every socket accepted from it, which
-    /// saves a setsockopt per client (a relay forwards what it reads at once; Nagle only delays).
-    /// A failure only costs that latency: ignored.
+    /// Options on a listening socket that Linux copies to every socket accepted from it, which
+    /// saves a setsockopt per client: TCP_NODELAY (a relay forwards what it reads at once; Nagle
+    /// only delays) and SO_OOBINLINE (see `setUrgentDataInline`). A failure is ignored: it costs
+    /// that latency, or the urgent byte's place in the stream.
     func setNoDelayForClients() {
         try? setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
+        setUrgentDataInline()
+    }
+
+    /// SO_OOBINLINE: a byte the peer sends as urgent (MSG_OOB: telnet's interrupt, FTP's abort)
+    /// stays in the stream, where the relay passes it on like any other, instead of being held
+    /// aside where no read of the stream would find it.
+    func setUrgentDataInline() {
+        try? setOption(level: SOL_SOCKET, name: SO_OOBINLINE, value: 1)
     }
 }

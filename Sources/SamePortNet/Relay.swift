@@ -58,6 +58,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         var selector: UpstreamSelector
         var waiting: WaitQueue<QueuedClient>
         var connections: [ObjectIdentifier: Entry] = [:]
+        /// Clients whose PROXY header is being read (accept_proxy): not yet judged or served.
+        var headerReaders: [ObjectIdentifier: ProxyHeaderReader] = [:]
         /// Connections failing over, served before queued clients: they were accepted earlier.
         var failingOver: [Failover] = []
         var listener: Listener?
@@ -72,6 +74,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         var served = 0
         /// What each client address holds (connections and queued clients), for max_per_client.
         var perClient = ClientCounts()
+
+        /// What max_connections bounds: open connections, queued clients, and clients whose
+        /// PROXY header is being read.
+        var openCount: Int { connections.count + waiting.count + headerReaders.count }
     }
 
     /// Work to do once the lock is released.
@@ -117,7 +123,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         do {
             group = try EventLoopGroup.shared()
         } catch {
-            throw StartupError("cannot start the event loops: \(error): raise the limit on open files (LimitNOFILE=) or on epoll instances (fs.epoll.max_user_watches)", isTemporary: true, errno: error.errno)
+            throw StartupError("cannot start the event loops: \(error): each event loop needs 2 descriptors: raise the limit on open files (LimitNOFILE=, ulimit -n) or lower --threads", isTemporary: true, errno: error.errno)
         }
         let listener: Listener
         if let inherited {
@@ -274,14 +280,20 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// `end=shutdown`); then calls `completion`. A second call (a shorter timeout: a second
     /// signal) cuts sooner; both completions run.
     public func drain(timeout: Duration, completion: @escaping @Sendable () -> Void) {
+        var actions: Actions = []
         let (listener, isEmpty, completions) = shared.withLock { shared in
             shared.isStopping = true
             shared.stopCompletions.append(completion)
             let listener = shared.listener
             shared.listener = nil
-            return (listener, shared.connections.isEmpty && shared.waiting.isEmpty, finishStopIfDone(&shared))
+            // A client still sending its PROXY header has not been admitted: it ends now.
+            for reader in shared.headerReaders.values {
+                actions.append { reader.loop.execute { reader.stop() } }
+            }
+            return (listener, shared.connections.isEmpty && shared.waiting.isEmpty && shared.headerReaders.isEmpty, finishStopIfDone(&shared))
         }
         listener?.close()
+        for action in actions { action() }
         if timeout <= .zero {
             cutConnections()
         } else if !isEmpty {
@@ -355,55 +367,20 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         let listenerEndpoint = listenEndpoint.flatMap { $0.address.isUnspecified ? nil : $0 }
         var accepted: Arrival?
         let decided = try shared.withLock { shared throws(SystemError) -> AcceptOutcome? in
-            guard let (client, acceptedPeer) = try listener.accept() else { return nil }
+            // The limit and a stop hold here, whatever the shards' registrations still say.
+            guard !shared.isStopping, shared.openCount < shared.spec.maxConnections,
+                  let (client, acceptedPeer) = try listener.accept() else { return nil }
             let acceptedAt = DispatchTime.now().uptimeNanoseconds
             guard let local = listenerEndpoint ?? (try? client.localEndpoint()),
                   let peer = acceptedPeer ?? (try? client.peerEndpoint()) else {
                 return .unreadable(client, acceptedAt: acceptedAt)
             }
             var arrival = Arrival(
-                client: client, clientEndpoint: peer.unmapped, binding: EgressBinding(mode: shared.spec.egress, local: local),
-                acceptedAt: acceptedAt, loop: loop)
+                client: client, clientEndpoint: peer.unmapped, reached: local.unmapped,
+                binding: EgressBinding(mode: shared.spec.egress, local: local), acceptedAt: acceptedAt, loop: loop)
             defer { accepted = arrival }
-            if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
-                return .ended(.refused(cause: refusal))
-            }
-            let limit = shared.spec.maxPerClient
-            if limit > 0, shared.perClient[arrival.clientEndpoint.address] >= limit {
-                return .ended(.clientLimit(limit: limit))
-            }
-            let outcome = serve(&shared, arrival)
-            switch outcome {
-            case .busy:
-                switch shared.spec.onBusy {
-                case .reject:
-                    return .ended(.busyRejected)
-                case .ephemeral:
-                    let fixed = arrival.binding
-                    arrival.binding = .ephemeral(fixed.address)
-                    switch serve(&shared, arrival) {
-                    case .started(let connection):
-                        shared.perClient.add(arrival.clientEndpoint.address)
-                        return .startedEphemeral(connection, from: fixed)
-                    case .busy: return .ended(.connectFailed(cause: "no upstream address"))
-                    case .ended(let end): return .ended(end)
-                    }
-                case .queue:
-                    guard !shared.waiting.isFull else { return .ended(.queueFull) }
-                    let waiter = QueuedClient(arrival, relay: self, connectTimeout: shared.spec.connectTimeout)
-                    guard let ticket = shared.waiting.append(waiter) else { return .ended(.queueFull) }
-                    waiter.ticket = ticket
-                    shared.perClient.add(arrival.clientEndpoint.address)
-                    updateAccepting(&shared)
-                    return .queued(waiter, position: shared.waiting.count)
-                }
-            case .started(let connection):
-                shared.perClient.add(arrival.clientEndpoint.address)
-                updateAccepting(&shared)
-                return .started(connection)
-            case .ended(let end):
-                return .ended(end)
-            }
+            if shared.spec.acceptProxy { return readHeader(&shared, arrival) }
+            return admit(&shared, &arrival)
         }
         guard let outcome = decided else { return false }
         if case .unreadable(let client, let acceptedAt) = outcome {
@@ -415,6 +392,56 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             return true
         }
         guard let arrival = accepted else { return true }
+        carryOut(outcome, arrival)
+        return true
+    }
+
+    /// Judges a client whose address is known (allow/deny) and serves, rejects or queues it;
+    /// under the lock. What it decides is carried out once the lock is released (`carryOut`).
+    private func admit(_ shared: inout Shared, _ arrival: inout Arrival) -> AcceptOutcome {
+        if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
+            return .ended(.refused(cause: refusal))
+        }
+        let limit = shared.spec.maxPerClient
+        if limit > 0, shared.perClient[arrival.clientEndpoint.address] >= limit {
+            return .ended(.clientLimit(limit: limit))
+        }
+        let outcome = serve(&shared, arrival)
+        switch outcome {
+        case .busy:
+            switch shared.spec.onBusy {
+            case .reject:
+                return .ended(.busyRejected)
+            case .ephemeral:
+                let fixed = arrival.binding
+                arrival.binding = .ephemeral(fixed.address)
+                switch serve(&shared, arrival) {
+                case .started(let connection):
+                    shared.perClient.add(arrival.clientEndpoint.address)
+                    return .startedEphemeral(connection, from: fixed)
+                case .busy: return .ended(.connectFailed(cause: "no upstream address"))
+                case .ended(let end): return .ended(end)
+                }
+            case .queue:
+                guard !shared.waiting.isFull else { return .ended(.queueFull) }
+                let waiter = QueuedClient(arrival, relay: self, connectTimeout: shared.spec.connectTimeout)
+                guard let ticket = shared.waiting.append(waiter) else { return .ended(.queueFull) }
+                waiter.ticket = ticket
+                shared.perClient.add(arrival.clientEndpoint.address)
+                updateAccepting(&shared)
+                return .queued(waiter, position: shared.waiting.count)
+            }
+        case .started(let connection):
+            shared.perClient.add(arrival.clientEndpoint.address)
+            updateAccepting(&shared)
+            return .started(connection)
+        case .ended(let end):
+            return .ended(end)
+        }
+    }
+
+    /// Does what `admit` (or `readHeader`) decided, on the arrival's shard, without the lock.
+    private func carryOut(_ outcome: AcceptOutcome, _ arrival: Arrival) {
         let client = arrival.client
         let acceptedAt = arrival.acceptedAt
         switch outcome {
@@ -431,17 +458,66 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                     "relay": .string(name), "client": .stringConvertible(arrival.clientEndpoint),
                     "egress": .stringConvertible(arrival.binding), "waiting": .stringConvertible(position)])
             }
-            loop.setDeadline(waiter, at: acceptedAt &+ UInt64(max(0, waiter.connectTimeout.nanoseconds)))
+            arrival.loop.setDeadline(waiter, at: acceptedAt &+ UInt64(max(0, waiter.connectTimeout.nanoseconds)))
+        case .readingHeader(let reader):
+            reader.start()
         case .unreadable:
-            break  // handled above
+            break  // handled by acceptNext
         }
-        return true
+    }
+
+    // MARK: PROXY protocol headers
+
+    /// accept_proxy: a client from a trusted sender gets a reader for its PROXY header, counted
+    /// like an open connection; any other is refused. Under the lock.
+    private func readHeader(_ shared: inout Shared, _ arrival: Arrival) -> AcceptOutcome {
+        let sender = arrival.clientEndpoint.address
+        guard shared.spec.acceptProxyFrom.contains(where: { $0.contains(sender) }) else {
+            let blocks = shared.spec.acceptProxyFrom.map(\.description).joined(separator: ", ")
+            return .ended(.refused(cause: "the sender is in no accept_proxy_from block (\(blocks)): it may not announce a client"))
+        }
+        let reader = ProxyHeaderReader(arrival, relay: self, timeout: shared.spec.proxyTimeout)
+        shared.headerReaders[ObjectIdentifier(reader)] = reader
+        updateAccepting(&shared)
+        return .readingHeader(reader)
+    }
+
+    /// A client's PROXY header is read (on its shard): the announced client is judged and served
+    /// as if it had just been accepted.
+    func headerRead(_ reader: ProxyHeaderReader) {
+        var arrival = reader.arrival
+        let (outcome, completions) = shared.withLock { shared -> (AcceptOutcome, [@Sendable () -> Void]) in
+            shared.headerReaders.removeValue(forKey: ObjectIdentifier(reader))
+            guard !shared.isStopping else { return (.ended(.shutdown), finishStopIfDone(&shared)) }
+            defer { updateAccepting(&shared) }
+            return (admit(&shared, &arrival), [])
+        }
+        carryOut(outcome, arrival)
+        for completion in completions { completion() }
+    }
+
+    /// A client's PROXY header failed, or the relay is stopping (on its shard): the client is
+    /// closed with its log line.
+    func headerFailed(_ reader: ProxyHeaderReader, _ end: ConnectionEnd) {
+        let completions = shared.withLock { shared -> [@Sendable () -> Void] in
+            guard shared.headerReaders.removeValue(forKey: ObjectIdentifier(reader)) != nil else { return [] }
+            updateAccepting(&shared)
+            return finishStopIfDone(&shared)
+        }
+        endArrival(reader.arrival, end)
+        for completion in completions { completion() }
     }
 
     /// A client accepted and not yet handed to a connection.
     struct Arrival {
         var client: Socket
+        /// The client: the peer of the accepted socket, or the client its PROXY header announced
+        /// (accept_proxy). Everything downstream uses this one value: allow/deny, the log line,
+        /// the PROXY header sent upstream.
         var clientEndpoint: Endpoint
+        /// The address the client reached: the accepted socket's local address, or the
+        /// destination its PROXY header announced. A PROXY header sent upstream announces it.
+        var reached: Endpoint
         var binding: EgressBinding
         var acceptedAt: UInt64
         var loop: EventLoop
@@ -454,6 +530,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         case startedEphemeral(Connection, from: EgressBinding)
         case ended(ConnectionEnd)
         case queued(QueuedClient, position: Int)
+        /// Waiting for its PROXY header (accept_proxy).
+        case readingHeader(ProxyHeaderReader)
     }
 
     private enum ServeOutcome {
@@ -474,7 +552,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             return .ended(.connectFailed(cause: "no upstream has an \(arrival.binding.address.familyName) address to dial from \(arrival.binding)"))
         case .reserved(let reservation):
             let connection = Connection(
-                client: arrival.client, clientEndpoint: arrival.clientEndpoint, acceptedAt: arrival.acceptedAt,
+                client: arrival.client, clientEndpoint: arrival.clientEndpoint, reached: arrival.reached, acceptedAt: arrival.acceptedAt,
                 binding: arrival.binding, reservation: reservation, context: shared.context, relay: self, loop: arrival.loop)
             shared.connections[ObjectIdentifier(connection)] = Entry(connection: connection, reservation: reservation, generation: shared.generation)
             shared.served += 1
@@ -661,14 +739,15 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
 
     /// At the connection limit the listener stops taking clients; the kernel's backlog holds them.
     private func updateAccepting(_ shared: inout Shared) {
-        let accepting = !shared.isStopping && shared.connections.count + shared.waiting.count < shared.spec.maxConnections
+        let accepting = !shared.isStopping && shared.openCount < shared.spec.maxConnections
         guard accepting != shared.accepting, let listener = shared.listener else { return }
         shared.accepting = accepting
         listener.setAccepting(accepting)
     }
 
     private func finishStopIfDone(_ shared: inout Shared) -> [@Sendable () -> Void] {
-        guard shared.isStopping, shared.connections.isEmpty, shared.waiting.isEmpty, !shared.stopCompletions.isEmpty else { return [] }
+        guard shared.isStopping, shared.connections.isEmpty, shared.waiting.isEmpty, shared.headerReaders.isEmpty,
+              !shared.stopCompletions.isEmpty else { return [] }
         defer { shared.stopCompletions = [] }
         return shared.stopCompletions
     }

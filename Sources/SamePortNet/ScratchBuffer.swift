@@ -7,6 +7,9 @@ import Glibc
 /// receiving socket could not take into a buffer of its own, and only then. An idle connection
 /// thus holds no buffer at all, and a busy one holds one only while its receiver lags.
 ///
+/// The PROXY header reader peeks into it too (`ProxyHeaderReader`), done with it before it hands
+/// the client on.
+///
 /// Safe because a pump runs start to end on one thread and gives the scratch back (all written, or
 /// copied out) before it returns. The memory lives as long as the thread (a Dispatch worker) and
 /// is freed with it.

@@ -123,6 +123,11 @@ public struct Socket: Hashable, Sendable {
         Int(sameport_unsent_bytes(fd))
     }
 
+    /// The bytes waiting to be read (SIOCINQ), or -1 if the kernel will not say.
+    func unreadBytes() -> Int {
+        Int(sameport_unread_bytes(fd))
+    }
+
     /// True when the peer has reset the connection (a peek with recv(2) MSG_PEEK fails with
     /// ECONNRESET). A clean EOF is not a reset: a client may half-close and still await a reply.
     func peerHasReset() -> Bool {

@@ -10,7 +10,7 @@ struct CheckCommand: ParsableCommand {
             Reads --config FILE as 'sameport run --config FILE' would, without binding or resolving \
             anything. On success prints one row per relay (name, listen address, upstreams, egress, \
             busy policy, timeouts, keepalive as IDLE+INTERVALxCOUNT (with ,user=TIMEOUT when the user timeout differs), \
-            limits, splice and pipe size, client access) and exits 0. Otherwise prints every \
+            limits, splice and pipe size, client access, PROXY protocol) and exits 0. Otherwise prints every \
             problem, one per line, as FILE:LINE:COLUMN: message, and exits 2.
 
             THE FILE (TOML)
@@ -39,6 +39,10 @@ struct CheckCommand: ParsableCommand {
               deny = ["10.0.0.7"]
               splice = true               zero-copy through a pipe per direction, or false
               pipe_size = 1048576         bytes per pipe, 4096 to 16777216
+              proxy_protocol = "v2"       send a PROXY header upstream: v1, v2 or off (default)
+              accept_proxy = true         read a PROXY header from each client first
+              accept_proxy_from = ["10.0.0.5"]  the proxies trusted to send one (required with it)
+              proxy_timeout = "5s"        the whole header within this long
 
             LIMITS
               At most 4 MiB, 10,000 relays, names of 255 characters, keys of 128, brackets nested 16
@@ -73,9 +77,22 @@ struct CheckCommand: ParsableCommand {
         print("\(config): \(relays.count) relay\(relays.count == 1 ? "" : "s"), configuration OK")
     }
 
+    /// The PROXY protocol column: what is sent, and from whom a header is read and how long it may take.
+    static func proxy(_ relay: RelaySpec) -> String {
+        var parts: [String] = []
+        if let version = relay.proxyProtocol { parts.append("send \(version.rawValue)") }
+        if relay.acceptProxy {
+            parts.append("accept from \(relay.acceptProxyFrom.map(\.description).joined(separator: ",")) within \(relay.proxyTimeout.shortDescription)")
+        }
+        return parts.isEmpty ? "off" : parts.joined(separator: "; ")
+    }
+
     /// The relays as an aligned text table.
     static func table(_ relays: [RelaySpec]) -> String {
-        let header = ["NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "KEEPALIVE", "DRAIN", "MAX-CONN", "PER-CLIENT", "QUEUE", "BUFFER", "SPLICE", "ACCESS"]
+        let header = [
+            "NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "KEEPALIVE", "DRAIN", "MAX-CONN", "PER-CLIENT",
+            "QUEUE", "BUFFER", "SPLICE", "ACCESS", "PROXY",
+        ]
         let rows = relays.map { relay -> [String] in
             var access: [String] = []
             if !relay.access.allow.isEmpty { access.append("allow " + relay.access.allow.map(\.description).joined(separator: ",")) }
@@ -86,6 +103,7 @@ struct CheckCommand: ParsableCommand {
                 relay.idleTimeout?.shortDescription ?? "off", "\(relay.keepalive)", relay.drainTimeout.shortDescription,
                 "\(relay.maxConnections)", relay.maxPerClient == 0 ? "any" : "\(relay.maxPerClient)", "\(relay.queueLimit)",
                 "\(relay.bufferSize)", relay.splice == .on ? "on/\(relay.pipeSize)" : "off", access.isEmpty ? "any" : access.joined(separator: "; "),
+                proxy(relay),
             ]
         }
         let all = [header] + rows

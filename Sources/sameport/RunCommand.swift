@@ -44,6 +44,17 @@ struct RunCommand: ParsableCommand {
             client in a deny block, or in no allow block when any is given, is reset at once and \
             logged with end=refused. Deny wins.
 
+            PROXY PROTOCOL (HAProxy's, v1 text or v2 binary)
+              --proxy-protocol v1|v2 writes a header to each upstream before the client's first \
+            byte, announcing the client's ip:port and the ip:port it reached. --accept-proxy reads \
+            one from each client before serving it (a proxy in front announces its client): only \
+            senders in --accept-proxy-from may send one (required; others are reset, end=refused), \
+            and the announced client counts for --allow/--deny, the log line and the header sent \
+            on. A header that is malformed, cut short, oversized (v1 above 107 bytes, v2 above \
+            16+4096) or not complete within --proxy-timeout (default 5s) closes the client with \
+            end=bad-proxy-header; nothing of it reaches an upstream. v1 UNKNOWN and v2 LOCAL keep \
+            the connection's own addresses.
+
             SIGNALS
               SIGTERM   stop accepting; open connections drain (--drain-timeout)
               SIGINT    stop now, cutting open connections (so does a 2nd SIGTERM)
@@ -134,6 +145,18 @@ struct RunCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
     var spliceAfter: Int?
 
+    @Option(name: .customLong("proxy-protocol"), help: ArgumentHelp("Write a PROXY protocol header (v1 or v2) to each upstream before the client's bytes.", valueName: "v1|v2"))
+    var proxyProtocol: String?
+
+    @Flag(name: .customLong("accept-proxy"), help: "Read a PROXY protocol header (v1 or v2) from each client before serving it; needs --accept-proxy-from.")
+    var acceptProxy = false
+
+    @Option(name: .customLong("accept-proxy-from"), help: ArgumentHelp("With --accept-proxy: a CIDR block of the proxies trusted to send headers; repeat for several.", valueName: "cidr"))
+    var acceptProxyFrom: [String] = []
+
+    @Option(name: .customLong("proxy-timeout"), help: ArgumentHelp("With --accept-proxy: close a client whose header is not complete within this long (default 5s).", valueName: "duration"))
+    var proxyTimeout: String?
+
     @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name; default main).", valueName: "name"))
     var name: String?
 
@@ -166,6 +189,8 @@ struct RunCommand: ParsableCommand {
             ("--queue-limit", queueLimit != nil), ("--buffer-size", bufferSize != nil),
             ("--allow", !allow.isEmpty), ("--deny", !deny.isEmpty), ("--splice", splice != nil),
             ("--pipe-size", pipeSize != nil), ("--splice-after", spliceAfter != nil), ("--name", name != nil),
+            ("--proxy-protocol", proxyProtocol != nil), ("--accept-proxy", acceptProxy),
+            ("--accept-proxy-from", !acceptProxyFrom.isEmpty), ("--proxy-timeout", proxyTimeout != nil),
         ]
         return given.filter(\.1).map(\.0)
     }
@@ -206,7 +231,12 @@ struct RunCommand: ParsableCommand {
                 pipeSize: pipeSize ?? RelaySpec.defaultPipeSize,
                 spliceAfter: spliceAfter ?? RelaySpec.defaultSpliceAfter,
                 drainTimeout: try drainTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
-                    ?? RelaySpec.defaultDrainTimeout)
+                    ?? RelaySpec.defaultDrainTimeout,
+                proxyProtocol: try proxyProtocol.map { text throws(OptionError) in try ProxyProtocolVersion(parsing: text) },
+                acceptProxy: acceptProxy,
+                acceptProxyFrom: try acceptProxyFrom.map { text throws(OptionError) in try CIDR(parsing: text) },
+                proxyTimeout: try proxyTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
+                    ?? RelaySpec.defaultProxyTimeout)
             if let problem = spec.problems().first { throw ValidationError(problem) }
             return spec
         } catch let error as ValidationError {

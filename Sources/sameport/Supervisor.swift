@@ -33,8 +33,10 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     /// it, and only while that reload runs.
     private var readNumber = 0
     /// Fails the running reload when its read takes longer than the reload timeout; cancelled
-    /// when the reload ends.
-    private var reloadDeadline: DispatchWorkItem?
+    /// when the reload ends. A timer source, not `asyncAfter`: libdispatch keeps a cancelled
+    /// work item's timer, block and group until the deadline passes, about 1 KB a reload for the
+    /// whole reload timeout; a cancelled source is freed at once.
+    private var reloadDeadline: DispatchSourceTimer?
     /// A SIGHUP came during a reload: reload once more when it is done.
     private var reloadAgain = false
     /// Clients served by relays that have retired, so that the total never goes down.
@@ -270,6 +272,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
                 }
                 guard !isStopping else {
                     reloadDeadline?.cancel()
+                    reloadDeadline = nil
                     isReloading = false
                     return
                 }
@@ -283,12 +286,14 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
                 }
             }
         }
-        let deadline = DispatchWorkItem { [self] in
+        let deadline = DispatchSource.makeTimerSource(queue: .main)
+        deadline.setEventHandler { [unowned self] in
             guard !isStopping else { return }
             finishReload(failedWith: ["reading \(configPath) and resolving its host names took longer than \(reloadTimeout.shortDescription): check the file's file system and the resolver, or raise --reload-timeout"])
         }
+        deadline.schedule(deadline: .now() + reloadTimeout.dispatchInterval)
+        deadline.activate()
         reloadDeadline = deadline
-        DispatchQueue.main.asyncAfter(deadline: .now() + reloadTimeout.dispatchInterval, execute: deadline)
     }
 
     /// Ends a reload: READY=1, then the reload a SIGHUP asked for meanwhile. A failed one is logged

@@ -15,6 +15,18 @@ struct CommandLineTests {
         return (status, process.output)
     }
 
+    @Test("Too few descriptors for the event loops: exit 2 and one line with the cure, not an abort")
+    func eventLoopsCannotStart() throws {
+        let (status, output) = try run(
+            ["--listen", "127.0.0.1:\(try freePort())", "--upstream", "127.0.0.1:9", "--threads", "64"],
+            prefix: ["prlimit", "--nofile=40"])
+        #expect(status == 2, "\(output)")
+        // epoll_create1 or eventfd, whichever finds the limit first.
+        #expect(output.hasPrefix("sameport: cannot start: cannot start the event loops: "), "\(output)")
+        #expect(output.hasSuffix(": Too many open files (errno 24): each event loop needs 2 descriptors: raise the limit on open files (LimitNOFILE=, ulimit -n) or lower --threads\n"), "\(output)")
+        #expect(output.split(separator: "\n").count == 1)
+    }
+
     @Test("Malformed input: exit 2 and one line that names the cause", arguments: [
         (["--listen", "127.0.0.1", "--upstream", "127.0.0.1:9"],
          "sameport: usage error: invalid address '127.0.0.1': the port is missing; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT (see 'sameport --help')"),

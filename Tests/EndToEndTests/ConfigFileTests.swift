@@ -94,7 +94,7 @@ struct ConfigFileTests {
         }
         let (_, output) = try runToExit(["check", "--config", configDirectory.appendingPathComponent("socket-activated.toml").path])
         let row = output.split(separator: "\n").dropFirst().first.map { $0.split(separator: " ").map(String.init) }
-        #expect(row == ["proxy", "127.0.0.1:7700", "127.0.0.1:9700", "same-port", "queue", "5s", "1h", "1m+10sx6", "30s", "1024", "any", "128", "131072", "on/1048576", "any"])
+        #expect(row == ["proxy", "127.0.0.1:7700", "127.0.0.1:9700", "same-port", "queue", "5s", "1h", "1m+10sx6", "30s", "1024", "any", "128", "131072", "on/1048576", "any", "off"])
     }
 
     @Test("The example shapes relay bytes from the fixed source port: one partner, a pool of upstreams, a wildcard")

@@ -215,4 +215,25 @@ struct TransferTests {
         }
         #expect(received == payload)
     }
+
+    @Test("A reader that stops reading is cut one idle timeout after the last byte moved, not two")
+    func stoppedReaderIsCutOnTime() throws {
+        // The upstream fills every buffer on the way to a client that never reads (its window
+        // closes): nothing moves after the first few milliseconds.
+        let upstream = try TestServer { socket in
+            _ = socket.sendUntilBlocked(total: 64 << 20, timeout: .seconds(5))
+            _ = try? socket.waitForEnd(timeout: .seconds(10))
+        }
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--idle-timeout", "1s"])
+        defer { relay.stop() }
+        let client = try TestSocket.tcp(ipv6: false)
+        client.setOption(SOL_SOCKET, SO_RCVBUF, 16 * 1024)
+        let connected = try TestSocket.connect(to: listen, using: client)
+        defer { connected.close() }
+        let line = try relay.waitForLines(containing: "end=idle-timeout", timeout: .seconds(10))[0]
+        // The first look at the send queue is the baseline, not progress.
+        let seconds = field("duration", in: line).flatMap { Double($0.dropLast()) } ?? .infinity
+        #expect(seconds >= 1.0 && seconds < 1.6, "\(line)")
+    }
 }

@@ -27,7 +27,7 @@ struct ConnectionEndTests {
     func resetsClient() {
         let resetting: [ConnectionEnd] = [
             .upstreamReset, .connectFailed(cause: "x"), .busyRejected, .queueTimeout, .queueFull,
-            .refused(cause: "denied"), .failed(cause: "y"),
+            .refused(cause: "denied"), .failed(cause: "y"), .clientLimit(limit: 2), .badProxyHeader(cause: "z"),
         ]
         for end in resetting {
             #expect(end.resetsClient, "\(end)")

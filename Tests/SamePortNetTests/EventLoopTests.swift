@@ -180,4 +180,80 @@ struct EventLoopTests {
         group.hopThroughEveryShard { hopped.withLock { $0 = true } }
         #expect(waitUntil(timeout: .seconds(5)) { hopped.withLock { $0 } })
     }
+
+    @Test("A task that keeps deferring itself (a busy direction that yields) does not hold its shard: deadlines and other threads' work still run")
+    func yieldingTaskDoesNotHoldTheShard() throws {
+        let loop = try EventLoop(index: 93, linger: .milliseconds(1))
+        let group = EventLoopGroup(loops: [loop])
+        group.start()
+        let spinner = Spinner(loop: loop)
+        defer { spinner.stop.store(true, ordering: .sequentiallyConsistent) }
+        loop.execute { spinner.spin() }
+        #expect(waitUntil(timeout: .seconds(5)) { spinner.rounds.load(ordering: .relaxed) > 1000 })
+        let log = Log()
+        let recorder = Recorder("deadline", log: log)
+        let start = DispatchTime.now().uptimeNanoseconds
+        loop.execute { loop.setDeadline(recorder, at: start + 20_000_000) }
+        let hopped = Mutex(false)
+        group.hopThroughEveryShard { hopped.withLock { $0 = true } }
+        #expect(waitUntil(timeout: .seconds(2)) { hopped.withLock { $0 } }, "the watchdog's hop got through")
+        #expect(waitUntil(timeout: .seconds(2)) { log.withLock { $0 } == ["deadline"] }, "the deadline fired")
+        #expect(spinner.rounds.load(ordering: .relaxed) > 2000, "the yielding task kept running meanwhile")
+    }
+
+    @Test("The first shard accepts alone while clients come one at a time; the others join when clients queue up")
+    func acceptSpread() throws {
+        let loops = try [EventLoop(index: 94, linger: .milliseconds(1)), EventLoop(index: 95, linger: .milliseconds(1))]
+        let group = EventLoopGroup(loops: loops)
+        group.start()
+        let listener = try Listener.open(Endpoint(.loopbackV4, 0), dualStack: false)
+        let acceptedBy = Mutex<[Int]>([])
+        listener.serve(on: group, acceptNext: { socket, loop throws(SystemError) -> Bool in
+            guard let (client, _) = try socket.accept() else { return false }
+            client.close()
+            acceptedBy.withLock { $0.append(loop.index) }
+            return true
+        }, onFatalError: { _ in }, onTemporaryFailure: { _ in })
+        listener.setAccepting(true)
+        defer { listener.close() }
+        // One at a time, each accepted before the next connects: the first shard takes them all.
+        for count in 1...20 {
+            let client = try TestSocket.connect(to: listener.endpoint)
+            #expect(waitUntil(timeout: .seconds(5)) { acceptedBy.withLock { $0.count } == count })
+            client.close()
+        }
+        #expect(acceptedBy.withLock { $0 } == Array(repeating: 94, count: 20))
+        let spreadEarly = group.acceptSpread.load(ordering: .relaxed)
+        #expect(!spreadEarly)
+        // Bursts: clients queue behind the one being accepted, and the second shard joins in.
+        var clients: [TestSocket] = []
+        defer { for client in clients { client.close() } }
+        for _ in 0..<20 {
+            for _ in 0..<50 { clients.append(try TestSocket.connect(to: listener.endpoint)) }
+            let expected = 20 + clients.count
+            #expect(waitUntil(timeout: .seconds(5)) { acceptedBy.withLock { $0.count } == expected })
+            if acceptedBy.withLock({ $0.contains(95) }) { break }
+        }
+        let spreadLate = group.acceptSpread.load(ordering: .relaxed)
+        #expect(spreadLate)
+        #expect(acceptedBy.withLock { $0.contains(95) }, "the second shard accepted once clients queued")
+    }
+}
+
+/// Defers itself on its shard again and again until stopped, as a direction that always has
+/// more to move does.
+private final class Spinner: Sendable {
+    let loop: EventLoop
+    let stop = Atomic<Bool>(false)
+    let rounds = Atomic<Int>(0)
+
+    init(loop: EventLoop) {
+        self.loop = loop
+    }
+
+    func spin() {
+        guard !stop.load(ordering: .sequentiallyConsistent) else { return }
+        rounds.add(1, ordering: .relaxed)
+        loop.execute { self.spin() }
+    }
 }

@@ -17,6 +17,10 @@ int sameport_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags);
 /// what the relay already handed to the kernel.
 int sameport_unsent_bytes(int fd);
 
+/// ioctl(SIOCINQ): the bytes a socket holds unread, or -1. The splice path uses it to tell the
+/// end of a stream from a splice that stopped at urgent data.
+int sameport_unread_bytes(int fd);
+
 /// pipe2(2): not visible from `import Glibc`. The splice path's pipe, created non-blocking and
 /// close-on-exec in one call (flags O_NONBLOCK|O_CLOEXEC).
 int sameport_pipe2(int fds[2], int flags);
@@ -97,6 +101,7 @@ int sameport_epoll_wait(int epfd, struct sameport_epoll_event *events, int max, 
 /// The epoll flags Glibc does not show to Swift (EPOLLRDHUP, EPOLLEXCLUSIVE, EPOLLET), and the
 /// ones it shows as enum cases of another type.
 extern const unsigned int sameport_epollin;
+extern const unsigned int sameport_epollpri;
 extern const unsigned int sameport_epollout;
 extern const unsigned int sameport_epollrdhup;
 extern const unsigned int sameport_epollerr;
