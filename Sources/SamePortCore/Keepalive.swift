@@ -6,7 +6,9 @@
 /// `count` unanswered probes end it. TCP_USER_TIMEOUT bounds how long sent bytes may stay
 /// unacknowledged, which keepalive does not cover (a peer that vanished while bytes were in flight
 /// is otherwise retransmitted to for some 15 minutes), and, once set, also replaces `count` as the
-/// bound on probing (tcp(7)). So by default it is the same bound: idle + interval x count.
+/// bound on probing (tcp(7)). So by default it is the same bound: idle + interval x count. Since
+/// Linux 5.11 it also ends a connection whose receiver keeps its window shut for that long while
+/// bytes wait for it (measured here: a client that read nothing was dropped at the user timeout).
 public struct Keepalive: Sendable, Equatable, CustomStringConvertible {
     /// Idle time before the first probe (TCP_KEEPIDLE); nil: keepalive off.
     public var idle: Duration?

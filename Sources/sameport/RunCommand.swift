@@ -111,7 +111,7 @@ struct RunCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: ArgumentHelp("Unanswered keepalive probes before the connection is dropped, 1 to 127 (default \(Keepalive.defaultCount)).", valueName: "n"))
     var keepaliveCount: Int?
 
-    @Option(parsing: .unconditional, help: ArgumentHelp("TCP_USER_TIMEOUT on both sockets: drop a connection whose sent bytes stay unacknowledged this long; 0 turns it off (default: the keepalive bound, keepalive + interval x count).", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("TCP_USER_TIMEOUT on both sockets: drop a connection whose sent bytes stay unacknowledged (or whose receiver reads nothing while bytes wait) this long; 0 turns it off (default: the keepalive bound, keepalive + interval x count).", valueName: "duration"))
     var userTimeout: String?
 
     @Option(parsing: .unconditional, help: ArgumentHelp("Connections (open or queued) one client address may hold; the next is reset and logged end=client-limit (default 0: no limit).", valueName: "n"))
