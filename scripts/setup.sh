@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # man-db, bash-completion: what the Debian package's install test asks of the container (man -w,
 # completing `sameport --eg`); scripts/package.sh installs the package build's own tools.
 # nftables, iproute2: the transparent forwarding tests' REDIRECT and TPROXY rules and the network
-# namespaces they run in (Tests/SamePortTestSupport/RoutedTopology.swift).
+# namespaces they run in (Tests/SamePortTestSupport/RoutedTopology.swift); the vanished-peer tests
+# and soak round, which drop a peer's packets inside a namespace.
 packages=(libsystemd-dev socat iproute2 nftables util-linux procps systemd-container python3 man-db bash-completion)
 missing=()
 for package in "${packages[@]}"; do

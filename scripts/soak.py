@@ -2,7 +2,7 @@
 """Soak sameport under connection churn and reload storms; fails on any crash, failure or stall.
 
     ./scripts/soak.py [--bin PATH] [--connections N] [--ephemeral N] [--nofile 1024]
-                      [--reload-seconds S] [--round-seconds S] [--ci]
+                      [--reload-seconds S] [--round-seconds S] [--no-vanished] [--ci]
 
 Loopback (127.0.0.1) only. Compiles scripts/bench_load.c (gcc) into a temporary directory and
 uses it as the upstream (16 ports) and as the load: 8 clients, each looping connect, send one
@@ -21,9 +21,17 @@ reload    for --reload-seconds: transfers of 1 KiB to 2 MiB echoed through a kep
           SHA-256 checked, by 4 clients, while a SIGHUP arrives every 10 ms and the file
           alternates between a version with a second relay and one without it. Every transfer
           must arrive whole and in order; the relay must not crash and must exit 0.
+vanished  (root, nft; about 5 s) in a network namespace of its own: a relay with 4 upstreams
+          and short keepalive (1s + 1s x 2) holds 4 clients, one per upstream; nftables then
+          drops everything to and from one client's address and from the upstream on 127.0.0.5
+          (whose client stays). The pairs they held must come back: that client is reset, a
+          queued client is served, the two other connections go on, and afterwards 4 fresh
+          clients are served at once; each vanished connection is logged "Connection timed out";
+          no descriptor is left behind; exit 0. The namespace is removed whatever happens.
+          --no-vanished skips it.
 
---ci: 50,000 fixed-port connections, 20,000 ephemeral, the first round under --nofile 1024, and
-a 5-second reload storm. Exit status 0 only if every check passed; the last line is
+--ci: 50,000 fixed-port connections, 20,000 ephemeral, the first round under --nofile 1024, a
+5-second reload storm, and the vanished-peer round. Exit status 0 only if every check passed; the last line is
 'N passed, N failed'.
 """
 import argparse
@@ -315,6 +323,199 @@ def reload_storm(args, tools, checks, workdir):
     checks.check(status == 0, f"reload storm: exit status 0 on SIGTERM ({status})")
 
 
+VANISH_UPSTREAMS = [("127.0.0.1", 9000), ("127.0.0.1", 9001), ("127.0.0.5", 9000), ("127.0.0.6", 9000)]
+VANISH_LISTEN = ("127.0.0.1", 7000)
+VANISH_TIMEOUT = 10.0
+
+
+def vanished_round(args, checks, workdir):
+    """Runs `vanished_inner` in a network namespace made for it, and counts its PASS/FAIL lines."""
+    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"):
+        print("SKIP: vanished peers: needs root, ip and nft (apt-get install nftables)", flush=True)
+        return
+    name = f"sameport-soak-{os.getpid()}"
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        try:
+            inner = subprocess.run(
+                ["ip", "netns", "exec", name, sys.executable, os.path.abspath(__file__), "--vanished-inner",
+                 "--bin", args.bin, "--workdir", workdir],
+                capture_output=True, text=True, timeout=90)
+            output = inner.stdout + inner.stderr
+        except subprocess.TimeoutExpired as error:
+            output = (error.stdout or b"").decode(errors="replace") + "\nFAIL: vanished: timed out after 90 s"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    results = [line for line in output.splitlines() if line.startswith(("PASS: ", "FAIL: "))]
+    for line in output.splitlines():
+        if not line.startswith(("PASS: ", "FAIL: ")):
+            print(line, flush=True)
+    for line in results:
+        checks.check(line.startswith("PASS: "), line[6:])
+    checks.check(bool(results), "vanished: the round ran")
+
+
+def tagged_server(host, port, stop):
+    """An upstream that says which it is (`host:port` and a newline) on accept, then echoes."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(64)
+    listener.settimeout(0.1)
+
+    def serve(conn):
+        with conn:
+            conn.settimeout(60)
+            try:
+                conn.sendall(f"{host}:{port}\n".encode())
+                while not stop.is_set():
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def accept():
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+class Client:
+    """A client of the relay from `source`: learns its upstream from the tag line."""
+
+    def __init__(self, source, timeout=VANISH_TIMEOUT):
+        self.sock = socket.socket()
+        self.sock.settimeout(timeout)
+        self.sock.bind((source, 0))
+        self.sock.connect(VANISH_LISTEN)
+        self.upstream = self.readline()
+
+    def readline(self):
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("EOF before the tag line")
+            line += chunk
+        return line.decode().strip()
+
+    def echo(self, data):
+        self.sock.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = self.sock.recv(len(data) - len(got))
+            if not chunk:
+                raise ConnectionError("EOF")
+            got += chunk
+        return got == data
+
+    def ended_by_reset(self, timeout):
+        """True when the relay resets the connection within `timeout` (not EOF, data or silence)."""
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.recv(1)
+        except ConnectionResetError:
+            return True
+        except OSError:
+            pass
+        return False
+
+    def close(self):
+        self.sock.close()
+
+
+def nft(command):
+    subprocess.run(["nft", command], check=True)
+
+
+def vanished_inner(args):
+    """The vanished-peer round, inside its namespace (see the module's doc)."""
+    checks = Checks()
+    stop = threading.Event()
+    for host, port in VANISH_UPSTREAMS:
+        tagged_server(host, port, stop)
+    logpath = os.path.join(args.workdir, "relay-vanished.log")
+    argv = [args.bin, "--listen", "%s:%d" % VANISH_LISTEN, "--connect-timeout", "15s",
+            "--keepalive", "1s", "--keepalive-interval", "1s", "--keepalive-count", "2"]
+    for host, port in VANISH_UPSTREAMS:
+        argv += ["--upstream", f"{host}:{port}"]
+    with open(logpath, "w") as log:
+        relay = start(argv, log)
+    try:
+        wait_listening(relay, VANISH_LISTEN[1], "sameport", logpath)
+        # Warm (the shards' lazily made descriptors), then read the baseline once its line is out.
+        warm = Client("127.0.0.7")
+        warm.echo(b"warm")
+        warm.close()
+        deadline = time.monotonic() + VANISH_TIMEOUT
+        while time.monotonic() < deadline and "client=127.0.0.7:" not in tail(logpath, 100_000):
+            time.sleep(0.01)
+        baseline = fd_count(relay.pid)
+        held = [Client(source) for source in ["127.0.0.2", "127.0.0.3", "127.0.0.8", "127.0.0.9"]]
+        checks.check(all(client.echo(b"x") for client in held) and len({c.upstream for c in held}) == 4,
+                     f"vanished: 4 held clients, one per upstream ({[c.upstream for c in held]})")
+        # One client vanishes (its upstream is on 127.0.0.1), and one upstream (127.0.0.5) under a
+        # client that stays; the other two connections must go on.
+        gone = next(c for c in held if c.upstream.startswith("127.0.0.1:"))
+        orphan = next(c for c in held if c.upstream.startswith("127.0.0.5:"))
+        doomed = [gone, orphan]
+        living = [c for c in held if c not in doomed]
+        source = gone.sock.getsockname()[0]
+        nft("add table ip vanish_clients; add chain ip vanish_clients input { type filter hook input priority 0; }; "
+            f"add rule ip vanish_clients input ip saddr {source} drop; add rule ip vanish_clients input ip daddr {source} drop")
+        nft("add table ip vanish_upstreams; add chain ip vanish_upstreams input { type filter hook input priority 0; }; "
+            "add rule ip vanish_upstreams input ip saddr 127.0.0.5 drop; add rule ip vanish_upstreams input ip daddr 127.0.0.5 drop")
+        started = time.monotonic()
+        # The live client of the vanished upstream is reset once the relay's keepalive gives up.
+        checks.check(orphan.ended_by_reset(VANISH_TIMEOUT),
+                     f"vanished: the live client of a vanished upstream was reset ({time.monotonic() - started:.1f} s)")
+        # The upstream comes back (a NAT mapping made anew); the vanished client stays gone.
+        nft("delete table ip vanish_upstreams")
+        late = Client("127.0.0.4")
+        served = late.echo(b"late")
+        elapsed = time.monotonic() - started
+        checks.check(served and elapsed < 8, f"vanished: a queued client was served {elapsed:.1f} s after the drop")
+        checks.check(all(c.echo(b"still") for c in living), f"vanished: the {len(living)} connection(s) of live peers went on")
+        for client in held + [late]:
+            client.close()
+        fresh = [Client("127.0.0.6") for _ in range(4)]
+        checks.check(all(c.echo(b"fresh") for c in fresh) and len({c.upstream for c in fresh}) == 4,
+                     "vanished: every pair came back: 4 fresh clients served at once")
+        for client in fresh:
+            client.close()
+        deadline = time.monotonic() + 10
+        timed_out = []
+        while time.monotonic() < deadline:
+            timed_out = [line for line in open(logpath, errors="replace") if "Connection timed out" in line]
+            if len(timed_out) >= len(doomed) and fd_count(relay.pid) == baseline:
+                break
+            time.sleep(0.05)
+        checks.check(len(timed_out) == len(doomed), f"vanished: {len(timed_out)} connection(s) logged 'Connection timed out', {len(doomed)} vanished")
+        checks.check(fd_count(relay.pid) == baseline, f"vanished: descriptors back to {baseline} ({fd_count(relay.pid)})")
+        alive = relay.poll() is None
+        status = stop_relay(relay)
+        checks.check(alive and status == 0, f"vanished: the relay did not crash and exited 0 ({status})")
+        if not (alive and status == 0):
+            print(tail(logpath), flush=True)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        checks.check(False, f"vanished: {error}")
+        print(tail(logpath), flush=True)
+    finally:
+        stop.set()
+        stop_all()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin", help="the sameport binary (default: build the release one)")
@@ -323,8 +524,14 @@ def main():
     parser.add_argument("--round-seconds", type=float, default=5.0, help="length of a churn round, each with a fresh relay")
     parser.add_argument("--nofile", type=int, default=1024, help="descriptor limit of the first fixed-port round (0: none)")
     parser.add_argument("--reload-seconds", type=float, default=20.0, help="length of the reload storm (0: skip)")
+    parser.add_argument("--no-vanished", action="store_true", help="skip the vanished-peer round")
     parser.add_argument("--ci", action="store_true", help="the shorter run the test suite makes")
+    parser.add_argument("--vanished-inner", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vanished_inner:
+        vanished_inner(args)
+        return
     if args.ci:
         args.connections, args.ephemeral, args.reload_seconds, args.round_seconds = 50_000, 20_000, 5.0, 4.0
     if not args.bin:
@@ -350,6 +557,8 @@ def main():
             churn(args, tools, checks, "ephemeral", args.ephemeral, False, workdir)
         if args.reload_seconds > 0:
             reload_storm(args, tools, checks, workdir)
+        if not args.no_vanished:
+            vanished_round(args, checks, workdir)
     finally:
         stop_all()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -80,8 +80,13 @@ public enum RelayKey: String, CaseIterable, Sendable {
     case onBusy = "on_busy"
     case connectTimeout = "connect_timeout"
     case idleTimeout = "idle_timeout"
+    case keepalive
+    case keepaliveInterval = "keepalive_interval"
+    case keepaliveCount = "keepalive_count"
+    case userTimeout = "user_timeout"
     case drainTimeout = "drain_timeout"
     case maxConnections = "max_connections"
+    case maxPerClient = "max_per_client"
     case queueLimit = "queue_limit"
     case bufferSize = "buffer_size"
     case allow, deny, splice
@@ -245,8 +250,13 @@ private struct Reader {
         var onBusy: Located<BusyPolicy>?
         var connectTimeout: Located<Duration>?
         var idleTimeout: Located<Duration?>?
+        var keepalive: Located<Duration?>?
+        var keepaliveInterval: Located<Duration>?
+        var keepaliveCount: Located<Int>?
+        var userTimeout: Located<Duration>?
         var drainTimeout: Located<Duration>?
         var maxConnections: Located<Int>?
+        var maxPerClient: Located<Int>?
         var queueLimit: Located<Int>?
         var bufferSize: Located<Int>?
         var allow: Located<[CIDR]>?
@@ -325,10 +335,20 @@ private struct Reader {
                 fields.connectTimeout = duration(value, key, at: valuePosition).map(locate)
             case .idleTimeout:
                 fields.idleTimeout = duration(value, key, at: valuePosition).map { locate($0 == .zero ? nil : $0) }
+            case .keepalive:
+                fields.keepalive = duration(value, key, at: valuePosition).map { locate($0 == .zero ? nil : $0) }
+            case .keepaliveInterval:
+                fields.keepaliveInterval = duration(value, key, at: valuePosition).map(locate)
+            case .keepaliveCount:
+                fields.keepaliveCount = integer(value, key, at: valuePosition).map(locate)
+            case .userTimeout:
+                fields.userTimeout = duration(value, key, at: valuePosition).map(locate)
             case .drainTimeout:
                 fields.drainTimeout = duration(value, key, at: valuePosition).map(locate)
             case .maxConnections:
                 fields.maxConnections = integer(value, key, at: valuePosition).map(locate)
+            case .maxPerClient:
+                fields.maxPerClient = integer(value, key, at: valuePosition).map(locate)
             case .queueLimit:
                 fields.queueLimit = integer(value, key, at: valuePosition).map(locate)
             case .bufferSize:
@@ -422,6 +442,12 @@ private struct Reader {
             onBusy: pick(\.onBusy)?.value ?? .queue,
             connectTimeout: pick(\.connectTimeout)?.value ?? RelaySpec.defaultConnectTimeout,
             idleTimeout: pick(\.idleTimeout)?.value ?? nil,
+            keepalive: Keepalive(
+                idle: pick(\.keepalive).map(\.value) ?? Keepalive.defaultIdle,
+                interval: pick(\.keepaliveInterval)?.value ?? Keepalive.defaultInterval,
+                count: pick(\.keepaliveCount)?.value ?? Keepalive.defaultCount,
+                userTimeout: pick(\.userTimeout)?.value),
+            maxPerClient: pick(\.maxPerClient)?.value ?? 0,
             maxConnections: pick(\.maxConnections)?.value ?? RelaySpec.defaultMaxConnections,
             queueLimit: pick(\.queueLimit)?.value ?? RelaySpec.defaultQueueLimit,
             bufferSize: pick(\.bufferSize)?.value ?? RelaySpec.defaultBufferSize,
@@ -449,6 +475,9 @@ private struct Reader {
             case .upstream(let index):
                 guard !unusable.contains(.destinations) else { continue }
                 position = upstreams.map { $0.position(ofElement: index) } ?? nil
+            case .upstreamIsListener(let index):
+                guard unusable.isDisjoint(with: [.listen, .upstream]) else { continue }
+                position = upstreams.map { $0.position(ofElement: index) } ?? nil
             case .egress:
                 guard !unusable.contains(.listen), !unusable.contains(.egress) else { continue }
                 position = pick(\.egress)?.position
@@ -459,6 +488,11 @@ private struct Reader {
             case .connectTimeout: position = pick(\.connectTimeout)?.position
             case .idleTimeout: position = pick(\.idleTimeout)?.position
             case .drainTimeout: position = pick(\.drainTimeout)?.position
+            case .keepalive(.idle): position = pick(\.keepalive)?.position
+            case .keepalive(.interval): position = pick(\.keepaliveInterval)?.position
+            case .keepalive(.count): position = pick(\.keepaliveCount)?.position
+            case .keepalive(.userTimeout): position = pick(\.userTimeout)?.position
+            case .maxPerClient: position = pick(\.maxPerClient)?.position
             case .maxConnections: position = pick(\.maxConnections)?.position
             case .queueLimit: position = pick(\.queueLimit)?.position
             case .bufferSize: position = pick(\.bufferSize)?.position
@@ -490,8 +524,13 @@ private struct Reader {
         case .onBusy: return fields.onBusy != nil
         case .connectTimeout: return fields.connectTimeout != nil
         case .idleTimeout: return fields.idleTimeout != nil
+        case .keepalive: return fields.keepalive != nil
+        case .keepaliveInterval: return fields.keepaliveInterval != nil
+        case .keepaliveCount: return fields.keepaliveCount != nil
+        case .userTimeout: return fields.userTimeout != nil
         case .drainTimeout: return fields.drainTimeout != nil
         case .maxConnections: return fields.maxConnections != nil
+        case .maxPerClient: return fields.maxPerClient != nil
         case .queueLimit: return fields.queueLimit != nil
         case .bufferSize: return fields.bufferSize != nil
         case .allow: return fields.allow?.isComplete == true
@@ -687,7 +726,10 @@ private struct Reader {
         guard parts.count == 2 else { return "" }
         let key = trimmingBlanks(parts[0])
         let value = trimmingBlanks(parts[1])
-        let stringKeys: [RelayKey] = [.name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .drainTimeout, .allow, .deny, .proxyProtocol, .acceptProxyFrom, .proxyTimeout, .destinations]
+        let stringKeys: [RelayKey] = [
+            .name, .listen, .upstream, .egress, .onBusy, .connectTimeout, .idleTimeout, .keepalive, .keepaliveInterval,
+            .userTimeout, .drainTimeout, .allow, .deny, .proxyProtocol, .acceptProxyFrom, .proxyTimeout, .destinations,
+        ]
         guard let relayKey = RelayKey(rawValue: key), stringKeys.contains(relayKey),
               let first = value.first, !"\"'[".contains(first) else { return "" }
         return "; \(key) takes a string: put the value in quotes, as in \(key) = \"\(value.split(separator: " ").first ?? "")\""

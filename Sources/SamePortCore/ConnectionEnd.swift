@@ -16,6 +16,8 @@ public enum ConnectionEnd: Hashable, Sendable {
     case queueTimeout
     /// The wait queue was full.
     case queueFull
+    /// The client's address already held `limit` connections (max_per_client).
+    case clientLimit(limit: Int)
     /// The client's address is denied, or not allowed, by the relay's allow/deny lists.
     case refused(cause: String)
     /// The client's PROXY protocol header was malformed, truncated, oversized or late (accept_proxy);
@@ -37,6 +39,7 @@ public enum ConnectionEnd: Hashable, Sendable {
         case .busyRejected: return "busy-rejected"
         case .queueTimeout: return "queue-timeout"
         case .queueFull: return "queue-full"
+        case .clientLimit: return "client-limit"
         case .refused: return "refused"
         case .badProxyHeader: return "bad-proxy-header"
         case .shutdown: return "shutdown"
@@ -52,12 +55,22 @@ public enum ConnectionEnd: Hashable, Sendable {
         case .queueTimeout:
             return "no upstream became free within the connect timeout (one connection per upstream from one ip:port: add upstreams, or use --on-busy ephemeral)"
         case .queueFull: return "the queue of clients waiting for a free upstream is full"
+        case .clientLimit(let limit):
+            return "this client address holds \(limit) connection\(limit == 1 ? "" : "s") already, the relay's max_per_client"
         default: return nil
         }
     }
 
-    /// True when the relay should reset (RST) rather than close (FIN) the client.
-    public var resetsClient: Bool { self == .upstreamReset }
+    /// True when the relay resets (RST) rather than closes (FIN) the client whatever was relayed
+    /// before: the upstream reset, or the client was never served. To a protocol where the server
+    /// speaks first, a FIN after nothing looks like an empty, successful session.
+    public var resetsClient: Bool {
+        switch self {
+        case .upstreamReset, .connectFailed, .busyRejected, .queueTimeout, .queueFull, .clientLimit, .refused, .badProxyHeader,
+             .failed: true
+        case .completed, .clientReset, .idleTimeout, .shutdown: false
+        }
+    }
 }
 
 /// Exponential backoff for retrying a connect that the kernel refused with EADDRNOTAVAIL.

@@ -7,6 +7,9 @@ extension Duration {
             self = .zero
             return
         }
+        if trimmed.hasPrefix("-") {
+            throw DurationError(text: text, reason: "a duration cannot be negative: give 0 or more, for example 5s")
+        }
         let units: [(String, Double)] = [("ms", 1e-3), ("s", 1), ("m", 60), ("h", 3600)]
         for (suffix, scale) in units where trimmed.hasSuffix(suffix) {
             let number = trimmed.dropLast(suffix.count)

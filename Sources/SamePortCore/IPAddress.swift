@@ -43,6 +43,14 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
     /// True for 0.0.0.0 and ::.
     public var isUnspecified: Bool { self == .anyV4 || self == .anyV6 }
 
+    /// True for 127.0.0.0/8 and ::1 (and 127.0.0.0/8 mapped into IPv6): always this host's own.
+    public var isLoopback: Bool {
+        switch unmapped {
+        case .v4(let value): return value >> 24 == 127
+        case .v6(let high, let low): return high == 0 && low == 1
+        }
+    }
+
     /// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), else self.
     public var unmapped: IPAddress {
         if case .v6(let high, let low) = self, high == 0, low >> 32 == 0xffff {

@@ -18,8 +18,15 @@ public struct RelaySpec: Sendable, Equatable {
     public var onBusy: BusyPolicy
     /// How long one connect attempt, and a queued client's wait, may last.
     public var connectTimeout: Duration
-    /// Close a connection when neither side sent anything for this long; nil: never.
+    /// Close a connection when neither side sent anything for this long; nil: never, the
+    /// default: a quiet connection may be a healthy one (a database session, a tunnel), and a
+    /// peer that vanished is found by `keepalive` instead.
     public var idleTimeout: Duration?
+    /// TCP keepalive and TCP_USER_TIMEOUT on both sockets of each connection (on by default).
+    public var keepalive: Keepalive
+    /// Connections (open, dialling or queued) one client address may hold at once; 0: no limit.
+    /// A client past it is reset and logged `end=client-limit`.
+    public var maxPerClient: Int
     /// Open connections at most; at the limit the relay stops accepting until one ends.
     public var maxConnections: Int
     /// Clients waiting for a free upstream at most (with `onBusy == .queue`).
@@ -78,6 +85,8 @@ public struct RelaySpec: Sendable, Equatable {
         onBusy: BusyPolicy = .queue,
         connectTimeout: Duration = RelaySpec.defaultConnectTimeout,
         idleTimeout: Duration? = nil,
+        keepalive: Keepalive = Keepalive(),
+        maxPerClient: Int = 0,
         maxConnections: Int = RelaySpec.defaultMaxConnections,
         queueLimit: Int = RelaySpec.defaultQueueLimit,
         bufferSize: Int = RelaySpec.defaultBufferSize,
@@ -104,6 +113,8 @@ public struct RelaySpec: Sendable, Equatable {
         self.onBusy = onBusy
         self.connectTimeout = connectTimeout
         self.idleTimeout = idleTimeout
+        self.keepalive = keepalive
+        self.maxPerClient = maxPerClient
         self.maxConnections = maxConnections
         self.queueLimit = queueLimit
         self.bufferSize = bufferSize
@@ -128,10 +139,14 @@ public struct RelaySpec: Sendable, Equatable {
         public enum Field: Equatable, Sendable {
             case name, listen, upstream(index: Int), egress, connectTimeout, idleTimeout
             case maxConnections, queueLimit, bufferSize, pipeSize, spliceAfter, drainTimeout
+            case keepalive(Keepalive.Field)
+            case maxPerClient
             case acceptProxyFrom, proxyTimeout
             /// The upstreams have no address of the egress's family.
             case upstreamFamilies
             case destinations
+            /// This upstream is the relay's own listen address: it would dial itself.
+            case upstreamIsListener(index: Int)
         }
         public var field: Field
         public var message: String
@@ -181,6 +196,15 @@ public struct RelaySpec: Sendable, Equatable {
                 add(.upstream(index: index), "invalid upstream '\(upstream)': the port must be from 1 to 65535")
             }
         }
+        // Known before any name is resolved: a literal upstream on the listen address, or on a
+        // loopback address of a wildcard listener's port. The relay checks resolved names and
+        // every local address when it starts, and each dial.
+        let listener = listen.endpoint ?? (listen.host == .any ? Endpoint(.anyV6, listen.port) : nil)
+        for (index, upstream) in upstreams.enumerated() {
+            guard let listener, listener.port != 0, let endpoint = upstream.endpoint,
+                  SelfDial.reaches(endpoint, listener: listener, isLocal: \.isLoopback) else { continue }
+            add(.upstreamIsListener(index: index), "upstream \(upstream) is the relay's own listen address \(listen): the relay would dial itself; \(SelfDial.fix)")
+        }
         if let listenEndpoint = listen.endpoint, case .fixed(let egress) = egress,
            egress.address.isIPv6 != listenEndpoint.address.unmapped.isIPv6, !listenEndpoint.address.isUnspecified {
             add(.egress, "egress \(egress) and listen \(listen) are of different address families")
@@ -201,6 +225,12 @@ public struct RelaySpec: Sendable, Equatable {
         }
         if drainTimeout < .zero {
             add(.drainTimeout, "the drain timeout cannot be negative (0 cuts open connections at once)")
+        }
+        for (field, message) in keepalive.problems() {
+            add(.keepalive(field), message)
+        }
+        if !(0...1_000_000).contains(maxPerClient) {
+            add(.maxPerClient, "max per client must be from 0 (no limit) to 1000000, not \(maxPerClient)")
         }
         if !(1...1_000_000).contains(maxConnections) {
             add(.maxConnections, "max connections must be from 1 to 1000000, not \(maxConnections)")

@@ -10,6 +10,8 @@ final class ConnectionContext: Sendable {
     let relayName: String
     let connectTimeout: Duration
     let idleTimeout: Duration?
+    /// Set on both sockets once connected.
+    let keepalive: Keepalive
     let bufferSize: Int
     /// The pipe size asked for the splice path; nil: read/write only.
     let pipeSize: Int?
@@ -23,6 +25,7 @@ final class ConnectionContext: Sendable {
         relayName = spec.name
         connectTimeout = spec.connectTimeout
         idleTimeout = spec.idleTimeout.flatMap { $0 > .zero ? $0 : nil }
+        keepalive = spec.keepalive
         bufferSize = spec.bufferSize
         pipeSize = spec.splice == .on ? spec.pipeSize : nil
         spliceAfter = UInt64(spec.spliceAfter)
@@ -193,6 +196,10 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private func attempt(address index: Int) {
         guard index < reservation.addresses.count else { return roundFailed() }
         let address = reservation.addresses[index]
+        if relay.dialsItself(address) {
+            failures.append("\(address): this relay's own listening address, not dialled (it would dial itself; \(SelfDial.fix))")
+            return attempt(address: index + 1)
+        }
         let socket: Socket
         do {
             socket = try binding.makeSocket()
@@ -248,6 +255,14 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     private func roundFailed() {
         let now = DispatchTime.now().uptimeNanoseconds
         if sawAddressNotAvailable {
+            // Held outside this relay's bookings: another free upstream beats waiting for it.
+            if retries == 0, let next = relay.swapHeldPair(self, excluding: Set(earlierUpstreams + [reservation.upstreamIndex])) {
+                earlierUpstreams.append(reservation.upstreamIndex)
+                reservation = next
+                failures.removeAll()
+                sawAddressNotAvailable = false
+                return attempt(address: 0)
+            }
             let deadline = retryDeadline != 0 ? retryDeadline : now &+ UInt64(max(0, context.connectTimeout.nanoseconds))
             retryDeadline = deadline
             guard now < deadline else {
@@ -307,6 +322,8 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         // A relay forwards what it reads as soon as it reads it: Nagle would only add delay. The
         // client has it from the listener (Linux copies TCP_NODELAY to accepted sockets).
         try? upstream.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
+        upstream.setKeepalive(context.keepalive)
+        client.setKeepalive(context.keepalive)
         if let version = context.proxyProtocol, !sendProxyHeader(version, to: upstream) { return }
         if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
         pump(.clientToUpstream)
@@ -502,9 +519,10 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             closeClient(reset: false)
         default:
             // Cut short (idle timeout, stop, no upstream): a direction that has not seen its EOF
-            // ends with a reset to its receiver, so that a cut stream never looks complete.
+            // ends with a reset to its receiver, so that a cut stream never looks complete; a
+            // client never served (connect failed, stopped while dialling) is reset too.
             closeUpstream(reset: wasRelaying && !clientToUpstream.isFinished)
-            closeClient(reset: wasRelaying && !upstreamToClient.isFinished)
+            closeClient(reset: !wasRelaying || !upstreamToClient.isFinished)
         }
         if logged {
             log(end, egress: egress)

@@ -18,6 +18,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     public let name: String
     /// The address the listener is bound to (with the real port, once started).
     public private(set) var listenEndpoint: Endpoint?
+    /// False for a wildcard `[::]` listener that takes IPv6 clients only (IPV6_V6ONLY).
+    private(set) var listenerAcceptsIPv4 = true
     /// True when the listener is a socket systemd passed (socket activation).
     public private(set) var isInherited = false
     /// The socket from systemd belonged to another user and was made this process's (CAP_CHOWN).
@@ -64,9 +66,14 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         /// What the listener was last told (`updateAccepting`).
         var accepting = false
         var isStopping = false
+        /// The drain is over: whatever is left is ended, and a connection whose upstream fails
+        /// gets no other.
+        var isCut = false
         var stopCompletions: [@Sendable () -> Void] = []
         /// Clients handed to a connection since start.
         var served = 0
+        /// What each client address holds (connections and queued clients), for max_per_client.
+        var perClient = ClientCounts()
 
         /// What max_connections bounds: open connections, queued clients, and clients whose
         /// PROXY header is being read.
@@ -139,6 +146,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 try probeEgress(listener.endpoint)
             }
             try checkFamilies(listener.endpoint)
+            listenerAcceptsIPv4 = (try? listener.listeningSocket.option(level: Int32(IPPROTO_IPV6), name: IPV6_V6ONLY)) != 1
+            try refuseSelfDial(
+                listener: listener.endpoint, acceptsIPv4: listenerAcceptsIPv4, spec: spec,
+                upstreams: shared.withLock { $0.selector.upstreams })
         } catch {
             // A passed socket stays systemd's: it is closed here, never shut down.
             listener.close()
@@ -270,11 +281,13 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         }
         try probeEgress(listenEndpoint, spec: newSpec)
         try checkFamilies(listenEndpoint, spec: newSpec, upstreams: upstreams.map { $0.map(\.unmapped) })
+        try refuseSelfDial(listener: listenEndpoint, acceptsIPv4: listenerAcceptsIPv4, spec: newSpec, upstreams: upstreams)
     }
 
-    /// Stops accepting and closes waiting clients at once; lets open connections finish for up
-    /// to `timeout`, then ends those left (logged `end=shutdown`); then calls `completion`. A
-    /// second call (a shorter timeout: a second signal) cuts sooner; both completions run.
+    /// Stops accepting; lets open connections finish, and queued clients (and connections failing
+    /// over) be served as pairs free up, for up to `timeout`; then ends those left (logged
+    /// `end=shutdown`); then calls `completion`. A second call (a shorter timeout: a second
+    /// signal) cuts sooner; both completions run.
     public func drain(timeout: Duration, completion: @escaping @Sendable () -> Void) {
         var actions: Actions = []
         let (listener, isEmpty, completions) = shared.withLock { shared in
@@ -282,17 +295,11 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             shared.stopCompletions.append(completion)
             let listener = shared.listener
             shared.listener = nil
-            for waiter in shared.waiting.removeAll() {
-                actions.append { [self] in endQueued(waiter, .shutdown) }
-            }
-            for failover in shared.failingOver {
-                actions.append { Self.answer(failover.connection, .stopping) }
-            }
-            shared.failingOver.removeAll()
+            // A client still sending its PROXY header has not been admitted: it ends now.
             for reader in shared.headerReaders.values {
                 actions.append { reader.loop.execute { reader.stop() } }
             }
-            return (listener, shared.connections.isEmpty && shared.headerReaders.isEmpty, finishStopIfDone(&shared))
+            return (listener, shared.connections.isEmpty && shared.waiting.isEmpty && shared.headerReaders.isEmpty, finishStopIfDone(&shared))
         }
         listener?.close()
         for action in actions { action() }
@@ -304,10 +311,27 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         for completion in completions { completion() }
     }
 
+    /// The end of a drain: queued clients are reset, connections failing over told to stop, and
+    /// open connections cut.
     private func cutConnections() {
-        for connection in shared.withLock({ $0.connections.values.map(\.connection) }) {
+        var actions: Actions = []
+        let (connections, completions) = shared.withLock { shared in
+            shared.isCut = true
+            for waiter in shared.waiting.removeAll() {
+                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
+                actions.append { [self] in endQueued(waiter, .shutdown) }
+            }
+            for failover in shared.failingOver {
+                actions.append { Self.answer(failover.connection, .stopping) }
+            }
+            shared.failingOver.removeAll()
+            return (shared.connections.values.map(\.connection), finishStopIfDone(&shared))
+        }
+        for action in actions { action() }
+        for connection in connections {
             connection.loop.execute { connection.stop() }
         }
+        for completion in completions { completion() }
     }
 
     /// Live counts, for the service manager's status line.
@@ -387,6 +411,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         if let refusal = shared.spec.access.refusal(of: arrival.clientEndpoint.address) {
             return .ended(.refused(cause: refusal))
         }
+        let limit = shared.spec.maxPerClient
+        if limit > 0, shared.perClient[arrival.clientEndpoint.address] >= limit {
+            return .ended(.clientLimit(limit: limit))
+        }
         if let refusal = Self.route(&arrival, spec: shared.spec, listener: listenEndpoint) {
             return .ended(.refused(cause: refusal))
         }
@@ -402,7 +430,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 let fixed = arrival.binding
                 arrival.binding = fixed.withKernelPort
                 switch serve(&shared, arrival) {
-                case .started(let connection): return .startedEphemeral(connection, from: fixed)
+                case .started(let connection):
+                    shared.perClient.add(arrival.clientEndpoint.address)
+                    return .startedEphemeral(connection, from: fixed)
                 case .busy: return .ended(.connectFailed(cause: "no upstream address"))
                 case .ended(let end): return .ended(end)
                 }
@@ -411,10 +441,12 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 let waiter = QueuedClient(arrival, relay: self, connectTimeout: shared.spec.connectTimeout)
                 guard let ticket = shared.waiting.append(waiter) else { return .ended(.queueFull) }
                 waiter.ticket = ticket
+                shared.perClient.add(arrival.clientEndpoint.address)
                 updateAccepting(&shared)
                 return .queued(waiter, position: shared.waiting.count)
             }
         case .started(let connection):
+            shared.perClient.add(arrival.clientEndpoint.address)
             updateAccepting(&shared)
             return .started(connection)
         case .ended(let end):
@@ -424,7 +456,6 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
 
     /// Does what `admit` (or `readHeader`) decided, on the arrival's shard, without the lock.
     private func carryOut(_ outcome: AcceptOutcome, _ arrival: Arrival) {
-        let client = arrival.client
         let acceptedAt = arrival.acceptedAt
         switch outcome {
         case .started(let connection):
@@ -433,10 +464,6 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             logger.notice("every upstream is in use from \(fixed): dialling from an ephemeral port", metadata: ["relay": .string(name), "client": .stringConvertible(arrival.clientEndpoint)])
             connection.start()
         case .ended(let end):
-            if case .refused = end {
-                // A reset, not a FIN: the client learns at once, and no TIME_WAIT is left here.
-                client.setResetOnClose()
-            }
             endArrival(arrival, end)
         case .queued(let waiter, let position):
             if logger.logLevel <= .debug {
@@ -553,8 +580,11 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         }
     }
 
-    /// Closes a client that never got a connection, with its log line.
+    /// Resets a client that never got a connection, with its log line: a reset, not a FIN, so
+    /// that the client learns it was not served (a FIN after nothing looks like an empty, successful
+    /// session where the server speaks first), and no TIME_WAIT is left here.
     private func endArrival(_ arrival: Arrival, _ end: ConnectionEnd) {
+        arrival.client.setResetOnClose()
         arrival.client.close()
         guard ConnectionLog.isLogged(end, by: logger) else { return }
         ConnectionLog(
@@ -574,12 +604,14 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
 
     /// A queued client's wait ran out (on its shard).
     fileprivate func queueWaitEnded(_ waiter: QueuedClient) {
-        let removed = shared.withLock { shared -> Bool in
-            guard shared.waiting.remove(ticket: waiter.ticket) != nil else { return false }
+        let (removed, completions) = shared.withLock { shared -> (Bool, [@Sendable () -> Void]) in
+            guard shared.waiting.remove(ticket: waiter.ticket) != nil else { return (false, []) }
+            shared.perClient.remove(waiter.arrival.clientEndpoint.address)
             updateAccepting(&shared)
-            return true
+            return (true, finishStopIfDone(&shared))
         }
         if removed { endArrival(waiter.arrival, .queueTimeout) }
+        for completion in completions { completion() }
     }
 
     // MARK: Connections
@@ -599,7 +631,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 actions.append { Self.answer(connection, .noneLeft) }
                 return nil
             }
-            guard !shared.isStopping else {
+            guard !shared.isCut else {
                 actions.append { Self.answer(connection, .stopping) }
                 return nil
             }
@@ -630,11 +662,33 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         for action in actions { action() }
     }
 
+    /// A connection's pair was held although this relay had it free (EADDRNOTAVAIL: another
+    /// process, or a relay of ours still draining on this address after a reload moved it away
+    /// and back): hands it another free upstream at once, releasing the held one's booking, so
+    /// that it does not wait out the connect timeout on that pair. nil when none is free: it keeps
+    /// retrying the held pair.
+    func swapHeldPair(_ connection: Connection, excluding tried: Set<Int>) -> UpstreamSelector.Reservation? {
+        let id = ObjectIdentifier(connection)
+        let now = DispatchTime.now().uptimeNanoseconds
+        return shared.withLock { shared -> UpstreamSelector.Reservation? in
+            guard var entry = shared.connections[id], entry.generation == shared.generation,
+                  let held = entry.reservation else { return nil }
+            let binding = connection.binding
+            guard case .reserved(let next) = shared.selector.reserve(
+                egress: binding.bookedEndpoint, isIPv6: binding.isIPv6, excluding: tried, now: now) else { return nil }
+            shared.selector.release(held)
+            entry.reservation = next
+            shared.connections[id] = entry
+            return next
+        }
+    }
+
     /// A connection has ended (on its shard): its upstream goes to the next in line.
     func connectionEnded(_ connection: Connection) {
         var actions: Actions = []
         let completions = shared.withLock { shared -> [@Sendable () -> Void] in
             guard let entry = shared.connections.removeValue(forKey: ObjectIdentifier(connection)) else { return [] }
+            shared.perClient.remove(connection.clientEndpoint.address)
             if let reservation = entry.reservation { shared.selector.release(reservation) }
             serveWaiters(&shared, &actions)
             updateAccepting(&shared)
@@ -678,6 +732,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         shared.waiting = WaitQueue(limit: waiting.limit)
         waiting.serve { waiter in
             if waiter.arrival.client.peerHasReset() {
+                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
                 actions.append { [self] in endQueued(waiter, .clientReset) }
                 return true
             }
@@ -685,6 +740,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             case .busy:
                 return false
             case .ended(let end):
+                shared.perClient.remove(waiter.arrival.clientEndpoint.address)
                 actions.append { [self] in endQueued(waiter, end) }
                 return true
             case .started(let connection):
@@ -710,7 +766,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     }
 
     private func finishStopIfDone(_ shared: inout Shared) -> [@Sendable () -> Void] {
-        guard shared.isStopping, shared.connections.isEmpty, shared.headerReaders.isEmpty, !shared.stopCompletions.isEmpty else { return [] }
+        guard shared.isStopping, shared.connections.isEmpty, shared.waiting.isEmpty, shared.headerReaders.isEmpty,
+              !shared.stopCompletions.isEmpty else { return [] }
         defer { shared.stopCompletions = [] }
         return shared.stopCompletions
     }

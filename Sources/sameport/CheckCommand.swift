@@ -10,7 +10,8 @@ struct CheckCommand: ParsableCommand {
             Reads --config FILE as 'sameport run --config FILE' would, without binding or resolving \
             anything. On success prints one row per relay (name, listen address (with ",transparent" \
             for transparent = true), upstreams ("original" with its destinations), egress, \
-            busy policy, timeouts, limits, splice and pipe size, client access, PROXY protocol) and exits 0. Otherwise prints every \
+            busy policy, timeouts, keepalive as IDLE+INTERVALxCOUNT (with ,user=TIMEOUT when the user timeout differs), \
+            limits, splice and pipe size, client access, PROXY protocol) and exits 0. Otherwise prints every \
             problem, one per line, as FILE:LINE:COLUMN: message, and exits 2.
 
             THE FILE (TOML)
@@ -26,7 +27,14 @@ struct CheckCommand: ParsableCommand {
               egress = "same-port"        same-port, ephemeral, client, client-ip, IP:PORT
               on_busy = "queue"           queue, reject or ephemeral
               connect_timeout = "5s"      durations: 250ms, 5s, 10m, 1h
-              idle_timeout = "0"          0: never
+              idle_timeout = "0"          0: never (the default: keepalive finds vanished peers)
+              keepalive = "60s"           TCP keepalive on both sockets after this idle time, whole
+                                          seconds; "0" turns it off
+              keepalive_interval = "10s"  between probes
+              keepalive_count = 6         unanswered probes before the connection is dropped
+              user_timeout = "2m"         TCP_USER_TIMEOUT: unacknowledged bytes for this long drop
+                                          the connection; default keepalive + interval x count; "0": off
+              max_per_client = 0          connections one client address may hold; 0: no limit
               drain_timeout = "30s"       on SIGTERM (or removed by a reload): open connections may
                                           finish for this long, then are cut; 0: cut at once
               max_connections = 1024
@@ -86,7 +94,10 @@ struct CheckCommand: ParsableCommand {
 
     /// The relays as an aligned text table.
     static func table(_ relays: [RelaySpec]) -> String {
-        let header = ["NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "DRAIN", "MAX-CONN", "QUEUE", "BUFFER", "SPLICE", "ACCESS", "PROXY"]
+        let header = [
+            "NAME", "LISTEN", "UPSTREAMS", "EGRESS", "ON-BUSY", "CONNECT", "IDLE", "KEEPALIVE", "DRAIN", "MAX-CONN", "PER-CLIENT",
+            "QUEUE", "BUFFER", "SPLICE", "ACCESS", "PROXY",
+        ]
         let rows = relays.map { relay -> [String] in
             var access: [String] = []
             if !relay.access.allow.isEmpty { access.append("allow " + relay.access.allow.map(\.description).joined(separator: ",")) }
@@ -96,7 +107,8 @@ struct CheckCommand: ParsableCommand {
                 relay.forwardsToOriginal ? "original to \(relay.destinations.rules.map(\.description).joined(separator: ","))"
                     : relay.upstreams.map(\.description).joined(separator: ","),
                 "\(relay.egress)", relay.onBusy.rawValue, relay.connectTimeout.shortDescription,
-                relay.idleTimeout?.shortDescription ?? "off", relay.drainTimeout.shortDescription, "\(relay.maxConnections)", "\(relay.queueLimit)",
+                relay.idleTimeout?.shortDescription ?? "off", "\(relay.keepalive)", relay.drainTimeout.shortDescription,
+                "\(relay.maxConnections)", relay.maxPerClient == 0 ? "any" : "\(relay.maxPerClient)", "\(relay.queueLimit)",
                 "\(relay.bufferSize)", relay.splice == .on ? "on/\(relay.pipeSize)" : "off", access.isEmpty ? "any" : access.joined(separator: "; "),
                 proxy(relay),
             ]

@@ -50,7 +50,7 @@ struct RunCommand: ParsableCommand {
             WHEN EVERY UPSTREAM IS IN USE (--on-busy)
               queue       the client waits, in arrival order, up to --connect-timeout and \
             --queue-limit clients (default)
-              reject      the client is closed at once, and the reason logged
+              reject      the client is reset at once, and the reason logged
               ephemeral   the client is served from an ephemeral source port, and that is logged
 
             CLIENT ACCESS (--allow, --deny)
@@ -114,22 +114,40 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("on-busy"), help: ArgumentHelp("When every upstream is in use from the egress: queue (default), reject or ephemeral.", valueName: "policy"))
     var onBusy: String?
 
-    @Option(help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait (default 5s).", valueName: "duration"))
+    // Numbers and durations are parsed `.unconditional`: `--connect-timeout -5s` takes "-5s" as
+    // its value and says what is wrong with it, where ArgumentParser would take it for an option
+    // and say "Missing value".
+    @Option(parsing: .unconditional, help: ArgumentHelp("Bound on each connect attempt, on retrying a busy 4-tuple, and on a queued client's wait (default 5s).", valueName: "duration"))
     var connectTimeout: String?
 
-    @Option(help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off.", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Close a connection after this long with no bytes either way; 0 (the default) turns it off: a vanished peer is found by keepalive.", valueName: "duration"))
     var idleTimeout: String?
 
-    @Option(help: ArgumentHelp("On SIGTERM, let open connections finish for this long before cutting them; 0 cuts them at once (default 30s). SIGINT always cuts at once.", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("TCP keepalive on both sockets: probe a connection idle this long, in whole seconds; 0 turns it off (default \(Keepalive.defaultIdle.shortDescription)).", valueName: "duration"))
+    var keepalive: String?
+
+    @Option(parsing: .unconditional, help: ArgumentHelp("Time between keepalive probes, in whole seconds (default \(Keepalive.defaultInterval.shortDescription)).", valueName: "duration"))
+    var keepaliveInterval: String?
+
+    @Option(parsing: .unconditional, help: ArgumentHelp("Unanswered keepalive probes before the connection is dropped, 1 to 127 (default \(Keepalive.defaultCount)).", valueName: "n"))
+    var keepaliveCount: Int?
+
+    @Option(parsing: .unconditional, help: ArgumentHelp("TCP_USER_TIMEOUT on both sockets: drop a connection whose sent bytes stay unacknowledged (or whose receiver reads nothing while bytes wait) this long; 0 turns it off (default: the keepalive bound, keepalive + interval x count).", valueName: "duration"))
+    var userTimeout: String?
+
+    @Option(parsing: .unconditional, help: ArgumentHelp("Connections (open or queued) one client address may hold; the next is reset and logged end=client-limit (default 0: no limit).", valueName: "n"))
+    var maxPerClient: Int?
+
+    @Option(parsing: .unconditional, help: ArgumentHelp("On SIGTERM, let open connections finish for this long before cutting them; 0 cuts them at once (default 30s). SIGINT always cuts at once.", valueName: "duration"))
     var drainTimeout: String?
 
-    @Option(help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog (default \(RelaySpec.defaultMaxConnections)).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Open connections (and queued clients) at most; at the limit new clients wait in the kernel's backlog (default \(RelaySpec.defaultMaxConnections)).", valueName: "n"))
     var maxConnections: Int?
 
-    @Option(help: ArgumentHelp("Clients waiting for a free upstream at most, with --on-busy queue (default \(RelaySpec.defaultQueueLimit)).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Clients waiting for a free upstream at most, with --on-busy queue (default \(RelaySpec.defaultQueueLimit)).", valueName: "n"))
     var queueLimit: Int?
 
-    @Option(help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216 (default \(RelaySpec.defaultBufferSize)).", valueName: "bytes"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Bytes buffered per direction of each connection, from 4096 to 16777216 (default \(RelaySpec.defaultBufferSize)).", valueName: "bytes"))
     var bufferSize: Int?
 
     @Option(help: ArgumentHelp("Serve only clients in this CIDR block; repeat for several.", valueName: "cidr"))
@@ -141,11 +159,11 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Move bytes with splice(2) through a pipe per direction: on (default) or off (read/write).", valueName: "on|off"))
     var splice: String?
 
-    @Option(help: ArgumentHelp("Pipe size asked per direction with --splice on, from 4096 to 16777216 (default \(RelaySpec.defaultPipeSize)); the kernel may grant less.", valueName: "bytes"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Pipe size asked per direction with --splice on, from 4096 to 16777216 (default \(RelaySpec.defaultPipeSize)); the kernel may grant less.", valueName: "bytes"))
     var pipeSize: Int?
 
     /// Tuning, and how the tests run the whole suite on the splice path: not in --help.
-    @Option(help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
     var spliceAfter: Int?
 
     @Option(name: .customLong("proxy-protocol"), help: ArgumentHelp("Write a PROXY protocol header (v1 or v2) to each upstream before the client's bytes.", valueName: "v1|v2"))
@@ -163,15 +181,15 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("The relay's name in logs (and, under socket activation, the fd name; default main).", valueName: "name"))
     var name: String?
 
-    @Option(help: ArgumentHelp("With --config: a reload (SIGHUP) whose reading of the file and resolving of its host names takes longer fails, and the running configuration stays (default 60s).", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("With --config: a reload (SIGHUP) whose reading of the file and resolving of its host names takes longer fails, and the running configuration stays (default 60s).", valueName: "duration"))
     var reloadTimeout: String?
 
-    @Option(help: ArgumentHelp("Event loops (shards) that accept and relay, each on its own thread: 1 to 256 (default: one per CPU sameport may run on).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Event loops (shards) that accept and relay, each on its own thread: 1 to 256 (default: one per CPU sameport may run on).", valueName: "n"))
     var threads: Int?
 
     /// Tuning and measuring: how long a shard waits for more events before it gives its thread
     /// back to Dispatch (0: at once). Not in --help.
-    @Option(help: ArgumentHelp("How long an idle shard keeps its thread (default 1ms).", valueName: "duration", visibility: .hidden))
+    @Option(parsing: .unconditional, help: ArgumentHelp("How long an idle shard keeps its thread (default 1ms).", valueName: "duration", visibility: .hidden))
     var linger: String?
 
     @Option(help: ArgumentHelp("Least severe level logged: trace, debug, info, notice, warning, error, critical.", valueName: "level"))
@@ -185,7 +203,10 @@ struct RunCommand: ParsableCommand {
         let given: [(String, Bool)] = [
             ("--listen", listen != nil), ("--upstream", !upstream.isEmpty), ("--egress", egress != nil),
             ("--on-busy", onBusy != nil), ("--connect-timeout", connectTimeout != nil),
-            ("--idle-timeout", idleTimeout != nil), ("--drain-timeout", drainTimeout != nil), ("--max-connections", maxConnections != nil),
+            ("--idle-timeout", idleTimeout != nil), ("--keepalive", keepalive != nil),
+            ("--keepalive-interval", keepaliveInterval != nil), ("--keepalive-count", keepaliveCount != nil),
+            ("--user-timeout", userTimeout != nil), ("--max-per-client", maxPerClient != nil),
+            ("--drain-timeout", drainTimeout != nil), ("--max-connections", maxConnections != nil),
             ("--queue-limit", queueLimit != nil), ("--buffer-size", bufferSize != nil),
             ("--allow", !allow.isEmpty), ("--deny", !deny.isEmpty), ("--splice", splice != nil),
             ("--pipe-size", pipeSize != nil), ("--splice-after", spliceAfter != nil), ("--name", name != nil),
@@ -216,6 +237,13 @@ struct RunCommand: ParsableCommand {
                 connectTimeout: try connectTimeout.map { text throws(DurationError) in try Duration(parsing: text) }
                     ?? RelaySpec.defaultConnectTimeout,
                 idleTimeout: try Self.optionalDuration(idleTimeout ?? "0"),
+                keepalive: Keepalive(
+                    idle: try keepalive.map { text throws(DurationError) in try Self.optionalDuration(text) } ?? Keepalive.defaultIdle,
+                    interval: try keepaliveInterval.map { text throws(DurationError) in try Duration(parsing: text) }
+                        ?? Keepalive.defaultInterval,
+                    count: keepaliveCount ?? Keepalive.defaultCount,
+                    userTimeout: try userTimeout.map { text throws(DurationError) in try Duration(parsing: text) }),
+                maxPerClient: maxPerClient ?? 0,
                 maxConnections: maxConnections ?? RelaySpec.defaultMaxConnections,
                 queueLimit: queueLimit ?? RelaySpec.defaultQueueLimit,
                 bufferSize: bufferSize ?? RelaySpec.defaultBufferSize,
@@ -256,7 +284,7 @@ struct RunCommand: ParsableCommand {
         }
     }
 
-    private static func optionalDuration(_ text: String) throws -> Duration? {
+    private static func optionalDuration(_ text: String) throws(DurationError) -> Duration? {
         let duration = try Duration(parsing: text)
         return duration == .zero ? nil : duration
     }

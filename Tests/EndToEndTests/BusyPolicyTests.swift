@@ -38,32 +38,30 @@ struct BusyPolicyTests {
         #expect(lines.allSatisfy { field("end", in: $0) == "completed" })
     }
 
-    @Test("queue: a client waits no longer than the connect timeout, and the queue is bounded")
+    @Test("queue: a client waits no longer than the connect timeout, and the queue is bounded; both are reset")
     func queueLimits() throws {
         let (upstream, relay, listen) = try startEchoRelay(["--connect-timeout", "600ms", "--queue-limit", "1"])
         defer { relay.stop(); upstream.stop() }
         let first = try openEchoed(listen, "first\n")
         defer { first.close() }
         let waiting = try TestSocket.connect(to: listen)
-        let overflow = try TestSocket.connect(to: listen)
-        #expect(try overflow.waitForEnd(timeout: .seconds(2)) == .eof)
+        #expect(try endOfTurnedAway(listen, timeout: .seconds(2)) == .reset, "queue-full is a failure: reset, not FIN")
         let start = ContinuousClock.now
-        #expect(try waiting.waitForEnd(timeout: .seconds(3)) == .eof)
+        #expect(try waiting.waitForEnd(timeout: .seconds(3)) == .reset, "queue-timeout is a failure: reset, not FIN")
         #expect(ContinuousClock.now - start < .seconds(2))
         let lines = try relay.waitForLines(containing: "connection ended", count: 2)
         #expect(lines.contains { field("end", in: $0) == "queue-full" })
         #expect(lines.contains { field("end", in: $0) == "queue-timeout" })
     }
 
-    @Test("reject: the second client is closed at once and the reason logged")
+    @Test("reject: the second client is reset at once and the reason logged")
     func reject() throws {
         let (upstream, relay, listen) = try startEchoRelay(["--on-busy", "reject"])
         defer { relay.stop(); upstream.stop() }
         let first = try openEchoed(listen, "first\n")
         defer { first.close() }
-        let second = try TestSocket.connect(to: listen)
         let start = ContinuousClock.now
-        #expect(try second.waitForEnd(timeout: .seconds(5)) == .eof)
+        #expect(try endOfTurnedAway(listen) == .reset, "busy-rejected is a failure: reset, not FIN")
         #expect(ContinuousClock.now - start < .seconds(1))
         let line = try relay.waitForLines(containing: "end=busy-rejected")[0]
         #expect(line.contains("every upstream is in use"))

@@ -64,6 +64,16 @@ struct CommandLineTests {
          "sameport: usage error: Unknown option '--bogus' (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--connect-timeout", "5parsecs"],
          "sameport: usage error: invalid duration '5parsecs': expected a number with a unit: ms, s, m or h (for example 250ms, 5s, 10m) (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--connect-timeout", "-5s"],
+         "sameport: usage error: invalid duration '-5s': a duration cannot be negative: give 0 or more, for example 5s (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--idle-timeout", "-1m"],
+         "sameport: usage error: invalid duration '-1m': a duration cannot be negative: give 0 or more, for example 5s (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--max-connections", "-1"],
+         "sameport: usage error: max connections must be from 1 to 1000000, not -1 (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--keepalive", "1.5s"],
+         "sameport: usage error: the keepalive idle time must be whole seconds from 1s to 32767s (the kernel counts it in seconds; 0 turns keepalive off), not 1.5s (see 'sameport --help')"),
+        (["--config", "Config/sameport.toml", "--reload-timeout", "-5s"],
+         "sameport: usage error: --reload-timeout: invalid duration '-5s': a duration cannot be negative: give 0 or more, for example 5s (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--egress", "nowhere"],
          "sameport: usage error: invalid egress 'nowhere': expected same-port, ephemeral, client, client-ip, or a local IP:PORT such as 127.0.0.1:7000 (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--on-busy", "maybe"],
@@ -136,6 +146,8 @@ struct CommandLineTests {
         #expect(status == 0)
         for needle in ["USAGE: sameport run", "--listen <addr:port>", "--upstream <host:port>", "--egress <mode>",
                        "--on-busy <policy>", "--connect-timeout <duration>", "--idle-timeout <duration>",
+                       "--keepalive <duration>", "--keepalive-interval <duration>", "--keepalive-count <n>",
+                       "--user-timeout <duration>", "--max-per-client <n>",
                        "--max-connections <n>", "--splice <on|off>", "--pipe-size <bytes>", "--log-format <format>", "EXIT STATUS", "EXAMPLES", "4-tuple"] {
             #expect(help.contains(needle), "help lacks \(needle)")
         }

@@ -94,7 +94,7 @@ struct ConfigFileTests {
         }
         let (_, output) = try runToExit(["check", "--config", configDirectory.appendingPathComponent("socket-activated.toml").path])
         let row = output.split(separator: "\n").dropFirst().first.map { $0.split(separator: " ").map(String.init) }
-        #expect(row == ["proxy", "127.0.0.1:7700", "127.0.0.1:9700", "same-port", "queue", "5s", "1h", "30s", "1024", "128", "131072", "on/1048576", "any", "off"])
+        #expect(row == ["proxy", "127.0.0.1:7700", "127.0.0.1:9700", "same-port", "queue", "5s", "1h", "1m+10sx6", "30s", "1024", "any", "128", "131072", "on/1048576", "any", "off"])
     }
 
     @Test("The example shapes relay bytes from the fixed source port: one partner, a pool of upstreams, a wildcard")
@@ -140,9 +140,7 @@ struct ConfigFileTests {
         defer { clients.forEach { $0.close() } }
         #expect(waitUntil(timeout: .seconds(5)) { pool.allSatisfy { $0.peers.count == 1 } })
         #expect(pool.flatMap(\.peers) == Array(repeating: poolListen, count: 4))
-        let fifth = try TestSocket.connect(to: poolListen)
-        #expect(try fifth.waitForEnd(timeout: .seconds(5)) == .eof)
-        fifth.close()
+        #expect(try endOfTurnedAway(poolListen) == .reset)
         let rejected = try relay.waitForLines(containing: "end=busy-rejected")
         #expect(field("relay", in: rejected[0]) == "pool")
 

@@ -8,21 +8,20 @@ import Testing
 /// Upstreams that refuse, stall or reset, and connections that go idle.
 @Suite("Failures", .serialized)
 struct FailureTests {
-    @Test("Refused upstream: the client is closed within the connect timeout, the log names the cause")
+    @Test("Refused upstream: the client is reset within the connect timeout, the log names the cause")
     func refused() throws {
         let closedPort = try freePort()
         let (relay, listen) = try startRelay(upstreams: ["127.0.0.1:\(closedPort)"], ["--connect-timeout", "2s"])
         defer { relay.stop() }
-        let client = try TestSocket.connect(to: listen)
         let start = ContinuousClock.now
-        #expect(try client.waitForEnd(timeout: .seconds(5)) == .eof)
+        #expect(try endOfTurnedAway(listen) == .reset, "connect-failed is a failure: reset, not FIN")
         #expect(ContinuousClock.now - start < .seconds(2))
         let line = try relay.waitForLines(containing: "connection ended")[0]
         #expect(field("end", in: line) == "connect-failed")
         #expect(line.contains("127.0.0.1:\(closedPort): connect: Connection refused (errno 111)"))
     }
 
-    @Test("Unresponsive upstream: the connect times out and the client is closed")
+    @Test("Unresponsive upstream: the connect times out and the client is reset")
     func unresponsive() throws {
         // A listener with a full accept queue drops new SYNs: the connect can only time out.
         let stalled = try TestSocket.tcp(ipv6: false)
@@ -35,7 +34,7 @@ struct FailureTests {
         defer { relay.stop() }
         let client = try TestSocket.connect(to: listen)
         let start = ContinuousClock.now
-        #expect(try client.waitForEnd(timeout: .seconds(5)) == .eof)
+        #expect(try client.waitForEnd(timeout: .seconds(5)) == .reset, "connect-failed is a failure: reset, not FIN")
         let elapsed = ContinuousClock.now - start
         #expect(elapsed >= .milliseconds(900) && elapsed < .seconds(3), "closed after \(elapsed)")
         let line = try relay.waitForLines(containing: "connection ended")[0]
@@ -46,7 +45,7 @@ struct FailureTests {
     /// In a namespace of the test's own, 127.0.0.99 has an `unreachable` route:
     ///
     ///   client ──▶ relay 127.0.0.1:P ──✗ 127.0.0.99:9 (EHOSTUNREACH)
-    @Test("Unreachable upstream: the client is closed at once, the log names the cause")
+    @Test("Unreachable upstream: the client is reset at once, the log names the cause")
     func unreachable() throws {
         let namespace = try NetworkNamespace()
         defer { namespace.remove() }
@@ -56,9 +55,8 @@ struct FailureTests {
             prefix: namespace.prefix)
         defer { relay.stop() }
         try relay.waitUntilListening()
-        let client = try namespace.withThread { try TestSocket.connect(to: Endpoint(.loopbackV4, 7000)) }
         let start = ContinuousClock.now
-        #expect(try client.waitForEnd(timeout: .seconds(5)) == .eof)
+        #expect(try namespace.withThread { try endOfTurnedAway(Endpoint(.loopbackV4, 7000)) } == .reset, "connect-failed is a failure: reset, not FIN")
         #expect(ContinuousClock.now - start < .seconds(1))
         let line = try relay.waitForLines(containing: "connection ended")[0]
         #expect(field("end", in: line) == "connect-failed")

@@ -104,6 +104,19 @@ func transferBothWays(size: Int, _ extra: [String] = []) throws {
             "sockets and pipes: \(relay.openFileDescriptors(linkingTo: ["socket:", "pipe:"])) vs \(descriptorsBefore) before")
 }
 
+/// Connects a client the relay should turn away (reset) and waits for its end: a reset that comes
+/// while connect() is still completing counts as the reset it is.
+func endOfTurnedAway(_ target: Endpoint, from source: Endpoint? = nil, timeout: Duration = .seconds(5)) throws -> TestSocket.End {
+    let client: TestSocket
+    do {
+        client = try TestSocket.connect(to: target, from: source)
+    } catch TestError.system(_, ECONNRESET) {
+        return .reset
+    }
+    defer { client.close() }
+    return try client.waitForEnd(timeout: timeout)
+}
+
 /// The `key=value` field of a log line.
 func field(_ key: String, in line: String) -> String? {
     line.split(separator: " ").first { $0.hasPrefix("\(key)=") }.map { String($0.dropFirst(key.count + 1)) }

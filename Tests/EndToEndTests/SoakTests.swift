@@ -5,8 +5,9 @@ import Testing
 
 /// scripts/soak.py --ci with the built binary: 50,000 connections churned through fixed-port relays
 /// (16 upstreams, 8 clients, a fresh relay each round, the first under a 1,024-descriptor limit),
-/// 20,000 through --egress ephemeral, and a SIGHUP every 10 ms during checksummed transfers. Any
-/// crash, failed connection, connection of 100 ms or more, or descriptor left behind fails it.
+/// 20,000 through --egress ephemeral, a SIGHUP every 10 ms during checksummed transfers, and a
+/// client and an upstream that vanish (nftables, in a namespace) and must give their pairs back.
+/// Any crash, failed connection, connection of 100 ms or more, or descriptor left behind fails it.
 @Suite("Soak", .serialized,
        .disabled(if: RelayProcess.spliceOff, "the churn moves one byte a connection: once is enough"))
 struct SoakTests {
@@ -29,5 +30,6 @@ struct SoakTests {
         let summary = try #require(lines.last { $0.hasSuffix(" failed") }, "no summary line")
         #expect(summary.hasSuffix(" passed, 0 failed"), "\(summary)")
         #expect(lines.contains { $0.hasPrefix("PASS: same-port: ") && $0.contains("connections served") })
+        #expect(lines.contains { $0.hasPrefix("PASS: vanished: every pair came back") }, "the vanished-peer round did not run")
     }
 }

@@ -160,8 +160,8 @@ struct ConfigurationProblemTests {
             upstream = "127.0.0.1:9000"
             queue_limit = -5
             """) == [
-            "f.toml:3:1: unknown key 'when' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
-            "f.toml:7:1: unknown key 'extra' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
+            "f.toml:3:1: unknown key 'when' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, keepalive, keepalive_interval, keepalive_count, user_timeout, drain_timeout, max_connections, max_per_client, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
+            "f.toml:7:1: unknown key 'extra' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, keepalive, keepalive_interval, keepalive_count, user_timeout, drain_timeout, max_connections, max_per_client, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
             "f.toml:14:15: the queue limit must be from 0 to 1000000, not -5",
         ])
     }
@@ -189,7 +189,7 @@ struct ConfigurationProblemTests {
             "f.toml:4:19: 'max_connections' must be an integer, not a string: write max_connections = 1024, without quotes",
             "f.toml:5:1: unknown key 'timeout_connect' in [[relay]]; did you mean 'connect_timeout'?",
             "f.toml:6:1: unknown key 'lissten' in [[relay]]; did you mean 'listen'?",
-            "f.toml:7:1: unknown key 'dest' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
+            "f.toml:7:1: unknown key 'dest' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, keepalive, keepalive_interval, keepalive_count, user_timeout, drain_timeout, max_connections, max_per_client, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
             "f.toml:12:12: no upstream has an IPv6 address to dial from ::1; give an IPv6 upstream, or listen on an address of the upstreams' family",
         ])
     }
@@ -210,7 +210,7 @@ struct ConfigurationProblemTests {
             """) == [
             "f.toml:2:1: unknown key 'conect_timeout' in [defaults]; did you mean 'connect_timeout'?",
             "f.toml:7:3: unknown key 'idle-timeout' in [[relay]]; did you mean 'idle_timeout'?",
-            "f.toml:8:1: unknown key 'colour' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, drain_timeout, max_connections, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
+            "f.toml:8:1: unknown key 'colour' in [[relay]]; expected one of name, listen, upstream, egress, on_busy, connect_timeout, idle_timeout, keepalive, keepalive_interval, keepalive_count, user_timeout, drain_timeout, max_connections, max_per_client, queue_limit, buffer_size, allow, deny, splice, pipe_size, proxy_protocol, accept_proxy, accept_proxy_from, proxy_timeout, destinations, transparent",
             "f.toml:10:1: unknown table [relays] at the top level; did you mean [[relay]]?",
         ])
         #expect(problems("listen = \"127.0.0.1:7000\"\n[[relay]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:1\"\n")

@@ -23,14 +23,16 @@ struct ConnectionEndTests {
         #expect(end.cause == cause)
     }
 
-    @Test("only an upstream reset resets the client")
+    @Test("an upstream reset and every failure to serve reset the client; ends after relaying do not")
     func resetsClient() {
-        #expect(ConnectionEnd.upstreamReset.resetsClient)
-        let others: [ConnectionEnd] = [
-            .completed, .clientReset, .idleTimeout, .connectFailed(cause: "x"), .busyRejected, .queueTimeout,
-            .queueFull, .shutdown, .failed(cause: "y"),
+        let resetting: [ConnectionEnd] = [
+            .upstreamReset, .connectFailed(cause: "x"), .busyRejected, .queueTimeout, .queueFull,
+            .refused(cause: "denied"), .failed(cause: "y"), .clientLimit(limit: 2), .badProxyHeader(cause: "z"),
         ]
-        for end in others {
+        for end in resetting {
+            #expect(end.resetsClient, "\(end)")
+        }
+        for end: ConnectionEnd in [.completed, .clientReset, .idleTimeout, .shutdown] {
             #expect(!end.resetsClient, "\(end)")
         }
     }
