@@ -91,6 +91,28 @@ struct ProxyProtocolTests {
     /*
        test sender 127.0.0.1 ──PROXY header "client 127.0.0.9" / "client 192.0.2.7" + bytes──► sameport ──PROXY v1 + bytes──► upstream
      */
+    @Test("accept_proxy with egress = client: the upstream sees the announced client's own ip:port (IP_TRANSPARENT), and the bytes intact")
+    func announcedClientIsTheEgress() throws {
+        let (upstream, received) = try recordingUpstream()
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], [
+            "--accept-proxy", "--accept-proxy-from", "127.0.0.1", "--egress", "client"])
+        defer { relay.stop() }
+        let port = try freePort(IPAddress.loopbackV4)
+        let client = try TestSocket.connect(to: listen)
+        defer { client.close() }
+        let payload = pattern(count: 100_000, seed: 11)
+        let (answer, end) = try exchange(client, try header(.v1, "127.0.0.9:\(port)", "\(listen)") + payload)
+        #expect(answer == Array("ok\n".utf8) && end == .eof)
+        #expect(waitUntil(timeout: .seconds(10)) { received.withLock { $0.count } == 1 })
+        let seen = received.withLock { $0.first }
+        let announced = Endpoint(try #require(IPAddress("127.0.0.9")), port)
+        #expect(seen?.peer == announced, "\(String(describing: seen?.peer))")
+        #expect(seen.map { checksum($0.bytes) } == checksum(payload))
+        let line = try relay.waitForLines(containing: "end=completed")[0]
+        #expect(field("client", in: line) == "127.0.0.9:\(port)" && field("egress", in: line) == "127.0.0.9:\(port)", "\(line)")
+    }
+
     @Test("accept_proxy: an announced 127.0.0.9 is denied; an announced 192.0.2.7 is served, logged and announced on, its bytes after the header intact; v2 LOCAL keeps the real client")
     func accept() throws {
         let (upstream, received) = try recordingUpstream()
