@@ -76,8 +76,8 @@ deb_checks() {
         fail "man -w to find sameport and sameport.toml; saw '${page1:-}' '${page5:-}'"
     [ "$page1" = /usr/share/man/man1/sameport.1.gz ] && [ "$page5" = /usr/share/man/man5/sameport.toml.5.gz ] ||
         fail "the pages in man1 and man5; saw '$page1' '$page5'"
-    inside env MANPAGER=cat MANWIDTH=100 man sameport 2>/dev/null | grep -q -- '--egress mode' &&
-        inside env MANPAGER=cat MANWIDTH=100 man 5 sameport.toml 2>/dev/null | grep -q 'drain_timeout' ||
+    inside env MANPAGER=cat MANWIDTH=100 man sameport 2>/dev/null | has -- '--egress mode' &&
+        inside env MANPAGER=cat MANWIDTH=100 man 5 sameport.toml 2>/dev/null | has 'drain_timeout' ||
         fail "man sameport to show '--egress mode' and man 5 sameport.toml drain_timeout"
     pass "man -w: $page1 and $page5 (they show '--egress mode' and drain_timeout)"
 
@@ -95,7 +95,7 @@ deb_checks() {
     local check
     check=$(inside sameport check /etc/sameport/sameport.toml 2>&1) || fail "sameport check /etc/sameport/sameport.toml to pass; saw: $check"
     grep -q 'configuration OK' <<<"$check" || fail "'configuration OK' from sameport check; saw: $check"
-    inside dpkg-query -W -f '${Conffiles}\n' sameport | grep -q '^ /etc/sameport/sameport.toml ' ||
+    inside dpkg-query -W -f '${Conffiles}\n' sameport | has '^ /etc/sameport/sameport.toml ' ||
         fail "/etc/sameport/sameport.toml a conffile; dpkg-query says: $(inside dpkg-query -W -f '${Conffiles}' sameport)"
     pass "sameport check /etc/sameport/sameport.toml: $(tail -n 1 <<<"$check") (a conffile; relay: $(sed -n 2p <<<"$check" | awk '{ print $1, $2, "->", $3 }'))"
 
@@ -105,7 +105,7 @@ deb_checks() {
     echo_through 7700 "the packaged default relay, activated by sameport.socket" sameport.service
     wait_for 5 is_state sameport.service active || fail "sameport.service active; saw $(unit_state sameport.service)"
     wait_for 5 saw_peer 127.0.0.1:7700 1 || fail "the upstream to see source 127.0.0.1:7700; saw: $(peers)"
-    prop sameport.service ExecStart | grep -q 'path=/usr/bin/sameport ' || fail "ExecStart= to run /usr/bin/sameport; saw: $(prop sameport.service ExecStart)"
+    prop sameport.service ExecStart | has 'path=/usr/bin/sameport ' || fail "ExecStart= to run /usr/bin/sameport; saw: $(prop sameport.service ExecStart)"
     pass "systemctl enable --now sameport.socket: the first client started /usr/bin/sameport, $echoed, and the upstream saw it from 127.0.0.1:7700"
 
     # The upgrade, with a connection open: nothing restarts.

@@ -32,6 +32,11 @@
 set -euo pipefail
 umask 022
 
+# `producer | has PATTERN`: grep that reads its input to the end. `grep -q` stops at the first
+# match, and under pipefail the producer's SIGPIPE (a long man page still being written) would
+# fail the pipeline although the pattern was found.
+has() { grep "$@" >/dev/null; }
+
 readonly self=systemd-container-test
 script=$(readlink -f "${BASH_SOURCE[0]}")
 repo=$(dirname "$(dirname "$script")")
@@ -236,7 +241,7 @@ for base in "${cgroup_bases[@]}"; do
         # A container of a run killed outright (SIGKILL) outlives it: its PID 1 (PID 1 of its own
         # namespace, booted into sameport-test.target) is ours to end, and takes the rest with it.
         for pid in $(cgroup_procs "$dir"); do
-            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'systemd.unit=sameport-test.target' &&
+            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | has 'systemd.unit=sameport-test.target' &&
                 grep -Eq '^NSpid:.*[[:space:]]1$' "/proc/$pid/status" 2>/dev/null; then
                 echo "$self: ending the container of a run that was killed (its PID 1 is host PID $pid)"
                 kill -KILL "$pid" 2>/dev/null || true
@@ -332,7 +337,7 @@ wait_for 30 booted || fail "the container's systemd to reach running or degraded
 pass "systemd $(inside systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p') booted in the container in $(elapsed "$boot_start") ($state, container PID 1 is host PID $leader)"
 
 inside ip link set lo up
-inside ip -4 addr show dev lo | grep -q 'inet 127.0.0.1/8' || fail "127.0.0.1 on the container's lo; saw: $(inside ip addr show dev lo)"
+inside ip -4 addr show dev lo | has 'inet 127.0.0.1/8' || fail "127.0.0.1 on the container's lo; saw: $(inside ip addr show dev lo)"
 
 [ -n "$deb" ] || {
 verify=$(inside systemd-analyze verify sameport.socket sameport.service sameport@edge.socket sameport@edge.service sameport-probe.service 2>&1) ||
@@ -441,7 +446,7 @@ fi
 inside systemctl start sameport-probe.service ||
     fail "sameport-probe.service (the shipped hardening, sameport check as ExecStartPre=) to start; saw $(unit_state sameport-probe.service)"
 wait_for 10 listening 780 || fail "the probe relay listening on 127.0.0.1:780 within 10 s; saw $(unit_state sameport-probe.service)"
-journal -u sameport-probe.service | grep -q 'configuration OK' ||
+journal -u sameport-probe.service | has 'configuration OK' ||
     fail "'configuration OK' from sameport check under the hardening; saw: $(journal -u sameport-probe.service | tail -n 5)"
 pass "sameport check runs under the shipped hardening (ExecStartPre= of the probe unit)"
 echo_through 780 "probe relay under the shipped hardening"
@@ -482,7 +487,7 @@ grep -q " uid:$service_uid " <<<"$listener" || fail "the inherited socket owned 
 pass "sameport uses the inherited socket (one listener, shared by PID 1 and sameport), owned by its uid $service_uid"
 wait_for 5 saw_peer 127.0.0.1:7700 1 || fail "the upstream to see source 127.0.0.1:7700; saw: $(peers)"
 pass "the upstream saw the relayed connection from 127.0.0.1:7700"
-ended() { journal -u sameport.service | grep 'connection ended' | grep "relay=$1 " | grep "egress=$2 " | grep 'upstream=127.0.0.1:9700 ' | grep -q 'end=completed'; }
+ended() { journal -u sameport.service | grep 'connection ended' | grep "relay=$1 " | grep "egress=$2 " | grep 'upstream=127.0.0.1:9700 ' | has 'end=completed'; }
 wait_for 5 ended proxy 127.0.0.1:7700 ||
     fail "a 'connection ended relay=proxy ... egress=127.0.0.1:7700 upstream=127.0.0.1:9700 ... end=completed' line in the journal; saw: $(journal -u sameport.service | tail -n 5)"
 pass "the journal has the connection's line: $(journal -u sameport.service | grep 'connection ended' | tail -n 1)"
@@ -500,7 +505,7 @@ session_do "send before-reload" "ok before-reload"
 reload_start=$(now_ns)
 install_config "$workdir/reloaded.toml"
 inside systemctl reload sameport.service || fail "systemctl reload sameport.service to succeed; saw $(unit_state sameport.service)"
-reloaded() { journal -u sameport.service | grep -q 'reloaded /etc/sameport/sameport.toml'; }
+reloaded() { journal -u sameport.service | has 'reloaded /etc/sameport/sameport.toml'; }
 wait_for 10 reloaded || fail "'reloaded /etc/sameport/sameport.toml' in the journal within 10 s; saw: $(journal -u sameport.service | tail -n 5)"
 wait_for 10 is_state sameport.service active || fail "sameport.service active again after the reload (READY=1); saw $(unit_state sameport.service)"
 [ "$(prop sameport.service MainPID)" = "$mainpid" ] && [ "$(prop sameport.service NRestarts)" = 0 ] ||
@@ -520,7 +525,7 @@ wait_for 10 is_state sameport.service active && [ "$(prop sameport.service MainP
     fail "sameport.service still active, PID $mainpid, after a refused reload; saw $(unit_state sameport.service) MainPID=$(prop sameport.service MainPID)"
 pass "systemctl reload fails on a broken file ($(journal -u sameport.service | grep -m1 'no_such_key' || echo 'sameport check refused it')); the service runs on"
 inside systemctl kill --kill-who=main --signal=SIGHUP sameport.service
-reload_failed() { journal -u sameport.service | grep -q 'reload failed, still running the previous configuration'; }
+reload_failed() { journal -u sameport.service | has 'reload failed, still running the previous configuration'; }
 wait_for 10 reload_failed || fail "'reload failed, still running the previous configuration' after SIGHUP with a broken file; saw: $(journal -u sameport.service | tail -n 5)"
 wait_for 10 is_state sameport.service active && [ "$(prop sameport.service MainPID)" = "$mainpid" ] ||
     fail "sameport.service active, PID $mainpid, after a failed reload; saw $(unit_state sameport.service) MainPID=$(prop sameport.service MainPID)"
@@ -531,15 +536,15 @@ install_config "$workdir/reloaded.toml"
 session_end
 
 # Journal priorities: sameport's <N> prefixes under JOURNAL_STREAM.
-journal -u sameport.service -p notice | grep -q 'reloaded /etc/sameport/sameport.toml' ||
+journal -u sameport.service -p notice | has 'reloaded /etc/sameport/sameport.toml' ||
     fail "the 'reloaded' line at notice or above (journalctl -p notice); saw: $(journal -u sameport.service -p notice | tail -n 5)"
-! journal -u sameport.service -p notice | grep -q 'connection ended' ||
+! journal -u sameport.service -p notice | has 'connection ended' ||
     fail "no 'connection ended' (info) line in journalctl -p notice; saw: $(journal -u sameport.service -p notice | grep 'connection ended' | head -n 1)"
-journal -u sameport.service -p warning | grep -q 'reload failed' ||
+journal -u sameport.service -p warning | has 'reload failed' ||
     fail "the 'reload failed' line at warning or above (journalctl -p warning); saw: $(journal -u sameport.service -p warning | tail -n 5)"
-! journal -u sameport.service -p warning | grep -q -e 'connection ended' -e 'reloaded /etc' ||
+! journal -u sameport.service -p warning | has -e 'connection ended' -e 'reloaded /etc' ||
     fail "journalctl -p warning without info and notice lines; saw: $(journal -u sameport.service -p warning | head -n 5)"
-! journal -u sameport.service | grep -q '^<[0-7]>' ||
+! journal -u sameport.service | has '^<[0-7]>' ||
     fail "no raw '<N>' prefixes in the journal; saw: $(journal -u sameport.service | grep -m1 '^<[0-7]>')"
 pass "journal priorities: 'reloaded' at notice, 'reload failed' at warning, 'connection ended' below both (-p filters them), no raw <N> prefixes"
 
@@ -556,7 +561,7 @@ pass "on stop, sameport drains: the open connection still relays while the servi
 session_end
 wait_for 10 is_state sameport.service inactive || fail "sameport.service inactive within 10 s of its last connection closing; saw $(unit_state sameport.service)"
 check_clean_exit sameport.service
-journal -u sameport.service | grep -q 'stopped' || fail "a 'stopped' line in the journal; saw: $(journal -u sameport.service | tail -n 3)"
+journal -u sameport.service | has 'stopped' || fail "a 'stopped' line in the journal; saw: $(journal -u sameport.service | tail -n 3)"
 pass "sameport.service stopped cleanly (exit 0, not failed) $(elapsed "$stop_start") after the stop request, once its connection closed"
 
 # The socket outlives the service (sameport never shut it down): the next client activates again.
