@@ -161,15 +161,10 @@ struct TransferTests {
     @Test("A slow reader being fed is not idle: the idle timeout counts writes too")
     func slowReaderIsNotIdle() throws {
         let payload = pattern(count: 8 << 20, seed: 6)
-        let upstream = try TestServer { socket in
+        let (upstream, relay, connected) = try smallReceiver(idleTimeout: "1s") { socket in
             try? socket.sendAll(payload, timeout: .seconds(60))
         }
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--idle-timeout", "1s"])
-        defer { relay.stop() }
-        let client = try TestSocket.tcp(ipv6: false)
-        client.setOption(SOL_SOCKET, SO_RCVBUF, 16 * 1024)
-        let connected = try TestSocket.connect(to: listen, using: client)
+        defer { relay.stop(); upstream.stop() }
         // 80 KB/s for 3 s: bytes keep reaching the client, but the relay's 128 KiB buffer takes
         // 1.6 s to drain (it reads nothing from the upstream meanwhile), and the kernel reports the
         // socket writable only once much of its send queue is free.
@@ -195,16 +190,11 @@ struct TransferTests {
         // or write while the client drains them, slowly, for longer than the idle timeout. The
         // upstream stays open, so only the send queue shrinking shows the connection is alive.
         let payload = pattern(count: 2 << 20, seed: 7)
-        let upstream = try TestServer { socket in
+        let (upstream, relay, connected) = try smallReceiver(idleTimeout: "500ms") { socket in
             try? socket.sendAll(payload, timeout: .seconds(30))
             _ = try? socket.waitForEnd(timeout: .seconds(30))
         }
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--idle-timeout", "500ms"])
-        defer { relay.stop() }
-        let client = try TestSocket.tcp(ipv6: false)
-        client.setOption(SOL_SOCKET, SO_RCVBUF, 16 * 1024)
-        let connected = try TestSocket.connect(to: listen, using: client)
+        defer { relay.stop(); upstream.stop() }
         var received: [UInt8] = []
         while received.count < payload.count {
             let chunk = try connected.receive(exactly: min(64 * 1024, payload.count - received.count), timeout: .seconds(5))
@@ -220,20 +210,40 @@ struct TransferTests {
     func stoppedReaderIsCutOnTime() throws {
         // The upstream fills every buffer on the way to a client that never reads (its window
         // closes): nothing moves after the first few milliseconds.
-        let upstream = try TestServer { socket in
+        let (upstream, relay, connected) = try smallReceiver(idleTimeout: "1s") { socket in
             _ = socket.sendUntilBlocked(total: 64 << 20, timeout: .seconds(5))
             _ = try? socket.waitForEnd(timeout: .seconds(10))
         }
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--idle-timeout", "1s"])
-        defer { relay.stop() }
-        let client = try TestSocket.tcp(ipv6: false)
-        client.setOption(SOL_SOCKET, SO_RCVBUF, 16 * 1024)
-        let connected = try TestSocket.connect(to: listen, using: client)
+        defer { relay.stop(); upstream.stop() }
         defer { connected.close() }
         let line = try relay.waitForLines(containing: "end=idle-timeout", timeout: .seconds(10))[0]
         // The first look at the send queue is the baseline, not progress.
         let seconds = field("duration", in: line).flatMap { Double($0.dropLast()) } ?? .infinity
         #expect(seconds >= 1.0 && seconds < 1.6, "\(line)")
+    }
+
+    /// An upstream running `handler`, a relay to it with `--idle-timeout`, and a client connected
+    /// through it with a 16 KiB receive buffer (a receiver that fills quickly); the caller stops
+    /// the relay and the upstream.
+    private func smallReceiver(
+        idleTimeout: String, _ handler: @escaping @Sendable (TestSocket) -> Void
+    ) throws -> (upstream: TestServer, relay: RelayProcess, connected: TestSocket) {
+        let upstream = try TestServer(handler: handler)
+        let relay: RelayProcess, listen: Endpoint
+        do {
+            (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], ["--idle-timeout", idleTimeout])
+        } catch {
+            upstream.stop()
+            throw error
+        }
+        do {
+            let client = try TestSocket.tcp(ipv6: false)
+            client.setOption(SOL_SOCKET, SO_RCVBUF, 16 * 1024)
+            return (upstream, relay, try TestSocket.connect(to: listen, using: client))
+        } catch {
+            relay.stop()
+            upstream.stop()
+            throw error
+        }
     }
 }

@@ -13,10 +13,6 @@ private func problems(bytes: [UInt8]) -> [String] {
     }
 }
 
-private func problems(_ text: String) -> [String] {
-    problems(bytes: Array(text.utf8))
-}
-
 /// One valid relay, for files that differ from it in one place.
 private let relay = """
     [[relay]]

@@ -4,16 +4,6 @@ import SamePortConfig
 import SamePortCore
 import Testing
 
-/// The problems of a configuration text, as the lines a user sees, or [] when it is valid.
-private func problems(_ text: String) -> [String] {
-    do {
-        _ = try Configuration(text: text, path: "f.toml")
-        return []
-    } catch {
-        return error.problems.map(\.description)
-    }
-}
-
 private func relays(_ text: String) throws -> [RelaySpec] {
     try Configuration(text: text, path: "f.toml").relays
 }

@@ -2,16 +2,6 @@ import SamePortConfig
 import SamePortCore
 import Testing
 
-/// The problems of a configuration text, as the lines a user sees, or [] when it is valid.
-private func problems(_ text: String) -> [String] {
-    do {
-        _ = try Configuration(text: text, path: "f.toml")
-        return []
-    } catch {
-        return error.problems.map(\.description)
-    }
-}
-
 /// The document is copied out of TOMLKit's tree into Swift values (`TOMLNode`) before the tree is
 /// freed: every TOML type must come out as what it was.
 @Suite("Configuration file: the parsed document")

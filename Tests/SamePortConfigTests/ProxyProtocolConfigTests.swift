@@ -4,15 +4,6 @@ import Testing
 
 @Suite("Configuration file: the PROXY protocol keys")
 struct ProxyProtocolConfigTests {
-    private func problems(_ text: String) -> [String] {
-        do {
-            _ = try Configuration(text: text, path: "f.toml")
-            return []
-        } catch {
-            return error.problems.map(\.description)
-        }
-    }
-
     @Test("proxy_protocol, accept_proxy, accept_proxy_from and proxy_timeout are read, inherited and overridden ('off')")
     func keys() throws {
         let specs = try Configuration(text: """
