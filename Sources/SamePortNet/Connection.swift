@@ -320,10 +320,9 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
                 "egress": .string(egressDescription), "upstream": .stringConvertible(address)])
         }
         // A relay forwards what it reads as soon as it reads it: Nagle would only add delay. The
-        // client has it from the listener (Linux copies TCP_NODELAY to accepted sockets).
+        // client has it, and its keepalive, from the listener (Linux copies both to accepted sockets).
         try? upstream.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
         upstream.setKeepalive(context.keepalive)
-        client.setKeepalive(context.keepalive)
         if let version = context.proxyProtocol, !sendProxyHeader(version, to: upstream) { return }
         if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
         pump(.clientToUpstream)

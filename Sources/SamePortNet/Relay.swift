@@ -155,6 +155,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             listener.close()
             throw error
         }
+        listener.listeningSocket.setKeepaliveForClients(spec.keepalive)
         listenEndpoint = listener.endpoint
         isInherited = inherited != nil
         self.group = group
@@ -350,6 +351,10 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     public func reconfigure(spec newSpec: RelaySpec, upstreams: [[Endpoint]]) {
         var actions: Actions = []
         shared.withLock { shared in
+            if newSpec.keepalive != shared.spec.keepalive {
+                // Clients accepted from now on; open connections keep theirs.
+                shared.listener?.listeningSocket.setKeepaliveForClients(newSpec.keepalive)
+            }
             shared.spec = newSpec
             shared.context = ConnectionContext(spec: newSpec, logger: logger)
             shared.generation += 1

@@ -17,8 +17,22 @@ extension Socket {
             try? setOption(level: tcp, name: TCP_KEEPCNT, value: Int32(clamping: keepalive.count))
         }
         if let userTimeout = keepalive.effectiveUserTimeout {
-            let milliseconds = userTimeout.components.seconds * 1000 + userTimeout.components.attoseconds / 1_000_000_000_000_000
-            try? setOption(level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT, value: Int32(clamping: milliseconds))
+            try? setOption(level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT, value: Self.milliseconds(userTimeout))
         }
+    }
+
+    /// The same on a listening socket, for the clients it accepts: Linux copies SO_KEEPALIVE, the
+    /// three keepalive values and TCP_USER_TIMEOUT to every accepted socket (and starts its
+    /// keepalive timer), which saves five setsockopt calls per client. Set explicitly either way,
+    /// so that a reload that turns keepalive off, or a socket from systemd with its own
+    /// KeepAlive=, ends up as the relay's settings say.
+    func setKeepaliveForClients(_ keepalive: Keepalive) {
+        setKeepalive(keepalive)
+        if keepalive.idle == nil { try? setOption(level: SOL_SOCKET, name: SO_KEEPALIVE, value: 0) }
+        if keepalive.effectiveUserTimeout == nil { try? setOption(level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT, value: 0) }
+    }
+
+    private static func milliseconds(_ duration: Duration) -> Int32 {
+        Int32(clamping: duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
     }
 }

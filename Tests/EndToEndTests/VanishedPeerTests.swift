@@ -45,6 +45,39 @@ struct VanishedPeerTests {
         }
     }
 
+    @Test("keepalive comes to clients from the listener: a reload that turns it on applies to the clients accepted after it")
+    func keepaliveFollowsReload() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let listen = Endpoint(.loopbackV4, try freePort())
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("sameport-keepalive-reload-\(getpid()).toml").path
+        let text = { (keepalive: String) in
+            "[[relay]]\nname = \"k\"\nlisten = \"\(listen)\"\nupstream = \"\(upstream.endpoint)\"\negress = \"ephemeral\"\nkeepalive = \"\(keepalive)\"\nuser_timeout = \"0\"\n"
+        }
+        try text("0").write(toFile: path, atomically: true, encoding: .utf8)
+        defer { unlink(path) }
+        let relay = try RelayProcess(["run", "--config", path])
+        defer { relay.stop() }
+        try relay.waitUntilListening()
+        let before = try TestSocket.connect(to: listen)
+        defer { before.close() }
+        #expect(try echoed(before, "off\n"))
+        let clientSide = { (client: TestSocket) throws -> String? in
+            let port = client.localEndpoint?.port ?? 0
+            return try establishedSockets(port: listen.port).first { $0.contains("127.0.0.1:\(port)") }
+        }
+        #expect(try clientSide(before)?.contains("timer:(keepalive") == false)
+        try text("45s").write(toFile: path, atomically: true, encoding: .utf8)
+        kill(relay.pid, SIGHUP)
+        _ = try relay.waitForLines(containing: "reloaded")
+        let after = try TestSocket.connect(to: listen)
+        defer { after.close() }
+        #expect(try echoed(after, "on\n"))
+        let sockets = try establishedSockets(port: listen.port)
+        #expect(try clientSide(after)?.contains("timer:(keepalive") == true, "\(sockets)")
+        #expect(try clientSide(before)?.contains("timer:(keepalive") == false, "an open connection keeps its settings")
+    }
+
     /// In a namespace of the test's own, one upstream, so the first client holds the only pair:
     ///
     ///   client 127.0.0.2 ──▶ relay 127.0.0.1:7000 ══▶ upstream 127.0.0.1:9000
