@@ -378,11 +378,7 @@ private struct Reader {
                     }
                 }.map(locate)
             case .acceptProxy:
-                guard value.type == .bool, let on = value.bool else {
-                    report("'accept_proxy' must be true or false, not \(Self.describe(value.type))", at: valuePosition)
-                    continue
-                }
-                fields.acceptProxy = locate(on)
+                fields.acceptProxy = boolean(value, key, at: valuePosition).map(locate)
             case .acceptProxyFrom:
                 // An empty list is how a relay drops the list it would inherit.
                 fields.acceptProxyFrom = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, CIDR.init(parsing:))
@@ -391,11 +387,7 @@ private struct Reader {
             case .destinations:
                 fields.destinations = list(value, key, at: valuePosition, elements: elements, emptyAllowed: true, DestinationRule.init(parsing:))
             case .transparent:
-                if value.type == .bool, let on = value.bool {
-                    fields.transparent = locate(on)
-                } else {
-                    report("'\(key)' must be true or false, not \(Self.describe(value.type))", at: valuePosition)
-                }
+                fields.transparent = boolean(value, key, at: valuePosition).map(locate)
             }
         }
         return fields
@@ -705,6 +697,14 @@ private struct Reader {
             return nil
         }
         return number
+    }
+
+    mutating func boolean(_ value: TOMLNode, _ key: String, at position: SourcePosition?) -> Bool? {
+        guard value.type == .bool, let on = value.bool else {
+            report("'\(key)' must be true or false, not \(Self.describe(value.type))", at: position)
+            return nil
+        }
+        return on
     }
 
     mutating func parse<V, E: Error>(_ text: String, at position: SourcePosition?, _ parser: (String) throws(E) -> V) -> V? {

@@ -43,8 +43,10 @@ extension Socket {
     }
 
     /// Whether `address` is one of this host's (network namespace's) own: a plain UDP socket can
-    /// bind it. How a relay on a wildcard listener recognises a destination that is itself.
+    /// bind it (loopback always is). How a relay on a wildcard listener recognises a destination, or
+    /// an upstream, that is itself.
     static func isLocal(_ address: IPAddress) -> Bool {
+        if address.isLoopback { return true }
         let fd = Glibc.socket(address.isIPv6 ? AF_INET6 : AF_INET, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return false }
         defer { Glibc.close(fd) }

@@ -9,7 +9,7 @@ extension Relay {
     func refuseSelfDial(listener: Endpoint, acceptsIPv4: Bool, spec: RelaySpec, upstreams: [[Endpoint]]) throws(StartupError) {
         for (upstream, addresses) in zip(spec.upstreams, upstreams) {
             guard let own = addresses.first(where: {
-                SelfDial.reaches($0, listener: listener, acceptsIPv4: acceptsIPv4, isLocal: Self.isLocal)
+                SelfDial.reaches($0, listener: listener, acceptsIPv4: acceptsIPv4, isLocal: Socket.isLocal)
             }) else { continue }
             let resolved = upstream.endpoint == nil ? " (\(own.unmapped))" : ""
             let which = listener.address.isUnspecified
@@ -23,15 +23,6 @@ extension Relay {
     /// Costs a comparison, and a bind probe only for a wildcard listener's port.
     func dialsItself(_ address: Endpoint) -> Bool {
         guard let listenEndpoint else { return false }
-        return SelfDial.reaches(address, listener: listenEndpoint, acceptsIPv4: listenerAcceptsIPv4, isLocal: Self.isLocal)
-    }
-
-    /// True when `address` is one of this host's: a socket can bind it (bind(2) of port 0 fails
-    /// with EADDRNOTAVAIL for a foreign address). Loopback addresses are always local.
-    static func isLocal(_ address: IPAddress) -> Bool {
-        if address.isLoopback { return true }
-        guard let socket = try? Socket.tcp(ipv6: address.isIPv6) else { return false }
-        defer { socket.close() }
-        return (try? socket.bind(to: Endpoint(address, 0))) != nil
+        return SelfDial.reaches(address, listener: listenEndpoint, acceptsIPv4: listenerAcceptsIPv4, isLocal: Socket.isLocal)
     }
 }
