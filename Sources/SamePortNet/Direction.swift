@@ -17,10 +17,14 @@ public enum Side: String, Sendable {
 /// - copy: read(2) into a buffer, send(2) from it. Every direction starts here, and with
 ///   `--splice off` stays here.
 /// - splice: socket → pipe → socket with splice(2), the pages never copied through user space. A
-///   direction switches to it once it has delivered `spliceAfter` bytes (256 KiB by default), with
-///   its buffer empty, so nothing is reordered, and keeps it. Below that, copying is cheaper:
-///   opening, sizing and closing a pipe costs more than the copies it saves (measured, see
-///   `RelaySpec.defaultSpliceAfter`).
+///   direction switches to it once it has delivered `spliceAfter` bytes (256 KiB by default) and
+///   its latest read filled at least half the buffer (a bulk transfer), with its buffer empty, so
+///   nothing is reordered, and keeps it. Below that, copying is cheaper: opening, sizing and
+///   closing a pipe costs more than the copies it saves (measured, see
+///   `RelaySpec.defaultSpliceAfter`); and a stream of small messages (an interactive session, a
+///   request-response protocol) copies for good, since a splice round (in, out, and the EAGAIN
+///   splice) costs more than recv and send for a few bytes, and adds to their latency.
+///   `spliceAfter` 0 splices from the first byte, whatever the reads.
 ///   A direction that cannot have a pipe (pipe2 failed: EMFILE, ENFILE), or only a shrunken one
 ///   (see `SplicePipe.isWorthSplicing`), or whose first splice the kernel refuses (EINVAL, ENOSYS,
 ///   EPERM from a seccomp filter) copies for the rest of its life.
@@ -85,6 +89,10 @@ struct Direction {
     /// The receiving socket's send queue when last looked at, for `noteKernelProgress`.
     private var unsentAtLastLook: Int32 = -1
     private var sawEOF = false
+    private var closesAtEOF = false
+    /// Whether the latest read filled at least half the buffer: the sender is ahead of the relay
+    /// (a bulk transfer), not exchanging small messages.
+    private var lastReadWasBulk = false
     private var path = Path.copy
     /// Whether a splice into (out of) the pipe has ever moved a byte: only the first splice's
     /// refusal means that splice is unavailable; a later one is an error.
@@ -158,8 +166,12 @@ struct Direction {
     ///   less than asked has emptied the socket, and the EAGAIN read that would prove it is
     ///   skipped. Bytes or a FIN that arrive later raise a new edge. Never for a pump started
     ///   otherwise: an edge consumed while the direction waited to write may have carried a FIN.
-    mutating func pump(from: Socket, to: Socket, drainedByShortRead: Bool = false) -> Outcome {
+    /// - Parameter closesAtEOF: the caller closes `to` as soon as this direction finishes (the
+    ///   other one has): the EOF is then passed on by close(2), which sends the same FIN, and the
+    ///   shutdown(2) is skipped.
+    mutating func pump(from: Socket, to: Socket, drainedByShortRead: Bool = false, closesAtEOF: Bool = false) -> Outcome {
         guard !isFinished else { return .finished }
+        self.closesAtEOF = closesAtEOF
         let outcome: Outcome
         switch path {
         case .splice: outcome = pumpSplice(from: from, to: to, rounds: 0)
@@ -171,6 +183,13 @@ struct Direction {
         case .yielded, .finished, .failed: waitingFor = .nothing
         }
         return outcome
+    }
+
+    /// Waits for the sending socket to be readable without reading it first: the caller knows it
+    /// holds nothing yet (its event said so), and edge-triggered epoll reports the bytes to come.
+    mutating func awaitRead() {
+        guard !isFinished, waitingFor == .nothing, buffered == 0 else { return }
+        waitingFor = .read
     }
 
     /// Copies for good from now on: the sending socket has urgent data (EPOLLPRI). Linux's splice
@@ -195,6 +214,9 @@ struct Direction {
 
     /// Bytes taken in and not yet delivered (in the buffer or the pipe).
     var buffered: Int { end - start + pipeBytes }
+
+    /// Whether the direction moves its bytes with splice(2) now.
+    var isSplicing: Bool { path == .splice }
 
     /// Gives back the buffer and the pipe: the connection has ended.
     mutating func release() {
@@ -361,7 +383,9 @@ struct Direction {
             end = 0
             if sawEOF { return forwardEOF(to: to) }
             if reads == Self.roundsPerWakeup { return .yielded }
-            if let spliceAt, bytes >= spliceAt { return startSplicing(from: from, to: to, rounds: reads) }
+            if let spliceAt, bytes >= spliceAt, spliceAt == 0 || lastReadWasBulk {
+                return startSplicing(from: from, to: to, rounds: reads)
+            }
             reads += 1
             // With nothing held, read into the thread's scratch and write straight on (see
             // `ScratchBuffer`); the direction's own buffer is for what the receiver cannot take.
@@ -378,6 +402,7 @@ struct Direction {
                 sawEOF = true
             case .processed(let count):
                 lastActivity = Self.now
+                lastReadWasBulk = count >= capacity / 2
                 guard let scratch else {
                     end = count  // read into the direction's own buffer: written at the loop's top
                     continue
@@ -449,7 +474,7 @@ struct Direction {
 
     /// Every byte before the EOF is delivered: pass the EOF on as a half-close.
     private mutating func forwardEOF(to: Socket) -> Outcome {
-        to.shutdownWrite()
+        if !closesAtEOF { to.shutdownWrite() }
         isFinished = true
         releasePipe()
         return .finished

@@ -163,7 +163,7 @@ struct RunCommand: ParsableCommand {
     var pipeSize: Int?
 
     /// Tuning, and how the tests run the whole suite on the splice path: not in --help.
-    @Option(parsing: .unconditional, help: ArgumentHelp("Bytes each direction copies before it splices (0: splice from the start).", valueName: "bytes", visibility: .hidden))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Bytes each direction copies before a read that fills half its buffer switches it to splice (0: splice from the start).", valueName: "bytes", visibility: .hidden))
     var spliceAfter: Int?
 
     @Option(name: .customLong("proxy-protocol"), help: ArgumentHelp("Write a PROXY protocol header (v1 or v2) to each upstream before the client's bytes.", valueName: "v1|v2"))

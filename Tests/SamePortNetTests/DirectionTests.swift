@@ -103,6 +103,41 @@ struct DirectionTests {
         #expect(reply.end == .eof)
     }
 
+    @Test("Small messages keep copying past the splice threshold; a read that fills the buffer switches to splice")
+    func spliceOnlyForBulk() throws {
+        let topology = try Topology()
+        defer { withExtendedLifetime(topology) {} }  // its deinit closes the sockets
+        let (sender, from, receiver, to) = (topology.sender, topology.from, topology.receiver, topology.to)
+        var direction = Direction(fromSide: .client, capacity: 4096, pipeSize: 65536, spliceAfter: 1024, now: 0)
+        defer { direction.release() }
+        // 100 round trips of 64 bytes: 6,400 bytes, six times the threshold, each read short.
+        for round in 0..<100 {
+            let message = (0..<64).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ round) }
+            try sender.sendAll(message)
+            guard case .awaitingRead = direction.pump(from: from, to: to) else {
+                Issue.record("round \(round): the pump must have moved the message and wait to read")
+                return
+            }
+            #expect(try receiver.receive(exactly: 64, timeout: .seconds(5)).bytes == message)
+        }
+        #expect(direction.bytes == 6400)
+        #expect(!direction.isSplicing, "an exchange of small messages must not splice")
+        // Then a bulk send: the first read fills the buffer, and the direction splices on.
+        let bulk = (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+        let sending = Thread { try? sender.sendAll(bulk, timeout: .seconds(30)) }
+        sending.start()
+        var received: [UInt8] = []
+        let deadline = ContinuousClock.now + .seconds(30)
+        while received.count < bulk.count, ContinuousClock.now < deadline {
+            _ = direction.pump(from: from, to: to)
+            if let chunk = try? receiver.receive(exactly: min(4096, bulk.count - received.count), timeout: .milliseconds(20)) {
+                received += chunk.bytes
+            }
+        }
+        #expect(received == bulk)
+        #expect(direction.isSplicing, "a bulk transfer past the threshold splices")
+    }
+
     @Test("A reset by the sender fails the direction on the sender's side", arguments: [0, 1])
     func reset(path: Int) throws {
         let topology = try Topology()
