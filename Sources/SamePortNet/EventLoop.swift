@@ -26,8 +26,10 @@ protocol DeadlineHandler: AnyObject {
 /// exactly three long-lived Dispatch objects: its queue, one read source on its epoll descriptor
 /// (an epoll set is itself pollable), and one timer for the earliest deadline of its connections.
 /// - Every socket is registered once, edge-triggered (EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET), when it
-///   is created, and deleted from the set right before it is closed. Handlers read and write until
-///   EAGAIN and remember what they wait for; nothing is re-armed and no interest is toggled.
+///   is created, and leaves the set when it is closed (a connection's socket: close(2) removes it,
+///   as nginx relies on; a socket that stays open, a listener or a client handed on: EPOLL_CTL_DEL).
+///   Handlers read and write until EAGAIN and remember what they wait for; nothing is re-armed and
+///   no interest is toggled.
 /// - epoll's data is a registration id (slot index and generation), never the bare descriptor: an
 ///   event already fetched for a socket that was closed meanwhile, whose number may already belong
 ///   to a new socket, no longer matches its slot and is dropped.
@@ -40,7 +42,8 @@ protocol DeadlineHandler: AnyObject {
 ///   event then costs one wake-up instead of Dispatch's three-thread hand-off. A run returns to
 ///   Dispatch after `maximumRun` whatever happens, so Dispatch drives the shard again.
 ///
-/// Concurrency: everything but `execute` runs on `queue` (`@unchecked Sendable` for that reason).
+/// Concurrency: everything but `execute` runs on `queue` (`@unchecked Sendable` for that reason),
+/// and the state only the queue touches skips the runtime exclusivity check (see `Connection`).
 final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `execute`
     /// The shard's number, for names and logs.
     let index: Int
@@ -49,8 +52,8 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     private let wakeFD: Int32
     /// Made at activation, never before: libdispatch aborts the process when an object that was
     /// never activated is released (a shard made by a group whose next shard failed to start).
-    private var source: DispatchSourceRead?
-    private var timer: DispatchSourceTimer?
+    @exclusivity(unchecked) private var source: DispatchSourceRead?
+    @exclusivity(unchecked) private var timer: DispatchSourceTimer?
     private let linger: UInt64
     /// A run of the loop returns to Dispatch after this long, busy or not.
     private static let maximumRun: UInt64 = 10_000_000
@@ -63,17 +66,17 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         var tag: UInt8 = 0
         var handler: (any EventHandler)?
     }
-    private var slots: [Slot] = []
-    private var freeSlots: [UInt32] = []
-    private var heap = DeadlineHeap()
+    @exclusivity(unchecked) private var slots: [Slot] = []
+    @exclusivity(unchecked) private var freeSlots: [UInt32] = []
+    @exclusivity(unchecked) private var heap = DeadlineHeap()
     /// The deadline the Dispatch timer is armed for (UInt64.max: none).
-    private var armedDeadline = UInt64.max
+    @exclusivity(unchecked) private var armedDeadline = UInt64.max
     /// Work for this shard from this shard: run before the loop next waits.
-    private var deferred: [@Sendable () -> Void] = []
+    @exclusivity(unchecked) private var deferred: [@Sendable () -> Void] = []
     private let events: UnsafeMutablePointer<sameport_epoll_event>
 
     /// Told when the group's accept spread changes (the acceptors of this shard).
-    private var spreadWatchers: [ObjectIdentifier: () -> Void] = [:]
+    @exclusivity(unchecked) private var spreadWatchers: [ObjectIdentifier: () -> Void] = [:]
 
     /// Work from other threads, and whether the eventfd has been written since the loop last
     /// emptied the inbox.
@@ -175,6 +178,17 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         let slot = Int(truncatingIfNeeded: id & 0xFFFF_FFFF)
         guard slot < slots.count, UInt64(slots[slot].generation) == id >> 32, slots[slot].handler != nil else { return }
         _ = sameport_epoll_ctl(epollFD, sameport_epoll_ctl_del, fd, 0, 0)
+        release(slot: slot)
+    }
+
+    /// Forgets the registration of a socket that the caller closes right away, without
+    /// EPOLL_CTL_DEL: a connection's sockets are never duplicated (no dup, no fork, close-on-exec),
+    /// so close(2) takes the descriptor out of the set (epoll(7)), and events already fetched for
+    /// it are dropped by the registration id as with `deregister`. One system call fewer per
+    /// socket.
+    func forget(id: UInt64) {
+        let slot = Int(truncatingIfNeeded: id & 0xFFFF_FFFF)
+        guard slot < slots.count, UInt64(slots[slot].generation) == id >> 32, slots[slot].handler != nil else { return }
         release(slot: slot)
     }
 

@@ -215,25 +215,26 @@ final class AcceptSwitch: Sendable {
 /// Accepts one client from the listening socket on the given shard; false when none is waiting.
 typealias AcceptNext = @Sendable (Socket, EventLoop) throws(SystemError) -> Bool
 
-/// One shard's part of a listener: its registration, and the accepting.
+/// One shard's part of a listener: its registration, and the accepting. Confined to its shard,
+/// its state skips the runtime exclusivity check (see `Connection`).
 private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable {  // confined to `loop`
     let loop: EventLoop
     private let wantsAccepting: AcceptSwitch
     private let group: EventLoopGroup
     /// The group's first shard accepts always; the others while the group spreads accepting.
     private let isFirst: Bool
-    private var isWatchingSpread = false
+    @exclusivity(unchecked) private var isWatchingSpread = false
     /// On the first shard: when an accept last found clients queued behind the one it took.
-    private var lastBacklog: UInt64 = 0
+    @exclusivity(unchecked) private var lastBacklog: UInt64 = 0
     private let socket: Socket
     private let acceptNext: AcceptNext
     private let onFatalError: @Sendable (SystemError) -> Void
     private let onTemporaryFailure: @Sendable (SystemError) -> Void
-    private var registration: UInt64?
-    private var isBackingOff = false
-    private var isClosed = false
-    var deadlineIndex = -1
-    var deadline: UInt64 = 0
+    @exclusivity(unchecked) private var registration: UInt64?
+    @exclusivity(unchecked) private var isBackingOff = false
+    @exclusivity(unchecked) private var isClosed = false
+    @exclusivity(unchecked) var deadlineIndex = -1
+    @exclusivity(unchecked) var deadline: UInt64 = 0
 
     /// Clients accepted per event at most: others are served by the next event (level-triggered).
     private static let acceptBatch = 64

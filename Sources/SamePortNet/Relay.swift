@@ -707,6 +707,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// free; drops queued clients that reset. The connections are started after the lock is
     /// released, each on its own shard (the shard that accepted its client).
     private func serveWaiters(_ shared: inout Shared, _ actions: inout Actions) {
+        // The common case, at every connection's end: nobody waits.
+        guard !shared.failingOver.isEmpty || !shared.waiting.isEmpty else { return }
         let now = DispatchTime.now().uptimeNanoseconds
         let generation = shared.generation
         var failingOver = shared.failingOver

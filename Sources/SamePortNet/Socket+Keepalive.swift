@@ -1,6 +1,27 @@
 import Glibc
 import SamePortCore
 
+/// A `Keepalive` as the values setsockopt(2) takes, worked out once per relay generation rather
+/// than once per connection.
+struct SocketKeepalive: Sendable {
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT; nil: keepalive off.
+    let probes: (idle: Int32, interval: Int32, count: Int32)?
+    /// TCP_USER_TIMEOUT in milliseconds; nil: none.
+    let userTimeout: Int32?
+
+    init(_ keepalive: Keepalive) {
+        probes = keepalive.idle.map {
+            (Int32(clamping: $0.components.seconds), Int32(clamping: keepalive.interval.components.seconds),
+             Int32(clamping: keepalive.count))
+        }
+        userTimeout = keepalive.effectiveUserTimeout.map(Self.milliseconds)
+    }
+
+    private static func milliseconds(_ duration: Duration) -> Int32 {
+        Int32(clamping: duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
+    }
+}
+
 extension Socket {
     /// Sets SO_KEEPALIVE with TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT, and TCP_USER_TIMEOUT,
     /// as `keepalive` says (tcp(7)); set on both sockets of a connection once it is connected, so
@@ -8,16 +29,16 @@ extension Socket {
     ///
     /// Failures are ignored: the values were validated (`Keepalive.problems`) and the socket is a
     /// connected TCP socket, and a connection without keepalive still works.
-    func setKeepalive(_ keepalive: Keepalive) {
-        if let idle = keepalive.idle {
-            let tcp = Int32(IPPROTO_TCP)
+    func setKeepalive(_ keepalive: SocketKeepalive) {
+        let tcp = Int32(IPPROTO_TCP)
+        if let probes = keepalive.probes {
             try? setOption(level: SOL_SOCKET, name: SO_KEEPALIVE, value: 1)
-            try? setOption(level: tcp, name: TCP_KEEPIDLE, value: Int32(clamping: idle.components.seconds))
-            try? setOption(level: tcp, name: TCP_KEEPINTVL, value: Int32(clamping: keepalive.interval.components.seconds))
-            try? setOption(level: tcp, name: TCP_KEEPCNT, value: Int32(clamping: keepalive.count))
+            try? setOption(level: tcp, name: TCP_KEEPIDLE, value: probes.idle)
+            try? setOption(level: tcp, name: TCP_KEEPINTVL, value: probes.interval)
+            try? setOption(level: tcp, name: TCP_KEEPCNT, value: probes.count)
         }
-        if let userTimeout = keepalive.effectiveUserTimeout {
-            try? setOption(level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT, value: Self.milliseconds(userTimeout))
+        if let userTimeout = keepalive.userTimeout {
+            try? setOption(level: tcp, name: TCP_USER_TIMEOUT, value: userTimeout)
         }
     }
 
@@ -27,12 +48,9 @@ extension Socket {
     /// so that a reload that turns keepalive off, or a socket from systemd with its own
     /// KeepAlive=, ends up as the relay's settings say.
     func setKeepaliveForClients(_ keepalive: Keepalive) {
-        setKeepalive(keepalive)
-        if keepalive.idle == nil { try? setOption(level: SOL_SOCKET, name: SO_KEEPALIVE, value: 0) }
-        if keepalive.effectiveUserTimeout == nil { try? setOption(level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT, value: 0) }
-    }
-
-    private static func milliseconds(_ duration: Duration) -> Int32 {
-        Int32(clamping: duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000)
+        let settings = SocketKeepalive(keepalive)
+        setKeepalive(settings)
+        if settings.probes == nil { try? setOption(level: SOL_SOCKET, name: SO_KEEPALIVE, value: 0) }
+        if settings.userTimeout == nil { try? setOption(level: Int32(IPPROTO_TCP), name: TCP_USER_TIMEOUT, value: 0) }
     }
 }

@@ -108,9 +108,9 @@ public struct Socket: Hashable, Sendable {
         return value == 0 ? nil : Errno(rawValue: value)
     }
 
-    /// read(2) into `buffer`; `.processed(0)` is EOF.
+    /// recv(2) into `buffer` (read(2) without the file layer's hooks); `.processed(0)` is EOF.
     func read(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> IOResult<Int> {
-        try nonBlockingCall("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+        try nonBlockingCall("recv") { Glibc.recv(fd, buffer.baseAddress, buffer.count, 0) }
     }
 
     /// send(2) with MSG_NOSIGNAL, so a reset peer is an EPIPE error and never a SIGPIPE.

@@ -37,6 +37,49 @@ struct TransferTests {
         #expect(field("end", in: line) == "completed")
     }
 
+    @Test("Bytes and a half-close the client sends while the relay is still dialling arrive whole")
+    func halfCloseWhileDialling() throws {
+        // An upstream whose accept queue is full drops the relay's SYN, and the kernel sends it
+        // again a second later: the client's bytes and FIN arrive meanwhile, while the relay
+        // dials. The relay must read past its first short read to the EOF (no new edge comes).
+        let listener = try TestSocket.tcp(ipv6: false)
+        defer { listener.close() }
+        try listener.bind(Endpoint(.loopbackV4, 0))
+        #expect(Glibc.listen(listener.fd, 0) == 0)
+        let upstreamEndpoint = try #require(listener.localEndpoint)
+        let filler = try TestSocket.connect(to: upstreamEndpoint)  // the queue's one place
+        defer { filler.close() }
+        let (relay, listen) = try startRelay(upstreams: [upstreamEndpoint.description])
+        defer { relay.stop() }
+        let client = try TestSocket.connect(to: listen)
+        let request = Array("sent before the upstream answered\n".utf8)
+        try client.sendAll(request)
+        client.shutdownWrite()
+        usleep(300_000)
+        let first = try #require(try Self.accept(listener, timeout: .seconds(5)))  // the filler: room for the relay
+        first.close()
+        let upstream = try #require(try Self.accept(listener, timeout: .seconds(10)), "the relay's connection never came")
+        defer { upstream.close() }
+        let (bytes, end) = try upstream.receiveToEnd(timeout: .seconds(10))
+        #expect(bytes == request)
+        #expect(end == .eof)
+        let reply = Array("answered after the client's EOF\n".utf8)
+        try upstream.sendAll(reply)
+        upstream.close()
+        let answer = try client.receiveToEnd(timeout: .seconds(10))
+        #expect(answer.bytes == reply)
+        #expect(answer.end == .eof)
+    }
+
+    /// Accepts one connection from a raw listening socket within `timeout`.
+    private static func accept(_ listener: TestSocket, timeout: Duration) throws -> TestSocket? {
+        guard try listener.poll(Int16(POLLIN), timeout: timeout) else { return nil }
+        let fd = Glibc.accept(listener.fd, nil, nil)
+        guard fd >= 0 else { return nil }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        return TestSocket(fd: fd)
+    }
+
     @Test("Half-close upstream to client: data, SHUT_WR, a reply sent 2 s after EOF arrives whole")
     func halfCloseFromUpstream() throws {
         let banner = pattern(count: 1 << 20, seed: 4)
