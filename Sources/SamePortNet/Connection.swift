@@ -10,7 +10,8 @@ final class ConnectionContext: Sendable {
     let relayName: String
     let connectTimeout: Duration
     let idleTimeout: Duration?
-    /// Set on the upstream socket once connected (the client has it from the listener).
+    /// Set on the upstream socket once the connection has relayed a second (the client has it
+    /// from the listener).
     let keepalive: SocketKeepalive
     let bufferSize: Int
     /// The pipe size asked for the splice path; nil: read/write only.
@@ -20,6 +21,9 @@ final class ConnectionContext: Sendable {
     /// The PROXY protocol header to send upstream first; nil: none.
     let proxyProtocol: ProxyProtocolVersion?
     let logger: Logger
+    /// `logger`'s level, read once: asking the log handler for it costs an existential copy, and
+    /// every connection asks twice.
+    let logLevel: Logger.Level
 
     init(spec: RelaySpec, logger: Logger) {
         relayName = spec.name
@@ -31,6 +35,7 @@ final class ConnectionContext: Sendable {
         spliceAfter = UInt64(spec.spliceAfter)
         proxyProtocol = spec.proxyProtocol
         self.logger = logger
+        logLevel = logger.logLevel
     }
 }
 
@@ -109,11 +114,19 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     /// Bytes of the PROXY header that went through `clientToUpstream` (what the first write left):
     /// the log counts the client's bytes only.
     @exclusivity(unchecked) private var headerBytesQueued: UInt64 = 0
+    /// Whether the upstream socket still waits for its keepalive settings (`keepaliveDelay`).
+    @exclusivity(unchecked) private var upstreamKeepalivePending = false
     /// The client socket's epoll flags that arrived before relaying began, together.
     @exclusivity(unchecked) private var clientEventsWhileDialling: UInt32 = 0
 
     @exclusivity(unchecked) var deadlineIndex = -1
     @exclusivity(unchecked) var deadline: UInt64 = 0
+
+    /// How long a connection relays before its upstream socket gets keepalive and
+    /// TCP_USER_TIMEOUT: five setsockopt calls that most short connections never need (the first
+    /// probe comes after `keepalive` of silence, 60 s by default, and a second's delay changes no
+    /// bound that matters), and the cost of a churning relay's connection drops by them.
+    private static let keepaliveDelay: UInt64 = 1_000_000_000
 
     /// The backoff for a held 4-tuple, doubling from 200 us to 50 ms: short first, since the pair
     /// is usually held by a connection that is closing right now (LAST_ACK on loopback takes
@@ -192,6 +205,13 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         case .awaitingUpstream:
             failDial("no other upstream became free within \(context.connectTimeout.shortDescription)")
         case .relaying:
+            if upstreamKeepalivePending {
+                upstreamKeepalivePending = false
+                upstream?.setKeepalive(context.keepalive)
+                guard let idleTimeout = context.idleTimeout else { return }
+                let due = max(clientToUpstream.lastActivity, upstreamToClient.lastActivity) &+ UInt64(max(0, idleTimeout.nanoseconds))
+                if due > now { return loop.setDeadline(self, at: due) }
+            }
             checkIdle(now: now)
         case .starting, .ended:
             break
@@ -332,7 +352,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         state = .relaying
         if let index = reservation.addresses.firstIndex(of: address) { connectedAddress = Int32(index) }
         guard let upstream else { return }
-        if context.logger.logLevel <= .debug {
+        if context.logLevel <= .debug {
             context.logger.debug("connected", metadata: [
                 "relay": .string(context.relayName), "client": .stringConvertible(clientEndpoint),
                 "egress": .string(egressDescription), "upstream": .stringConvertible(address)])
@@ -340,9 +360,17 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         // A relay forwards what it reads as soon as it reads it: Nagle would only add delay. The
         // client has it, and its keepalive, from the listener (Linux copies both to accepted sockets).
         try? upstream.setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
-        upstream.setKeepalive(context.keepalive)
         if let version = context.proxyProtocol, !sendProxyHeader(version, to: upstream) { return }
-        if let idleTimeout = context.idleTimeout { setDeadline(after: idleTimeout) }
+        // The upstream's keepalive waits until the connection has lived a second (see
+        // `keepaliveDelay`); the idle timeout's first look comes when it may have passed.
+        let now = DispatchTime.now().uptimeNanoseconds
+        var next = UInt64.max
+        if context.keepalive.isOn {
+            upstreamKeepalivePending = true
+            next = now &+ Self.keepaliveDelay
+        }
+        if let idleTimeout = context.idleTimeout { next = min(next, now &+ UInt64(max(0, idleTimeout.nanoseconds))) }
+        if next != .max { loop.setDeadline(self, at: next) }
         // The client's edges came while dialling: a short first read has emptied its socket
         // unless one of them said the client closed or reset (then read on to EOF).
         pump(.clientToUpstream, drainedByShortRead: clientEventsWhileDialling & Self.closingEvents == 0)
@@ -532,7 +560,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         }
         state = .ended
         loop.cancelDeadline(self)
-        let logged = ConnectionLog.isLogged(end, by: context.logger)
+        let logged = context.logLevel <= ConnectionLog.level(of: end)
         let egress = logged ? egressDescription : ""
         // A reset on one side becomes a reset on the other; a clean end closes with FIN.
         switch end {

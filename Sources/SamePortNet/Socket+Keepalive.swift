@@ -9,6 +9,9 @@ struct SocketKeepalive: Sendable {
     /// TCP_USER_TIMEOUT in milliseconds; nil: none.
     let userTimeout: Int32?
 
+    /// Whether there is anything to set.
+    var isOn: Bool { probes != nil || userTimeout != nil }
+
     init(_ keepalive: Keepalive) {
         probes = keepalive.idle.map {
             (Int32(clamping: $0.components.seconds), Int32(clamping: keepalive.interval.components.seconds),
@@ -24,8 +27,9 @@ struct SocketKeepalive: Sendable {
 
 extension Socket {
     /// Sets SO_KEEPALIVE with TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT, and TCP_USER_TIMEOUT,
-    /// as `keepalive` says (tcp(7)); set on both sockets of a connection once it is connected, so
-    /// that a peer that vanished frees its (egress, upstream) pair.
+    /// as `keepalive` says (tcp(7)); set on the upstream socket of a connection that has relayed
+    /// a second (the client socket has it from the listener), so that a peer that vanished frees
+    /// its (egress, upstream) pair.
     ///
     /// Failures are ignored: the values were validated (`Keepalive.problems`) and the socket is a
     /// connected TCP socket, and a connection without keepalive still works.

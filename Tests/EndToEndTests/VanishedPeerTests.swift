@@ -37,6 +37,9 @@ struct VanishedPeerTests {
             let client = try TestSocket.connect(to: listen)
             defer { client.close() }
             #expect(try echoed(client, "ping\n"))
+            // The upstream socket gets its keepalive once the connection has relayed a second:
+            // look after that.
+            usleep(1_500_000)
             // Same-port: both of the relay's sockets are on the listen port (client side and egress).
             let sockets = try establishedSockets(port: listen.port)
             #expect(sockets.count == 2, "\(sockets)")
