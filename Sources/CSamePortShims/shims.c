@@ -82,6 +82,8 @@ int sameport_capset(const struct sameport_capabilities *caps) {
 
 int sameport_capbset_read(int cap) { return prctl(PR_CAPBSET_READ, cap, 0, 0, 0); }
 int sameport_capbset_drop(int cap) { return prctl(PR_CAPBSET_DROP, cap, 0, 0, 0); }
+int sameport_set_timer_slack(unsigned long nanoseconds) { return prctl(PR_SET_TIMERSLACK, nanoseconds, 0, 0, 0); }
+long sameport_timer_slack(void) { return prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0); }
 int sameport_cap_ambient_is_set(int cap) { return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap, 0, 0); }
 int sameport_cap_ambient_lower(int cap) { return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, cap, 0, 0); }
 

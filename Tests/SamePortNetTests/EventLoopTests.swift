@@ -18,6 +18,7 @@ private final class Recorder: EventHandler, DeadlineHandler, @unchecked Sendable
     let name: String
     let log: Log
     var onEvent: ((Recorder, UInt32) -> Void)?
+    var onDeadline: ((Recorder) -> Void)?
     var deadlineIndex = -1
     var deadline: UInt64 = 0
 
@@ -33,8 +34,12 @@ private final class Recorder: EventHandler, DeadlineHandler, @unchecked Sendable
 
     func deadlineReached(now: UInt64) {
         log.withLock { $0.append(name) }
+        onDeadline?(self)
     }
 }
+
+/// The timer slack of the calling thread, in nanoseconds.
+private func threadTimerSlack() -> Int { Int(sameport_timer_slack()) }
 
 private func socketPair() throws -> (Socket, Socket) {
     var fds: [Int32] = [-1, -1]
@@ -62,6 +67,54 @@ struct EventLoopTests {
         #expect(popped == popped.sorted())
         #expect(handlers.allSatisfy { $0.deadlineIndex == -1 })
         #expect(heap.earliest == nil)
+    }
+
+    @Test("A shard waits out its linger with a long timer slack (no timer device reprogrammed per wait), and a run starts with the thread's own")
+    func lingerTimerSlack() throws {
+        let defaultSlack = threadTimerSlack()  // 50 µs unless the test runner was given another
+        let loop = try EventLoop(index: 96, linger: .milliseconds(1))
+        let group = EventLoopGroup(loops: [loop])
+        group.start()
+        let (relayEnd, testEnd) = try socketPair()
+        defer { testEnd.close() }
+        let slacks = Mutex<[Int]>([])
+        let recorder = Recorder("pair", log: Log())
+        recorder.onEvent = { _, _ in slacks.withLock { $0.append(threadTimerSlack()) } }
+        let registered = Mutex(false)
+        for round in 0..<3 {
+            // Past the linger: the shard's run has ended and the next one starts with this task.
+            usleep(30_000)
+            loop.execute {
+                if round == 0 {
+                    _ = try? loop.registerSocket(relayEnd, handler: recorder, tag: 0)
+                    registered.withLock { $0 = true }
+                }
+                slacks.withLock { $0.append(threadTimerSlack()) }
+                // An event for the next pass, which the shard waits for within its linger.
+                var byte: UInt8 = 1
+                _ = Glibc.write(testEnd.fd, &byte, 1)
+            }
+            #expect(waitUntil(timeout: .seconds(5)) { slacks.withLock { $0.count } == 2 * (round + 1) })
+        }
+        #expect(registered.withLock { $0 })
+        let seen = slacks.withLock { $0 }
+        // At a run's start (the task), the default; waiting within the linger (the event), 10 ms.
+        #expect(seen == [defaultSlack, 10_000_000, defaultSlack, 10_000_000, defaultSlack, 10_000_000], "\(seen)")
+        // A wait for a deadline sooner than the linger's end keeps the default: the deadline is
+        // not put off by the slack.
+        let timed = Recorder("timed", log: Log())
+        let atDeadline = Mutex<Int?>(nil)
+        timed.onDeadline = { _ in atDeadline.withLock { $0 = threadTimerSlack() } }
+        // The event comes after a linger wait (long slack); its handler sets the deadline, so the
+        // wait after it is for the deadline.
+        recorder.onEvent = { _, _ in loop.setDeadline(timed, at: DispatchTime.now().uptimeNanoseconds + 400_000) }
+        loop.execute {
+            var byte: UInt8 = 1
+            _ = Glibc.write(testEnd.fd, &byte, 1)
+        }
+        #expect(waitUntil(timeout: .seconds(5)) { atDeadline.withLock { $0 } != nil })
+        #expect(atDeadline.withLock { $0 } == defaultSlack)
+        relayEnd.close()
     }
 
     @Test("A shard wakes deadline handlers in deadline order, and not before")

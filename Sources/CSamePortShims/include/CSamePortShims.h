@@ -97,6 +97,12 @@ int sameport_epoll_ctl(int epfd, int op, int fd, unsigned int events, unsigned l
 /// timeout is kept to the nanosecond with epoll_pwait2(2) (Linux 5.11), rounded up to a
 /// millisecond by epoll_wait(2) where that is missing. The count, or -1 with errno.
 int sameport_epoll_wait(int epfd, struct sameport_epoll_event *events, int max, long long timeout_ns);
+/// Sets the calling thread's timer slack (prctl PR_SET_TIMERSLACK), in nanoseconds; 0 restores the
+/// thread's default. Returns -1 with errno on failure.
+int sameport_set_timer_slack(unsigned long nanoseconds);
+
+/// The calling thread's timer slack in nanoseconds (prctl PR_GET_TIMERSLACK).
+long sameport_timer_slack(void);
 
 /// The epoll flags Glibc does not show to Swift (EPOLLRDHUP, EPOLLEXCLUSIVE, EPOLLET), and the
 /// ones it shows as enum cases of another type.
