@@ -9,7 +9,8 @@ import Synchronization
 final class ConnectionContext: Sendable {
     let relayName: String
     let connectTimeout: Duration
-    let idleTimeout: Duration?
+    /// The idle timeout in nanoseconds; nil: none.
+    let idleTimeout: UInt64?
     /// Set on the upstream socket once the connection has relayed a second (the client has it
     /// from the listener).
     let keepalive: SocketKeepalive
@@ -28,7 +29,7 @@ final class ConnectionContext: Sendable {
     init(spec: RelaySpec, logger: Logger) {
         relayName = spec.name
         connectTimeout = spec.connectTimeout
-        idleTimeout = spec.idleTimeout.flatMap { $0 > .zero ? $0 : nil }
+        idleTimeout = spec.idleTimeout.flatMap { $0 > .zero ? UInt64($0.nanoseconds) : nil }
         keepalive = SocketKeepalive(spec.keepalive)
         bufferSize = spec.bufferSize
         pipeSize = spec.splice == .on ? spec.pipeSize : nil
@@ -208,8 +209,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             if upstreamKeepalivePending {
                 upstreamKeepalivePending = false
                 upstream?.setKeepalive(context.keepalive)
-                guard let idleTimeout = context.idleTimeout else { return }
-                let due = max(clientToUpstream.lastActivity, upstreamToClient.lastActivity) &+ UInt64(max(0, idleTimeout.nanoseconds))
+                guard let due = idleDeadline else { return }
                 if due > now { return loop.setDeadline(self, at: due) }
             }
             checkIdle(now: now)
@@ -369,7 +369,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             upstreamKeepalivePending = true
             next = now &+ Self.keepaliveDelay
         }
-        if let idleTimeout = context.idleTimeout { next = min(next, now &+ UInt64(max(0, idleTimeout.nanoseconds))) }
+        if let idleTimeout = context.idleTimeout { next = min(next, now &+ idleTimeout) }
         if next != .max { loop.setDeadline(self, at: next) }
         // The client's edges came while dialling: a short first read has emptied its socket
         // unless one of them said the client closed or reset (then read on to EOF).
@@ -504,14 +504,12 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     /// The idle deadline: ends the connection if nothing moved for the idle timeout, counting
     /// what the kernel delivered from the send queues; otherwise waits for the new deadline.
     private func checkIdle(now: UInt64) {
-        guard let idleTimeout = context.idleTimeout, let upstream else { return }
+        guard let timeout = context.idleTimeout, let upstream else { return }
         let queuedUp = clientToUpstream.noteKernelProgress(to: upstream)
         let queuedDown = upstreamToClient.noteKernelProgress(to: client)
         let previousLook = lastLook
         lastLook = now
-        let last = max(clientToUpstream.lastActivity, upstreamToClient.lastActivity)
-        let timeout = UInt64(max(0, idleTimeout.nanoseconds))
-        let idleDeadline = last &+ timeout
+        guard let idleDeadline else { return }
         if now >= idleDeadline {
             // Bytes queued in the kernel may be moving: a queue first looked at now, or only just
             // before, cannot show it yet. Look again a quarter of the timeout later (a receiver
@@ -523,6 +521,12 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             return finish(.idleTimeout)
         }
         loop.setDeadline(self, at: idleDeadline)
+    }
+
+    /// When the connection has been idle for the idle timeout, counting from the last bytes moved
+    /// either way; nil without an idle timeout.
+    private var idleDeadline: UInt64? {
+        context.idleTimeout.map { max(clientToUpstream.lastActivity, upstreamToClient.lastActivity) &+ $0 }
     }
 
     // MARK: Ending

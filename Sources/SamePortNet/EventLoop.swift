@@ -178,21 +178,21 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     /// Removes `fd` from the set (sameport_epoll_ctl_del) and forgets its handler: events already fetched
     /// for it are dropped. Call it before closing the descriptor.
     func deregister(fd: Int32, id: UInt64) {
-        let slot = Int(truncatingIfNeeded: id & 0xFFFF_FFFF)
-        guard slot < slots.count, UInt64(slots[slot].generation) == id >> 32, slots[slot].handler != nil else { return }
+        guard forget(id: id) else { return }
         _ = sameport_epoll_ctl(epollFD, sameport_epoll_ctl_del, fd, 0, 0)
-        release(slot: slot)
     }
 
     /// Forgets the registration of a socket that the caller closes right away, without
     /// EPOLL_CTL_DEL: a connection's sockets are never duplicated (no dup, no fork, close-on-exec),
     /// so close(2) takes the descriptor out of the set (epoll(7)), and events already fetched for
     /// it are dropped by the registration id as with `deregister`. One system call fewer per
-    /// socket.
-    func forget(id: UInt64) {
+    /// socket. False when `id` is no (longer a) registration.
+    @discardableResult
+    func forget(id: UInt64) -> Bool {
         let slot = Int(truncatingIfNeeded: id & 0xFFFF_FFFF)
-        guard slot < slots.count, UInt64(slots[slot].generation) == id >> 32, slots[slot].handler != nil else { return }
+        guard slot < slots.count, UInt64(slots[slot].generation) == id >> 32, slots[slot].handler != nil else { return false }
         release(slot: slot)
+        return true
     }
 
     private func release(slot: Int) {

@@ -389,15 +389,11 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             return true
         }
         guard hasRoom else { return false }
-        let accepted: (Socket, Endpoint?)?
-        do {
-            accepted = try listener.accept()
-        } catch {
+        let accepted = Result { () throws(SystemError) in try listener.accept() }
+        guard case .success(let (client, acceptedPeer)?) = accepted else {
+            // Nobody waiting, or accept4 failed: the place goes back, and the error on.
             shared.withLock { $0.acceptsInFlight -= 1 }
-            throw error
-        }
-        guard let (client, acceptedPeer) = accepted else {
-            shared.withLock { $0.acceptsInFlight -= 1 }
+            _ = try accepted.get()
             return false
         }
         let acceptedAt = DispatchTime.now().uptimeNanoseconds
