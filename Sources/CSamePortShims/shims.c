@@ -1,6 +1,8 @@
 #include "CSamePortShims.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <string.h>
@@ -129,9 +131,9 @@ int sameport_epoll_create(void) {
     return epoll_create1(EPOLL_CLOEXEC);
 }
 
-const int sameport_epoll_ctl_add = EPOLL_CTL_ADD;
-const int sameport_epoll_ctl_mod = EPOLL_CTL_MOD;
-const int sameport_epoll_ctl_del = EPOLL_CTL_DEL;
+_Static_assert(sameport_epoll_ctl_add == EPOLL_CTL_ADD, "EPOLL_CTL_ADD");
+_Static_assert(sameport_epoll_ctl_mod == EPOLL_CTL_MOD, "EPOLL_CTL_MOD");
+_Static_assert(sameport_epoll_ctl_del == EPOLL_CTL_DEL, "EPOLL_CTL_DEL");
 
 int sameport_epoll_ctl(int epfd, int op, int fd, unsigned int events, unsigned long long data) {
     struct epoll_event event;
@@ -166,14 +168,35 @@ int sameport_epoll_wait(int epfd, struct sameport_epoll_event *events, int max, 
     return count;
 }
 
-const unsigned int sameport_epollin = EPOLLIN;
-const unsigned int sameport_epollpri = EPOLLPRI;
-const unsigned int sameport_epollout = EPOLLOUT;
-const unsigned int sameport_epollrdhup = EPOLLRDHUP;
-const unsigned int sameport_epollerr = EPOLLERR;
-const unsigned int sameport_epollhup = EPOLLHUP;
-const unsigned int sameport_epollet = EPOLLET;
-const unsigned int sameport_epollexclusive = EPOLLEXCLUSIVE;
+_Static_assert(sameport_epollin == EPOLLIN, "EPOLLIN");
+_Static_assert(sameport_epollpri == EPOLLPRI, "EPOLLPRI");
+_Static_assert(sameport_epollout == EPOLLOUT, "EPOLLOUT");
+_Static_assert(sameport_epollrdhup == EPOLLRDHUP, "EPOLLRDHUP");
+_Static_assert(sameport_epollerr == EPOLLERR, "EPOLLERR");
+_Static_assert(sameport_epollhup == EPOLLHUP, "EPOLLHUP");
+_Static_assert(sameport_epollet == (unsigned int)EPOLLET, "EPOLLET");
+_Static_assert(sameport_epollexclusive == EPOLLEXCLUSIVE, "EPOLLEXCLUSIVE");
+
+static __thread void *scratch;
+static __thread size_t scratch_size;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_key_once = PTHREAD_ONCE_INIT;
+
+static void scratch_key_create(void) {
+    (void)pthread_key_create(&scratch_key, free);  // the key's destructor frees a thread's buffer
+}
+
+void *sameport_scratch(size_t size) {
+    if (scratch != NULL && scratch_size >= size) return scratch;
+    (void)pthread_once(&scratch_key_once, scratch_key_create);
+    void *grown = malloc(size);
+    if (grown == NULL) return NULL;
+    free(scratch);
+    scratch = grown;
+    scratch_size = size;
+    (void)pthread_setspecific(scratch_key, grown);
+    return grown;
+}
 
 int sameport_eventfd(void) {
     return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

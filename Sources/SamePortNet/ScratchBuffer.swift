@@ -1,4 +1,4 @@
-import Glibc
+import CSamePortShims
 
 /// A buffer per thread that the copy path reads into when its direction holds nothing.
 ///
@@ -12,32 +12,10 @@ import Glibc
 ///
 /// Safe because a pump runs start to end on one thread and gives the scratch back (all written, or
 /// copied out) before it returns. The memory lives as long as the thread (a Dispatch worker) and
-/// is freed with it.
+/// is freed with it (`sameport_scratch`).
 enum ScratchBuffer {
-    private struct Header {
-        var size: Int
-    }
-
-    private static let key: pthread_key_t = {
-        var key = pthread_key_t()
-        _ = pthread_key_create(&key) { free($0) }
-        return key
-    }()
-
     /// This thread's scratch, at least `size` bytes.
     static func current(size: Int) -> UnsafeMutableRawBufferPointer? {
-        let headerSize = MemoryLayout<Header>.stride
-        if let existing = pthread_getspecific(key) {
-            let header = existing.assumingMemoryBound(to: Header.self)
-            if header.pointee.size >= size {
-                return UnsafeMutableRawBufferPointer(start: existing + headerSize, count: size)
-            }
-            _ = pthread_setspecific(key, nil)
-            free(existing)
-        }
-        guard let allocated = malloc(headerSize + size) else { return nil }
-        allocated.assumingMemoryBound(to: Header.self).pointee = Header(size: size)
-        _ = pthread_setspecific(key, allocated)
-        return UnsafeMutableRawBufferPointer(start: allocated + headerSize, count: size)
+        sameport_scratch(size).map { UnsafeMutableRawBufferPointer(start: $0, count: size) }
     }
 }

@@ -85,10 +85,12 @@ struct sameport_epoll_event {
 /// epoll_create1(2) with EPOLL_CLOEXEC.
 int sameport_epoll_create(void);
 
-/// EPOLL_CTL_ADD, EPOLL_CTL_MOD and EPOLL_CTL_DEL.
-extern const int sameport_epoll_ctl_add;
-extern const int sameport_epoll_ctl_mod;
-extern const int sameport_epoll_ctl_del;
+/// EPOLL_CTL_ADD, EPOLL_CTL_MOD and EPOLL_CTL_DEL. Macros with the values of <sys/epoll.h>
+/// (shims.c checks them against it when it compiles), so Swift folds them into its code instead
+/// of loading a C constant at every use.
+#define sameport_epoll_ctl_add 1
+#define sameport_epoll_ctl_del 2
+#define sameport_epoll_ctl_mod 3
 
 /// epoll_ctl(2) with the registration id as the event's data (`op` is EPOLL_CTL_ADD/MOD/DEL).
 int sameport_epoll_ctl(int epfd, int op, int fd, unsigned int events, unsigned long long data);
@@ -105,15 +107,21 @@ int sameport_set_timer_slack(unsigned long nanoseconds);
 long sameport_timer_slack(void);
 
 /// The epoll flags Glibc does not show to Swift (EPOLLRDHUP, EPOLLEXCLUSIVE, EPOLLET), and the
-/// ones it shows as enum cases of another type.
-extern const unsigned int sameport_epollin;
-extern const unsigned int sameport_epollpri;
-extern const unsigned int sameport_epollout;
-extern const unsigned int sameport_epollrdhup;
-extern const unsigned int sameport_epollerr;
-extern const unsigned int sameport_epollhup;
-extern const unsigned int sameport_epollet;
-extern const unsigned int sameport_epollexclusive;
+/// ones it shows as enum cases of another type. Macros with the values of <sys/epoll.h>, checked
+/// against it in shims.c, for the same reason as the operations above.
+#define sameport_epollin 0x001u
+#define sameport_epollpri 0x002u
+#define sameport_epollout 0x004u
+#define sameport_epollerr 0x008u
+#define sameport_epollhup 0x010u
+#define sameport_epollrdhup 0x2000u
+#define sameport_epollexclusive 0x10000000u
+#define sameport_epollet 0x80000000u
+
+/// The calling thread's scratch buffer, at least `size` bytes (ScratchBuffer in Swift), or NULL
+/// when memory ran out. Kept in a C thread-local so that finding it is a load, not a lazy Swift
+/// global and a pthread key lookup per pump; the buffer is freed when the thread ends.
+void *sameport_scratch(size_t size);
 
 /// eventfd(2), non-blocking and close-on-exec: how another thread wakes a shard's loop.
 int sameport_eventfd(void);
