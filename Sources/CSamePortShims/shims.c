@@ -177,6 +177,12 @@ _Static_assert(sameport_epollhup == EPOLLHUP, "EPOLLHUP");
 _Static_assert(sameport_epollet == (unsigned int)EPOLLET, "EPOLLET");
 _Static_assert(sameport_epollexclusive == EPOLLEXCLUSIVE, "EPOLLEXCLUSIVE");
 
+unsigned long long sameport_monotonic_ns(void) {
+    struct timespec now;
+    (void)clock_gettime(CLOCK_MONOTONIC, &now);  // cannot fail for this clock and a valid pointer
+    return (unsigned long long)now.tv_sec * 1000000000ULL + (unsigned long long)now.tv_nsec;
+}
+
 static __thread void *scratch;
 static __thread size_t scratch_size;
 static pthread_key_t scratch_key;

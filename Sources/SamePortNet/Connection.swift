@@ -219,7 +219,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     }
 
     private func setDeadline(after duration: Duration) {
-        loop.setDeadline(self, at: DispatchTime.now().uptimeNanoseconds &+ UInt64(max(0, duration.nanoseconds)))
+        loop.setDeadline(self, at: Monotonic.now &+ UInt64(max(0, duration.nanoseconds)))
     }
 
     // MARK: Dialling
@@ -288,7 +288,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
 
     /// Every address of the upstream failed: retry a held 4-tuple, fail over, or give up.
     private func roundFailed() {
-        let now = DispatchTime.now().uptimeNanoseconds
+        let now = Monotonic.now
         if sawAddressNotAvailable {
             // Held outside this relay's bookings: another free upstream beats waiting for it.
             if retries == 0, let next = relay.swapHeldPair(self, excluding: Set(earlierUpstreams + [reservation.upstreamIndex])) {
@@ -363,7 +363,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         if let version = context.proxyProtocol, !sendProxyHeader(version, to: upstream) { return }
         // The upstream's keepalive waits until the connection has lived a second (see
         // `keepaliveDelay`); the idle timeout's first look comes when it may have passed.
-        let now = DispatchTime.now().uptimeNanoseconds
+        let now = Monotonic.now
         var next = UInt64.max
         if context.keepalive.isOn {
             upstreamKeepalivePending = true
@@ -603,7 +603,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
                 ?? reservation.addresses.map(\.description).joined(separator: ","),
             bytesToUpstream: clientToUpstream.bytes - min(headerBytesQueued, clientToUpstream.bytes),
             bytesToClient: upstreamToClient.bytes,
-            duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: end
+            duration: .nanoseconds(Int64(clamping: Monotonic.now &- acceptedAt)), end: end
         ).log(to: context.logger)
     }
 }

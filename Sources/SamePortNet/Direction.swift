@@ -233,7 +233,7 @@ struct Direction {
         pipeBytes = 0
     }
 
-    private static var now: UInt64 { DispatchTime.now().uptimeNanoseconds }
+    private static var now: UInt64 { Monotonic.now }
 
     // MARK: The splice path
 

@@ -282,7 +282,7 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     /// quiet window is so 1 ms plus at most one tick; a wait for a deadline sooner than that keeps
     /// the default slack (50 µs), and the thread's slack is reset when the run ends.
     private func run(fromEvent: Bool) {
-        let started = DispatchTime.now().uptimeNanoseconds
+        let started = Monotonic.now
         var lastBusy: UInt64? = fromEvent ? started : nil
         var timeout: Int64 = 0
         var slackIsLong = false
@@ -291,11 +291,11 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
             let count = sameport_epoll_wait(epollFD, events, Self.batch, timeout)
             if count > 0 { dispatch(count: Int(count)) }
             runDeferred()
-            var now = DispatchTime.now().uptimeNanoseconds
+            var now = Monotonic.now
             while let due = heap.popDue(now: now) {
                 due.deadlineReached(now: now)
                 runDeferred()
-                now = DispatchTime.now().uptimeNanoseconds
+                now = Monotonic.now
             }
             if count > 0 || !deferred.isEmpty { lastBusy = now }
             timeout = 0

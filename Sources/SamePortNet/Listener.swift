@@ -307,7 +307,7 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
                     // which recur on every retry): pause instead of spinning on a readable socket.
                     isBackingOff = true
                     updateRegistration()
-                    loop.setDeadline(self, at: DispatchTime.now().uptimeNanoseconds &+ 100_000_000)
+                    loop.setDeadline(self, at: Monotonic.now &+ 100_000_000)
                     onTemporaryFailure(error)
                     return
                 }
@@ -325,7 +325,7 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     /// bring the other shards in; a second of single arrivals lets them go.
     private func noteLoad(backlog: Bool) {
         guard group.loops.count > 1 else { return }
-        let now = DispatchTime.now().uptimeNanoseconds
+        let now = Monotonic.now
         if backlog {
             lastBacklog = now
             if !group.acceptSpread.load(ordering: .relaxed) { group.setAcceptSpread(true) }

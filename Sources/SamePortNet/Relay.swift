@@ -16,10 +16,12 @@ import Synchronization
 public final class Relay: @unchecked Sendable {  // mutable state is in `shared`; the rest is set before start
     /// The relay's name: what a reload matches relays by, and a passed socket's name.
     public let name: String
-    /// The address the listener is bound to (with the real port, once started).
-    public private(set) var listenEndpoint: Endpoint?
+    /// The address the listener is bound to (with the real port, once started). Like
+    /// `listenerAcceptsIPv4`, written once by `start` before any shard accepts and only read after,
+    /// so every client's accept and dial skips the runtime exclusivity check on it.
+    @exclusivity(unchecked) public private(set) var listenEndpoint: Endpoint?
     /// False for a wildcard `[::]` listener that takes IPv6 clients only (IPV6_V6ONLY).
-    private(set) var listenerAcceptsIPv4 = true
+    @exclusivity(unchecked) private(set) var listenerAcceptsIPv4 = true
     /// True when the listener is a socket systemd passed (socket activation).
     public private(set) var isInherited = false
     /// The socket from systemd belonged to another user and was made this process's (CAP_CHOWN).
@@ -396,7 +398,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             _ = try accepted.get()
             return false
         }
-        let acceptedAt = DispatchTime.now().uptimeNanoseconds
+        let acceptedAt = Monotonic.now
         // The local address is the listener's, unless it listens on every address.
         guard let local = listenEndpoint.flatMap({ $0.address.isUnspecified ? nil : $0 }) ?? (try? client.localEndpoint()),
               let peer = acceptedPeer ?? (try? client.peerEndpoint()) else {
@@ -404,7 +406,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             client.close()  // reset before we looked at it
             ConnectionLog(
                 relay: name, client: "-", egress: "-", upstream: "-", bytesToUpstream: 0, bytesToClient: 0,
-                duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- acceptedAt)), end: .clientReset
+                duration: .nanoseconds(Int64(clamping: Monotonic.now &- acceptedAt)), end: .clientReset
             ).log(to: logger)
             return true
         }
@@ -578,7 +580,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     private func serve(_ shared: inout Shared, _ arrival: Arrival) -> ServeOutcome {
         let booked = arrival.binding.bookedEndpoint
         let outcome = arrival.destination.map { shared.selector.reserve(egress: booked, destination: $0) }
-            ?? shared.selector.reserve(egress: booked, isIPv6: arrival.binding.isIPv6, now: DispatchTime.now().uptimeNanoseconds)
+            ?? shared.selector.reserve(egress: booked, isIPv6: arrival.binding.isIPv6, now: Monotonic.now)
         switch outcome {
         case .busy:
             return .busy
@@ -604,7 +606,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         ConnectionLog(
             relay: name, client: arrival.clientEndpoint.description, egress: arrival.binding.description,
             upstream: arrival.destination?.description ?? "-", bytesToUpstream: 0, bytesToClient: 0,
-            duration: .nanoseconds(Int64(clamping: DispatchTime.now().uptimeNanoseconds &- arrival.acceptedAt)), end: end
+            duration: .nanoseconds(Int64(clamping: Monotonic.now &- arrival.acceptedAt)), end: end
         ).log(to: logger)
     }
 
@@ -655,7 +657,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 // A connection from before a reload knows upstreams by the old list's indices: it
                 // gets none of the new list (rare: it was still dialling when the reload landed).
                 if entry.generation == shared.generation {
-                    shared.selector.markDown(reservation.upstreamIndex, until: DispatchTime.now().uptimeNanoseconds &+ UInt64(Self.downTime.nanoseconds))
+                    shared.selector.markDown(reservation.upstreamIndex, until: Monotonic.now &+ UInt64(Self.downTime.nanoseconds))
                     if shared.selector.upstreams.count > 1 { passedOver = "\(shared.spec.upstreams[reservation.upstreamIndex])" }
                 }
             }
@@ -683,7 +685,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// retrying the held pair.
     func swapHeldPair(_ connection: Connection, excluding tried: Set<Int>) -> UpstreamSelector.Reservation? {
         let id = ObjectIdentifier(connection)
-        let now = DispatchTime.now().uptimeNanoseconds
+        let now = Monotonic.now
         return shared.withLock { shared -> UpstreamSelector.Reservation? in
             guard var entry = shared.connections[id], entry.generation == shared.generation,
                   let held = entry.reservation else { return nil }
@@ -718,7 +720,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     private func serveWaiters(_ shared: inout Shared, _ actions: inout Actions) {
         // The common case, at every connection's end: nobody waits.
         guard !shared.failingOver.isEmpty || !shared.waiting.isEmpty else { return }
-        let now = DispatchTime.now().uptimeNanoseconds
+        let now = Monotonic.now
         let generation = shared.generation
         var failingOver = shared.failingOver
         failingOver.removeAll { failover in

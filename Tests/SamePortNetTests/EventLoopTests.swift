@@ -69,6 +69,16 @@ struct EventLoopTests {
         #expect(heap.earliest == nil)
     }
 
+    @Test("The shards' clock is Dispatch's uptime clock, so its deadlines arm Dispatch timers as they are")
+    func monotonicIsDispatchUptime() {
+        for _ in 0..<100 {
+            let before = DispatchTime.now().uptimeNanoseconds
+            let now = Monotonic.now
+            let after = DispatchTime.now().uptimeNanoseconds
+            #expect(before <= now && now <= after, "\(before) \(now) \(after)")
+        }
+    }
+
     @Test("A shard waits out its linger with a long timer slack (no timer device reprogrammed per wait), and a run starts with the thread's own")
     func lingerTimerSlack() throws {
         let defaultSlack = threadTimerSlack()  // 50 µs unless the test runner was given another

@@ -118,6 +118,11 @@ long sameport_timer_slack(void);
 #define sameport_epollexclusive 0x10000000u
 #define sameport_epollet 0x80000000u
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of Dispatch's uptime (DispatchTime.now()
+/// .uptimeNanoseconds on Linux) read without Dispatch's layers, for the deadlines and activity
+/// stamps the shards take several times per connection.
+unsigned long long sameport_monotonic_ns(void);
+
 /// The calling thread's scratch buffer, at least `size` bytes (ScratchBuffer in Swift), or NULL
 /// when memory ran out. Kept in a C thread-local so that finding it is a load, not a lazy Swift
 /// global and a pthread key lookup per pump; the buffer is freed when the thread ends.
