@@ -15,7 +15,11 @@ directory, and measures, on 127.0.0.1 only, each configuration:
   sameport-t1       sameport as above with --threads 1: one event loop, what the second core buys
   socat             socat TCP4-LISTEN:P,fork,reuseaddr TCP4:upstream
   haproxy           HAProxy, mode tcp, one frontend and one server
-  nginx             nginx stream module, proxy_pass
+  nginx             nginx stream module, proxy_pass (its default proxy_half_close off: when one
+                    side closes, nginx closes both; a client that half-closes loses its answer)
+  nginx-hc          the same with proxy_half_close on: a half-closed connection stays open, as in
+                    sameport and HAProxy, so it does the same work per connection (it waits for
+                    and reads the client's FIN after the upstream's)
   proxyd            systemd-socket-proxyd under systemd-socket-activate
 
 Metrics, each next to direct measured in the same run (see README.md, "Benchmark"):
@@ -77,7 +81,7 @@ PROXYD = "/lib/systemd/systemd-socket-proxyd"
 SS = shutil.which("ss")
 NGINX_MODULES = ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/nginx/modules/ngx_stream_module.so"]
 
-CONFIGS = ["direct", "sameport", "sameport-eph", "sameport-t1", "socat", "haproxy", "nginx", "proxyd"]
+CONFIGS = ["direct", "sameport", "sameport-eph", "sameport-t1", "socat", "haproxy", "nginx", "nginx-hc", "proxyd"]
 SAMEPORT = ("sameport", "sameport-eph", "sameport-t1")
 # A sameport connection slower than this fails the run, as a failed one does.
 STALL_MS = 100.0
@@ -89,6 +93,7 @@ LABELS = {
     "socat": "socat",
     "haproxy": "HAProxy (mode tcp)",
     "nginx": "nginx stream",
+    "nginx-hc": "nginx stream, proxy_half_close on",
     "proxyd": "systemd-socket-proxyd",
 }
 
@@ -509,7 +514,7 @@ backend upstream
     server s1 {first}
 """)
             argv = [self.tools["haproxy"], "-db", "-f", cfg]
-        elif config == "nginx":
+        elif config in ("nginx", "nginx-hc"):
             nginx, load_module = self.tools["nginx"]
             prefix = os.path.join(self.tmp, tag)
             os.makedirs(prefix, exist_ok=True)
@@ -526,7 +531,7 @@ events {{ worker_connections 8192; }}
 stream {{
     server {{
         listen {listen};
-        proxy_pass {first};
+        proxy_pass {first};{" proxy_half_close on;" if config == "nginx-hc" else ""}
     }}
 }}
 """)
@@ -781,7 +786,7 @@ def main():
     if not tools["gcc"]:
         raise SystemExit("bench: a C compiler (gcc) is needed for the load generator")
     binary = os.path.abspath(args.bin) if args.bin else build_sameport()
-    peers = {"socat": "socat", "haproxy": "haproxy", "nginx": "nginx", "proxyd": "proxyd"}
+    peers = {"socat": "socat", "haproxy": "haproxy", "nginx": "nginx", "nginx-hc": "nginx", "proxyd": "proxyd"}
     configs = [c for c in wanted if c not in peers or tools.get(peers[c])]
 
     tmp = tempfile.mkdtemp(prefix="sameport-bench-")
