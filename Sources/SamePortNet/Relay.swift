@@ -1,3 +1,4 @@
+import CSamePortShims
 import Dispatch
 import Glibc
 import Logging
@@ -492,6 +493,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                     "egress": .stringConvertible(arrival.binding), "waiting": .stringConvertible(position)])
             }
             arrival.loop.setDeadline(waiter, at: acceptedAt &+ UInt64(max(0, waiter.connectTimeout.nanoseconds)))
+            waiter.watch()
         case .readingHeader(let reader):
             reader.start()
         }
@@ -610,23 +612,30 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         ).log(to: logger)
     }
 
-    /// Ends a queued client, on its shard (where its deadline is).
+    /// Ends a queued client, on its shard (where its deadline and registration are).
     private func endQueued(_ waiter: QueuedClient, _ end: ConnectionEnd) {
         waiter.arrival.loop.execute { [self] in
             waiter.arrival.loop.cancelDeadline(waiter)
+            waiter.unwatch()
             endArrival(waiter.arrival, end)
         }
     }
 
-    /// A queued client's wait ran out (on its shard).
-    fileprivate func queueWaitEnded(_ waiter: QueuedClient) {
+    /// A queued client's wait ran out, or it reset while it waited (on its shard): it leaves the
+    /// queue, and its place there, under max_per_client and under max_connections is free at once.
+    /// Nothing when it was served or ended meanwhile: that task, queued on this shard, follows.
+    fileprivate func leaveQueue(_ waiter: QueuedClient, _ end: ConnectionEnd) {
         let (removed, completions) = shared.withLock { shared -> (Bool, [@Sendable () -> Void]) in
             guard shared.waiting.remove(ticket: waiter.ticket) != nil else { return (false, []) }
             shared.perClient.remove(waiter.arrival.clientEndpoint.address)
             updateAccepting(&shared)
             return (true, finishStopIfDone(&shared))
         }
-        if removed { endArrival(waiter.arrival, .queueTimeout) }
+        if removed {
+            waiter.arrival.loop.cancelDeadline(waiter)
+            waiter.unwatch()
+            endArrival(waiter.arrival, end)
+        }
         for completion in completions { completion() }
     }
 
@@ -766,6 +775,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                     let loop = waiter.arrival.loop
                     loop.execute {
                         loop.cancelDeadline(waiter)
+                        waiter.unwatch()  // the connection registers the client itself
                         connection.start()
                     }
                 }
@@ -792,14 +802,18 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
 }
 
 /// A client waiting in a relay's queue for a free upstream, bounded by the connect timeout (a
-/// deadline on the shard that accepted it).
-final class QueuedClient: DeadlineHandler, @unchecked Sendable {  // its deadline is its shard's
+/// deadline on the shard that accepted it). Its socket is in that shard's epoll set meanwhile for
+/// errors and hang-ups only: a client that resets leaves the queue at once, so its bytes are
+/// never dialled onward and its place goes to the next client. A FIN alone keeps it waiting: a
+/// client may half-close and still await its answer.
+final class QueuedClient: EventHandler, DeadlineHandler, @unchecked Sendable {  // its deadline and registration are its shard's
     let arrival: Relay.Arrival
     let connectTimeout: Duration
     private let relay: Relay
     var ticket: UInt64 = 0
     var deadlineIndex = -1
     var deadline: UInt64 = 0
+    private var registration: UInt64?
 
     init(_ arrival: Relay.Arrival, relay: Relay, connectTimeout: Duration) {
         self.arrival = arrival
@@ -808,6 +822,26 @@ final class QueuedClient: DeadlineHandler, @unchecked Sendable {  // its deadlin
     }
 
     func deadlineReached(now: UInt64) {
-        relay.queueWaitEnded(self)
+        relay.leaveQueue(self, .queueTimeout)
+    }
+
+    /// Watches the client for a reset while it waits (on its shard). Edge-triggered with no
+    /// flags asked for: epoll reports EPOLLERR and EPOLLHUP always, and nothing else. If the
+    /// registration fails, a reset is still found when the client's turn comes (`peerHasReset`).
+    func watch() {
+        registration = try? arrival.loop.register(fd: arrival.client.fd, events: sameport_epollet, handler: self, tag: 0)
+    }
+
+    /// Takes the client out of the shard's set (on its shard), before it is handed to its
+    /// connection, which registers it again, or closed.
+    func unwatch() {
+        guard let registration else { return }
+        self.registration = nil
+        arrival.loop.deregister(fd: arrival.client.fd, id: registration)
+    }
+
+    func handle(events: UInt32, tag: UInt8) {
+        guard events & (sameport_epollerr | sameport_epollhup) != 0 else { return }
+        relay.leaveQueue(self, .clientReset)
     }
 }

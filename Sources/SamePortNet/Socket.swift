@@ -128,12 +128,14 @@ public struct Socket: Hashable, Sendable {
         Int(sameport_unread_bytes(fd))
     }
 
-    /// True when the peer has reset the connection (a peek with recv(2) MSG_PEEK fails with
-    /// ECONNRESET). A clean EOF is not a reset: a client may half-close and still await a reply.
+    /// True when the peer has reset the connection: poll(2) reports an error or a hang-up, which
+    /// on a socket this side has not shut down means the connection is closed (tcp_poll). Not a
+    /// peek with recv(2): that returns bytes the peer sent before its RST, and only then the
+    /// ECONNRESET. A clean EOF is not a reset: a client may half-close and still await a reply.
     func peerHasReset() -> Bool {
-        var byte: UInt8 = 0
-        let result = Glibc.recv(fd, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
-        return result < 0 && (errno == ECONNRESET || errno == EPIPE)
+        var entry = pollfd(fd: fd, events: 0, revents: 0)
+        guard Glibc.poll(&entry, 1, 0) == 1 else { return false }
+        return entry.revents & Int16(POLLERR | POLLHUP) != 0
     }
 
     /// shutdown(2) with SHUT_WR: sends FIN after the queued bytes. Errors are ignored: the peer

@@ -132,6 +132,31 @@ struct BusyPolicyTests {
         #expect(upstream.peers.count == 2, "the upstream saw \(upstream.peers.count) connections")
     }
 
+    @Test("queue: a client that sent bytes and resets while queued leaves the queue at once; its bytes never reach the upstream and its place goes to the next client")
+    func queuedClientWithBytesResets() throws {
+        let (upstream, relay, listen) = try startEchoRelay(["--connect-timeout", "10s", "--queue-limit", "1"])
+        defer { relay.stop(); upstream.stop() }
+        let first = try openEchoed(listen, "first\n")
+        let quitter = try TestSocket.connect(to: listen)
+        try quitter.sendAll(Array("DELETE /account/42\n".utf8))
+        // Queued (the one pair is held): nothing comes back.
+        #expect(try quitter.receive(exactly: 1, timeout: .milliseconds(300)).end == .timeout)
+        quitter.reset()
+        // Dropped while the first still holds the pair, not when its turn comes.
+        let line = try relay.waitForLines(containing: "end=client-reset", timeout: .seconds(5))[0]
+        #expect(field("upstream", in: line) == "-")
+        // Its place in the queue (limit 1) is free: the next client waits there instead of being
+        // turned away as queue-full, and is served once the first leaves.
+        let next = try TestSocket.connect(to: listen)
+        try next.sendAll(Array("next\n".utf8))
+        #expect(try next.receive(exactly: 5, timeout: .milliseconds(300)).end == .timeout, "queued, not reset")
+        first.close()
+        #expect(try next.receive(exactly: 5, timeout: .seconds(10)).bytes == Array("next\n".utf8))
+        next.close()
+        #expect(upstream.peers.count == 2, "the upstream saw \(upstream.peers.count) connections: the reset client was dialled")
+        #expect(relay.lines(containing: "queue-full").isEmpty)
+    }
+
     @Test("failover: an upstream that refuses is passed over for the next free one")
     func failover() throws {
         let live = try TestServer(handler: TestServer.echo)
