@@ -35,6 +35,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     private var group: EventLoopGroup?
     private let shared: Mutex<Shared>
 
+    /// At most one "accept paused" line per this long (nanoseconds); the next counts the rest.
+    static let pauseLogInterval: UInt64 = 10_000_000_000
+
     /// How long an upstream that refused or timed out is passed over (nginx's fail_timeout).
     private static let downTime = Duration.seconds(10)
 
@@ -225,6 +228,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
         let name = name
         // Every shard meets a broken socket: the process hears of it once.
         let reported = Atomic<Bool>(false)
+        // Out of descriptors, every shard pauses ten times a second for as long as it lasts: a
+        // line at the first pause, then at most one per `Self.pauseLogInterval` with the count.
+        let pauses = Mutex<(lastLogged: UInt64?, unlogged: Int)>((nil, 0))
         listener.serve(
             on: group,
             acceptNext: { [self] listener, loop throws(SystemError) in try acceptNext(from: listener, on: loop) },
@@ -236,7 +242,18 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 onFatalError?("relay \(name): accept on \(endpoint) failed: \(error): \(cure)", error.errno.rawValue)
             },
             onTemporaryFailure: { [logger] error in
-                logger.warning("accept paused for 100ms", metadata: ["relay": .string(name), "cause": .stringConvertible(error)])
+                let now = Monotonic.now
+                let unlogged = pauses.withLock { pauses -> Int? in
+                    if let last = pauses.lastLogged, now &- last < Self.pauseLogInterval {
+                        pauses.unlogged += 1
+                        return nil
+                    }
+                    defer { pauses = (now, 0) }
+                    return pauses.unlogged
+                }
+                guard let unlogged else { return }
+                let since = unlogged > 0 ? " (and \(unlogged) more time(s) since the last such line)" : ""
+                logger.warning("accept paused for 100ms\(since)", metadata: ["relay": .string(name), "cause": .stringConvertible(error)])
             })
         shared.withLock { updateAccepting(&$0) }
     }

@@ -66,6 +66,44 @@ struct ResourceTests {
         #expect(relay.openFileDescriptors(linkingTo: ["/dev/null"]) <= 3)
     }
 
+    @Test("Out of descriptors: accepting pauses, logged once with a count rather than ten times a second, and the waiting clients are served once descriptors are free")
+    func acceptPausesLoggedOnce() throws {
+        // Copied, not spliced: no pipes, so a connection takes two descriptors on either test path.
+        let (relay, listen, upstreams, _) = try warmRelay(upstreamCount: 1, ["--threads", "1", "--egress", "ephemeral", "--splice", "off"])
+        defer { relay.stop(); upstreams.forEach { $0.stop() } }
+        // Room for two connections (a client and an upstream socket each), no more: the limit
+        // leaves exactly four descriptor numbers free below it.
+        let open = relay.openFileDescriptorNumbers()
+        var limit: Int32 = 0
+        var free = 0
+        while free < 4 {
+            if !open.contains(limit) { free += 1 }
+            limit += 1
+        }
+        let prlimit = try RelayProcess(["--pid", "\(relay.pid)", "--nofile=\(limit):\(limit)"], executable: "/usr/bin/prlimit")
+        #expect(prlimit.waitForExit(timeout: .seconds(10)) == 0, "prlimit: \(prlimit.output)")
+        let held = try (0..<2).map { index -> TestSocket in
+            let client = try TestSocket.connect(to: listen)
+            let line = Array("held \(index)\n".utf8)
+            try client.sendAll(line)
+            #expect(try client.receive(exactly: line.count, timeout: .seconds(10)).bytes == line)
+            return client
+        }
+        // These wait in the listen backlog: accept4 fails with EMFILE, and the relay pauses
+        // accepting for 100 ms at a time, twenty times in two seconds.
+        let waiting = try (0..<2).map { _ in try TestSocket.connect(to: listen) }
+        for client in waiting { try client.sendAll(Array("waiting\n".utf8)) }
+        usleep(2_000_000)
+        let paused = relay.lines(containing: "accept paused")
+        #expect(paused.count == 1, "\(paused.count) lines: \(paused.prefix(3))")
+        #expect(paused.first?.contains("Too many open files") == true, "\(paused)")
+        for client in held { client.close() }
+        for client in waiting {
+            #expect(try client.receive(exactly: 8, timeout: .seconds(10)).bytes == Array("waiting\n".utf8))
+            client.close()
+        }
+    }
+
     @Test("Open fds return to the baseline after 1,000 sequential connections")
     func sequential() throws {
         let (relay, listen, upstreams, baseline) = try warmRelay(upstreamCount: 1)
