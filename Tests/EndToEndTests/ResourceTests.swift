@@ -71,17 +71,8 @@ struct ResourceTests {
         // Copied, not spliced: no pipes, so a connection takes two descriptors on either test path.
         let (relay, listen, upstreams, _) = try warmRelay(upstreamCount: 1, ["--threads", "1", "--egress", "ephemeral", "--splice", "off"])
         defer { relay.stop(); upstreams.forEach { $0.stop() } }
-        // Room for two connections (a client and an upstream socket each), no more: the limit
-        // leaves exactly four descriptor numbers free below it.
-        let open = relay.openFileDescriptorNumbers()
-        var limit: Int32 = 0
-        var free = 0
-        while free < 4 {
-            if !open.contains(limit) { free += 1 }
-            limit += 1
-        }
-        let prlimit = try RelayProcess(["--pid", "\(relay.pid)", "--nofile=\(limit):\(limit)"], executable: "/usr/bin/prlimit")
-        #expect(prlimit.waitForExit(timeout: .seconds(10)) == 0, "prlimit: \(prlimit.output)")
+        // Room for two connections (a client and an upstream socket each), no more.
+        try relay.limitDescriptors(leavingFree: 4)
         let held = try (0..<2).map { index -> TestSocket in
             let client = try TestSocket.connect(to: listen)
             let line = Array("held \(index)\n".utf8)

@@ -91,17 +91,8 @@ struct SpliceTests {
         // The ended connection's descriptors are closed before its line is logged.
         let basePipes = relay.openPipes()
         // Room for the client, accept's probe for the next one, and the upstream socket; not for
-        // a pipe's two descriptors. RLIMIT_NOFILE bounds descriptor numbers (those open above it
-        // stay open): the limit leaves exactly three numbers free below it.
-        let open = relay.openFileDescriptorNumbers()
-        var limit: Int32 = 0
-        var free = 0
-        while free < 3 {
-            if !open.contains(limit) { free += 1 }
-            limit += 1
-        }
-        let prlimit = try RelayProcess(["--pid", "\(relay.pid)", "--nofile=\(limit):\(limit)"], executable: "/usr/bin/prlimit")
-        #expect(prlimit.waitForExit(timeout: .seconds(10)) == 0, "prlimit: \(prlimit.output)")
+        // a pipe's two descriptors.
+        try relay.limitDescriptors(leavingFree: 3)
 
         for seed in [8, 9] as [UInt64] {
             try echo(listen, pattern(count: 4 << 20, seed: seed))

@@ -164,6 +164,23 @@ public final class RelayProcess: @unchecked Sendable {  // `process` is only tou
         return Set(entries.compactMap { Int32($0) })
     }
 
+    /// Lowers the process's open-file limit (prlimit) so that exactly `free` descriptor numbers
+    /// stay free below it: RLIMIT_NOFILE bounds descriptor numbers, and those open above it stay
+    /// open. Throws if prlimit fails.
+    public func limitDescriptors(leavingFree free: Int) throws {
+        let open = openFileDescriptorNumbers()
+        var limit: Int32 = 0
+        var left = 0
+        while left < free {
+            if !open.contains(limit) { left += 1 }
+            limit += 1
+        }
+        let prlimit = try RelayProcess(["--pid", "\(pid)", "--nofile=\(limit):\(limit)"], executable: "/usr/bin/prlimit")
+        guard prlimit.waitForExit(timeout: .seconds(10)) == 0 else {
+            throw TestError.failed("prlimit --nofile=\(limit): \(prlimit.output)")
+        }
+    }
+
     /// The process's resident set size in KiB (VmRSS).
     public func residentKiB() -> Int {
         guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return -1 }
