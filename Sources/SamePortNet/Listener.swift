@@ -145,7 +145,7 @@ final class Listener: @unchecked Sendable {  // immutable but for `acceptors`, s
     static func hint(for errno: Errno, endpoint: Endpoint) -> String {
         switch errno {
         case .addressInUse:
-            return ": another process is listening on port \(endpoint.port); stop it or choose another listen port"
+            return ": another socket holds port \(endpoint.port) (a listener, or a connection using it as its local port: ss -tanp 'sport = :\(endpoint.port)' shows which); stop its process or choose another listen port"
         case .permissionDenied:
             return ": ports below 1024 need root or CAP_NET_BIND_SERVICE (for the egress sockets too); grant it (setcap cap_net_bind_service=+ep, or AmbientCapabilities= under systemd) or listen on a port from 1024 up"
         case .addressNotAvailable:

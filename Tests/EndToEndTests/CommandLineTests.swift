@@ -118,7 +118,19 @@ struct CommandLineTests {
         defer { other.stop() }
         let (status, output) = try run(["--listen", other.endpoint.description, "--upstream", "127.0.0.1:9"])
         #expect(status == 2)
-        #expect(output == "sameport: cannot start: cannot listen on \(other.endpoint): Address already in use: another process is listening on port \(other.endpoint.port); stop it or choose another listen port\n")
+        #expect(output == "sameport: cannot start: cannot listen on \(other.endpoint): Address already in use: another socket holds port \(other.endpoint.port) (a listener, or a connection using it as its local port: ss -tanp 'sport = :\(other.endpoint.port)' shows which); stop its process or choose another listen port\n")
+    }
+
+    @Test("The listen port held by a connection (its local port), not a listener: the message does not claim a listener")
+    func portHeldByConnection() throws {
+        let server = try TestServer(handler: TestServer.hold)
+        defer { server.stop() }
+        let connection = try TestSocket.connect(to: server.endpoint)
+        defer { connection.close() }
+        let held = try #require(connection.localEndpoint)
+        let (status, output) = try run(["--listen", held.description, "--upstream", "127.0.0.1:9"])
+        #expect(status == 2)
+        #expect(output == "sameport: cannot start: cannot listen on \(held): Address already in use: another socket holds port \(held.port) (a listener, or a connection using it as its local port: ss -tanp 'sport = :\(held.port)' shows which); stop its process or choose another listen port\n")
     }
 
     @Test("The listen port in use by another sameport (SO_REUSEPORT on both): refused, not shared")

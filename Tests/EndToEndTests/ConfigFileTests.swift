@@ -249,8 +249,8 @@ struct ConfigFileTests {
         let (status, output) = try runToExit(["--config", config.path])
         #expect(status == 2)
         #expect(output == """
-            sameport: cannot start: relay b: cannot listen on \(holderB.endpoint): Address already in use: another process is listening on port \(holderB.endpoint.port); stop it or choose another listen port
-            sameport: cannot start: relay c: cannot listen on \(holderC.endpoint): Address already in use: another process is listening on port \(holderC.endpoint.port); stop it or choose another listen port
+            sameport: cannot start: relay b: cannot listen on \(holderB.endpoint): Address already in use: another socket holds port \(holderB.endpoint.port) (a listener, or a connection using it as its local port: ss -tanp 'sport = :\(holderB.endpoint.port)' shows which); stop its process or choose another listen port
+            sameport: cannot start: relay c: cannot listen on \(holderC.endpoint): Address already in use: another socket holds port \(holderC.endpoint.port) (a listener, or a connection using it as its local port: ss -tanp 'sport = :\(holderC.endpoint.port)' shows which); stop its process or choose another listen port
             sameport: cannot start: relay d: the egress cannot bind \(holderB.endpoint): Address already in use: another socket holds this address without SO_REUSEPORT, or belongs to another user
 
             """)
