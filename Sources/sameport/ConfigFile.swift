@@ -4,15 +4,10 @@ import SamePortCore
 
 /// Reading `--config FILE` into relay specs, for `run` and `check`.
 enum ConfigFile {
-    /// The relays in the file at `path`.
+    /// The whole file: its relays and its process-wide settings (`threads`).
     ///
     /// - Throws: a `StartFailure` (exit 2) listing every problem as `FILE:LINE:COLUMN: message`,
     ///   or saying why the file cannot be read.
-    static func load(_ argument: String) throws(StartFailure) -> [RelaySpec] {
-        try loadConfiguration(argument).relays
-    }
-
-    /// The whole file: its relays and its process-wide settings (`threads`).
     static func loadConfiguration(_ argument: String) throws(StartFailure) -> Configuration {
         // `-` is standard input, named as compilers name it.
         let path = argument == "-" ? "<stdin>" : argument

@@ -14,6 +14,9 @@ struct Daemon {
     var log: (level: Logger.Level, format: LogFormat)
     /// How long a reload may take to read the file and resolve its host names.
     var reloadTimeout = Daemon.defaultReloadTimeout
+    /// The file's `threads` key at start-up (nil: not given): a reload that changes it is told
+    /// that the event loops are made at start-up.
+    var threadsKey: Int?
 
     static let defaultReloadTimeout = Duration.seconds(60)
 
@@ -35,7 +38,8 @@ struct Daemon {
         Self.dropStartupCapabilities(afterTakeOver: opened.contains { $0.relay.tookOverSocket }, logger: logger)
 
         let supervisor = Supervisor(
-            relays: opened, configPath: configPath, reloadTimeout: reloadTimeout, notifier: notifier, logger: logger)
+            relays: opened, configPath: configPath, reloadTimeout: reloadTimeout, threadsKey: threadsKey,
+            notifier: notifier, logger: logger)
         try supervisor.installSignalHandlers()
         // Signals are handled before the first client is taken.
         for (relay, _) in opened {

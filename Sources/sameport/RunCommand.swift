@@ -329,7 +329,8 @@ struct RunCommand: ParsableCommand {
                 let reloadTimeout = try reloadTimeoutValue()
                 let configuration = try ConfigFile.loadConfiguration(config)
                 try configureEventLoops(fileThreads: configuration.threads)
-                try Daemon(relays: configuration.relays, configPath: config, log: log, reloadTimeout: reloadTimeout).run()
+                try Daemon(relays: configuration.relays, configPath: config, log: log, reloadTimeout: reloadTimeout,
+                           threadsKey: configuration.threads).run()
             }
             guard reloadTimeout == nil else {
                 throw ValidationError("--reload-timeout needs --config FILE: a relay from flags has no file to reload")

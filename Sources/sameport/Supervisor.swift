@@ -18,6 +18,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var upstreamLists: [ObjectIdentifier: [[Endpoint]]] = [:]
     private let configPath: String?
     private let reloadTimeout: Duration
+    /// The file's `threads` key as last read (at start-up or by a good reload).
+    private var threadsKey: Int?
     private let notifier: Notifier
     private let logger: Logger
     private var sources: [DispatchSourceProtocol] = []
@@ -47,11 +49,15 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     private var lastStatus = ""
     private var lastStatusAt: UInt64?
 
-    init(relays: [(relay: Relay, upstreams: [[Endpoint]])], configPath: String?, reloadTimeout: Duration, notifier: Notifier, logger: Logger) {
+    init(
+        relays: [(relay: Relay, upstreams: [[Endpoint]])], configPath: String?, reloadTimeout: Duration, threadsKey: Int?,
+        notifier: Notifier, logger: Logger
+    ) {
         self.relays = relays.map(\.relay)
         for (relay, upstreams) in relays { upstreamLists[ObjectIdentifier(relay)] = upstreams }
         self.configPath = configPath
         self.reloadTimeout = reloadTimeout
+        self.threadsKey = threadsKey
         self.notifier = notifier
         self.logger = logger
     }
@@ -278,9 +284,11 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
                     return
                 }
                 do throws(StartFailure) {
-                    let summary = try apply(try prepared.get())
+                    let reading = try prepared.get()
+                    let summary = try apply(reading.relays)
                     statusNote = nil
                     logger.notice("reloaded \(configPath): \(summary)")
+                    noteThreadsKey(reading.threads, in: configPath)
                     finishReload()
                 } catch {
                     finishReload(failedWith: error.details + error.messages)
@@ -317,7 +325,17 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
     }
 
-    private static func prepared(_ path: String) -> Result<Prepared, StartFailure> {
+    /// A reload that changes the `threads` key: said once per change, since the event loops are
+    /// made at start-up and a reload keeps them.
+    private func noteThreadsKey(_ key: Int?, in path: String) {
+        guard key != threadsKey else { return }
+        let name = { (key: Int?) in key.map { "threads = \($0)" } ?? "no threads key (one event loop per CPU)" }
+        let running = (try? EventLoopGroup.shared().count).map { " (\($0) running)" } ?? ""
+        logger.notice("\(path) changed \(name(threadsKey)) to \(name(key)): event loops are made at start-up\(running), so restart sameport to apply it (--threads on the command line, if given, overrides the key)")
+        threadsKey = key
+    }
+
+    private static func prepared(_ path: String) -> Result<Reading, StartFailure> {
         do {
             return .success(try prepare(path))
         } catch {
@@ -325,11 +343,18 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         }
     }
 
-    /// The file's relays with their upstreams resolved; every failure listed.
-    private static func prepare(_ path: String) throws(StartFailure) -> Prepared {
+    /// The file's relays with their upstreams resolved, and its `threads` key.
+    private struct Reading {
+        var relays: Prepared
+        var threads: Int?
+    }
+
+    /// The file's relays with their upstreams resolved (every failure listed), and its `threads`.
+    private static func prepare(_ path: String) throws(StartFailure) -> Reading {
+        let configuration = try ConfigFile.loadConfiguration(path)
         var prepared: Prepared = []
         var failures: [String] = []
-        for spec in try ConfigFile.load(path) {
+        for spec in configuration.relays {
             do {
                 prepared.append((spec, try Daemon.resolve(spec)))
             } catch {
@@ -337,7 +362,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             }
         }
         guard failures.isEmpty else { throw StartFailure(messages: failures, exitCode: 2) }
-        return prepared
+        return Reading(relays: prepared, threads: configuration.threads)
     }
 
     /// Opens the relays the new specs add and checks the settings of the kept ones, then (all or

@@ -321,6 +321,16 @@ struct ConfigFileTests {
             let (status, output) = try runToExit(["check", config.path])
             #expect(status == 0)
             #expect(output.contains("threads: 1 event loop\n"), "\(output)")
+            // A reload cannot change the event loops: a changed key is said once, not ignored.
+            try text.replacingOccurrences(of: "threads = 1", with: "threads = 2").write(toFile: config.path, atomically: true, encoding: .utf8)
+            kill(relay.pid, SIGHUP)
+            let changed = try relay.waitForLines(containing: "changed threads = 1 to threads = 2")
+            #expect(changed.first?.hasSuffix("\(config.path) changed threads = 1 to threads = 2: event loops are made at start-up (1 running), so restart sameport to apply it (--threads on the command line, if given, overrides the key)") == true, "\(changed)")
+            kill(relay.pid, SIGHUP)
+            try relay.waitForLines(containing: "reloaded", count: 2)
+            #expect(relay.lines(containing: "to threads = 2").count == 1, "said once per change")
+            #expect(Self.epollSets(relay) == 2, "still one shard")
+            try echo(through: listen)
         }
         do {
             let config = try ConfigFixture(text)
