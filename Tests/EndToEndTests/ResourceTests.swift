@@ -116,11 +116,28 @@ struct ResourceTests {
             try client.sendAll(Array("client \(index)\n".utf8))
         }
         #expect(waitUntil(timeout: .seconds(10)) { upstreams.reduce(0) { $0 + $1.activeConnections } == 50 })
-        for (index, client) in clients.enumerated() {
-            let expected = Array("client \(index)\n".utf8)
-            #expect(try client.receive(exactly: expected.count, timeout: .seconds(30)).bytes == expected)
-            client.close()
+        // Each echo is read as it comes, and its client closed, which frees a pair for the next
+        // in the queue. Not in the order the clients connected: the shards accept outside the
+        // relay's lock, so a shard preempted between accept4 and the lock admits its client after
+        // later ones, and a client waiting for an earlier one's echo would wait for ever.
+        var pending = Array(clients.enumerated())
+        let deadline = ContinuousClock.now + .seconds(60)
+        while !pending.isEmpty, ContinuousClock.now < deadline {
+            var polled = pending.map { pollfd(fd: $0.element.fd, events: Int16(POLLIN), revents: 0) }
+            _ = Glibc.poll(&polled, nfds_t(polled.count), 100)
+            var waiting: [(offset: Int, element: TestSocket)] = []
+            for (entry, poll) in zip(pending, polled) {
+                guard poll.revents != 0 else {
+                    waiting.append(entry)
+                    continue
+                }
+                let expected = Array("client \(entry.offset)\n".utf8)
+                #expect(try entry.element.receive(exactly: expected.count, timeout: .seconds(10)).bytes == expected)
+                entry.element.close()
+            }
+            pending = waiting
         }
+        #expect(pending.isEmpty, "\(pending.count) clients got no echo within 60 s")
         try expectSettled(relay, ended: 201, baseline: baseline)
         #expect(upstreams.allSatisfy { $0.peers.allSatisfy { $0 == listen } })
     }
