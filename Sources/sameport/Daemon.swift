@@ -40,6 +40,7 @@ struct Daemon {
         let supervisor = Supervisor(
             relays: opened, configPath: configPath, reloadTimeout: reloadTimeout, threadsKey: threadsKey,
             notifier: notifier, logger: logger)
+        for line in Self.sharedPairWarnings(opened) { logger.warning("\(line)") }
         try supervisor.installSignalHandlers()
         // Signals are handled before the first client is taken.
         for (relay, _) in opened {
@@ -174,5 +175,35 @@ struct SocketAssignment {
                 }
             }
         }
+    }
+}
+
+extension Daemon {
+    /// Relays that dial one upstream address from one fixed source ip:port (same-port egress on
+    /// one listen address, or one `egress` ip:port): each books the pair for itself only, so while
+    /// one holds it, a client of the other meets EADDRNOTAVAIL until the holder ends or its connect
+    /// timeout passes. One line for each such two relays, at start-up and after each reload.
+    static func sharedPairWarnings(_ relays: [(relay: Relay, upstreams: [[Endpoint]])]) -> [String] {
+        func source(_ relay: Relay) -> Endpoint? {
+            switch relay.spec.egress {
+            case .fixed(let endpoint):
+                return endpoint.port == 0 ? nil : endpoint.unmapped
+            case .samePort:
+                guard let listen = relay.listenEndpoint, !listen.address.isUnspecified else { return nil }
+                return listen.unmapped
+            case .ephemeral, .client, .clientIP:
+                return nil
+            }
+        }
+        var lines: [String] = []
+        for (index, first) in relays.enumerated() {
+            guard let from = source(first.relay) else { continue }
+            let dialled = Set(first.upstreams.joined().map(\.unmapped))
+            for second in relays[(index + 1)...] where source(second.relay) == from {
+                guard let upstream = second.upstreams.joined().map(\.unmapped).first(where: dialled.contains) else { continue }
+                lines.append("relays \(first.relay.name) and \(second.relay.name) both dial \(upstream) from \(from), and each books that pair for itself: while one holds it, a client of the other fails to connect (EADDRNOTAVAIL) until it is free or the connect timeout passes; give the two relays different egress ports or different upstreams")
+            }
+        }
+        return lines
     }
 }

@@ -289,6 +289,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
                     statusNote = nil
                     logger.notice("reloaded \(configPath): \(summary)")
                     noteThreadsKey(reading.threads, in: configPath)
+                    let running = relays.map { ($0, upstreamLists[ObjectIdentifier($0)] ?? []) }
+                    for line in Daemon.sharedPairWarnings(running) { logger.warning("\(line)") }
                     finishReload()
                 } catch {
                     finishReload(failedWith: error.details + error.messages)

@@ -299,6 +299,22 @@ struct ConfigFileTests {
         relay.openFileDescriptors(linkingTo: ["anon_inode:[eventpoll]"])
     }
 
+    @Test("Two relays that dial one upstream from one egress ip:port are named at start-up: their bookings are separate")
+    func sharedEgressPair() throws {
+        let upstream = try TestServer(handler: TestServer.echo)
+        defer { upstream.stop() }
+        let egress = try freePort(), otherEgress = try freePort()
+        let relay = { (name: String, egress: UInt16) throws -> String in
+            "[[relay]]\nname = \"\(name)\"\nlisten = \"127.0.0.1:\(try freePort())\"\nupstream = \"\(upstream.endpoint)\"\negress = \"127.0.0.1:\(egress)\"\n\n"
+        }
+        // a and b share 127.0.0.1:egress; c dials the same upstream from another port.
+        let (process, config) = try startConfigured(try relay("a", egress) + relay("b", egress) + relay("c", otherEgress), relays: 3)
+        defer { process.stop(); config.remove() }
+        let lines = process.lines(containing: "books that pair for itself")
+        #expect(lines.count == 1, "\(lines)")
+        #expect(lines.first?.contains("warning relays a and b both dial \(upstream.endpoint) from 127.0.0.1:\(egress), and each books that pair for itself: while one holds it, a client of the other fails to connect (EADDRNOTAVAIL) until it is free or the connect timeout passes; give the two relays different egress ports or different upstreams") == true, "\(lines)")
+    }
+
     @Test("threads: the file's top-level key and --threads set the event loops (--threads wins); out of range is refused")
     func threads() throws {
         let upstream = try TestServer(handler: TestServer.echo)
