@@ -36,7 +36,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     private let shared: Mutex<Shared>
 
     /// At most one "accept paused" line per this long (nanoseconds); the next counts the rest.
-    static let pauseLogInterval: UInt64 = 10_000_000_000
+    private static let pauseLogInterval: UInt64 = 10_000_000_000
 
     /// How long an upstream that refused or timed out is passed over (nginx's fail_timeout).
     private static let downTime = Duration.seconds(10)
@@ -632,8 +632,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// Ends a queued client, on its shard (where its deadline and registration are).
     private func endQueued(_ waiter: QueuedClient, _ end: ConnectionEnd) {
         waiter.arrival.loop.execute { [self] in
-            waiter.arrival.loop.cancelDeadline(waiter)
-            waiter.unwatch()
+            waiter.leaveShard()
             endArrival(waiter.arrival, end)
         }
     }
@@ -649,8 +648,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             return (true, finishStopIfDone(&shared))
         }
         if removed {
-            waiter.arrival.loop.cancelDeadline(waiter)
-            waiter.unwatch()
+            waiter.leaveShard()
             endArrival(waiter.arrival, end)
         }
         for completion in completions { completion() }
@@ -791,8 +789,7 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
                 actions.append {
                     let loop = waiter.arrival.loop
                     loop.execute {
-                        loop.cancelDeadline(waiter)
-                        waiter.unwatch()  // the connection registers the client itself
+                        waiter.leaveShard()  // the connection registers the client itself
                         connection.start()
                     }
                 }
@@ -849,9 +846,10 @@ final class QueuedClient: EventHandler, DeadlineHandler, @unchecked Sendable {  
         registration = try? arrival.loop.register(fd: arrival.client.fd, events: sameport_epollet, handler: self, tag: 0)
     }
 
-    /// Takes the client out of the shard's set (on its shard), before it is handed to its
-    /// connection, which registers it again, or closed.
-    func unwatch() {
+    /// Cancels its deadline and takes the client out of the shard's set (on its shard), once it
+    /// is served (its connection registers the client again) or ended (the client is closed).
+    func leaveShard() {
+        arrival.loop.cancelDeadline(self)
         guard let registration else { return }
         self.registration = nil
         arrival.loop.deregister(fd: arrival.client.fd, id: registration)
