@@ -44,6 +44,7 @@ ssize_t sameport_splice(int fd_in, int fd_out, size_t len, unsigned int flags) {
 
 const unsigned int sameport_splice_move = SPLICE_F_MOVE;
 const unsigned int sameport_splice_nonblock = SPLICE_F_NONBLOCK;
+const unsigned int sameport_splice_more = SPLICE_F_MORE;
 
 int sameport_set_pipe_size(int fd, int size) {
     return fcntl(fd, F_SETPIPE_SZ, size);

@@ -371,13 +371,12 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         }
         if let idleTimeout = context.idleTimeout { next = min(next, now &+ idleTimeout) }
         if next != .max { loop.setDeadline(self, at: next) }
-        // The client's edges came while dialling: a short first read has emptied its socket
-        // unless one of them said the client closed or reset (then read on to EOF).
-        pump(.clientToUpstream, drainedByShortRead: clientEventsWhileDialling & Self.closingEvents == 0)
+        // The client's edges came while dialling: they say what a short first read means.
+        pump(.clientToUpstream, edge: Self.readEdge(clientEventsWhileDialling))
         if let events, events & Self.readableEvents == 0 {
             upstreamToClient.awaitRead()
         } else {
-            pump(.upstreamToClient)
+            pump(.upstreamToClient, edge: events.map(Self.readEdge) ?? .unknown)
         }
     }
 
@@ -386,6 +385,13 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
     /// The flags that say a read may not stop at a short read: the peer closed or reset, or sent
     /// urgent data (a read ends early at its mark).
     private static let closingEvents = sameport_epollpri | sameport_epollrdhup | sameport_epollhup | sameport_epollerr
+
+    /// What a readable socket's epoll flags say a short read means (see `Direction.ReadEdge`).
+    private static func readEdge(_ events: UInt32) -> Direction.ReadEdge {
+        if events & closingEvents == 0 { return .bytes }
+        if events & sameport_epollrdhup != 0, events & (sameport_epollerr | sameport_epollpri) == 0 { return .bytesAndFIN }
+        return .unknown
+    }
 
     /// Writes the PROXY header to the new upstream connection, before any byte of the client's.
     ///
@@ -434,9 +440,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
             if from == .clientToUpstream { clientToUpstream.leaveSplice() } else { upstreamToClient.leaveSplice() }
         }
         if readable, waitingFor(from) == .read {
-            // Urgent data (EPOLLPRI) ends a read early at its mark: read on to EAGAIN then too.
-            let closing = events & Self.closingEvents != 0
-            pump(from, drainedByShortRead: !closing)
+            pump(from, edge: Self.readEdge(events))
         }
         if writable, waitingFor(to) == .write { pump(to) }
         // An error on a socket that neither direction is reading or writing now (a reset client
@@ -452,19 +456,19 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         which == .clientToUpstream ? clientToUpstream.waitingFor : upstreamToClient.waitingFor
     }
 
-    private func pump(_ which: Which, drainedByShortRead: Bool = false) {
+    private func pump(_ which: Which, edge: Direction.ReadEdge = .unknown) {
         guard case .relaying = state, let upstream else { return }
         let outcome: Direction.Outcome
         let refusal: String?
         switch which {
         case .clientToUpstream:
             outcome = clientToUpstream.pump(
-                from: client, to: upstream, drainedByShortRead: drainedByShortRead, closesAtEOF: upstreamToClient.isFinished)
+                from: client, to: upstream, edge: edge, closesAtEOF: upstreamToClient.isFinished)
             refusal = clientToUpstream.spliceRefusal
             clientToUpstream.spliceRefusal = nil
         case .upstreamToClient:
             outcome = upstreamToClient.pump(
-                from: upstream, to: client, drainedByShortRead: drainedByShortRead, closesAtEOF: clientToUpstream.isFinished)
+                from: upstream, to: client, edge: edge, closesAtEOF: clientToUpstream.isFinished)
             refusal = upstreamToClient.spliceRefusal
             upstreamToClient.spliceRefusal = nil
         }

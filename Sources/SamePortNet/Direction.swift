@@ -89,7 +89,11 @@ struct Direction {
     /// The receiving socket's send queue when last looked at, for `noteKernelProgress`.
     private var unsentAtLastLook: Int32 = -1
     private var sawEOF = false
+    /// Whether the latest write held its bytes for a FIN (see `ReadEdge.bytesAndFIN`).
+    private var holdsForFIN = false
     private var closesAtEOF = false
+    /// What the edge that runs the current pump said (see `ReadEdge`).
+    private var edge = ReadEdge.unknown
     /// Whether the latest read filled at least half the buffer: the sender is ahead of the relay
     /// (a bulk transfer), not exchanging small messages.
     private var lastReadWasBulk = false
@@ -159,23 +163,48 @@ struct Direction {
         self.lastActivity = now
     }
 
+    /// What the readable edge that runs a pump said about the sending socket.
+    enum ReadEdge: UInt8 {
+        /// Not run by a readable edge, or by one that said the peer reset or sent urgent data
+        /// (EPOLLERR, EPOLLHUP without EPOLLRDHUP, EPOLLPRI): read on to EAGAIN or EOF.
+        case unknown
+        /// Bytes, and nothing said about a close: a read that returns less than asked has emptied
+        /// the socket, and the EAGAIN read that would prove it is skipped. Bytes or a FIN that
+        /// arrive later raise a new edge.
+        case bytes
+        /// The peer's FIN is in (EPOLLRDHUP): a read that returns less than asked has left only
+        /// the EOF, so those bytes are sent with MSG_MORE, and the FIN that `forwardEOF` sends
+        /// right after leaves in the same segment: one packet and one wake-up of the receiver
+        /// fewer per connection that ends with its last bytes (a response and its close).
+        case bytesAndFIN
+    }
+
     /// Moves as many bytes as the sockets allow, from `from` to `to`; says what it waits for.
     ///
-    /// - Parameter drainedByShortRead: the pump runs for a readable edge of `from` that did not
-    ///   say the peer has closed (no EPOLLRDHUP, EPOLLHUP or EPOLLERR): then a read that returns
-    ///   less than asked has emptied the socket, and the EAGAIN read that would prove it is
-    ///   skipped. Bytes or a FIN that arrive later raise a new edge. Never for a pump started
-    ///   otherwise: an edge consumed while the direction waited to write may have carried a FIN.
+    /// - Parameter edge: what the readable edge that runs the pump said (see `ReadEdge`). Never
+    ///   anything but `.unknown` for a pump started otherwise: an edge consumed while the
+    ///   direction waited to write may have carried a FIN.
     /// - Parameter closesAtEOF: the caller closes `to` as soon as this direction finishes (the
     ///   other one has): the EOF is then passed on by close(2), which sends the same FIN, and the
     ///   shutdown(2) is skipped.
-    mutating func pump(from: Socket, to: Socket, drainedByShortRead: Bool = false, closesAtEOF: Bool = false) -> Outcome {
+    mutating func pump(from: Socket, to: Socket, edge: ReadEdge = .unknown, closesAtEOF: Bool = false) -> Outcome {
         guard !isFinished else { return .finished }
         self.closesAtEOF = closesAtEOF
+        self.edge = edge
         let outcome: Outcome
         switch path {
         case .splice: outcome = pumpSplice(from: from, to: to, rounds: 0)
-        case .copy: outcome = pumpCopy(from: from, to: to, rounds: 0, drainedByShortRead: drainedByShortRead)
+        case .copy: outcome = pumpCopy(from: from, to: to, rounds: 0)
+        }
+        if holdsForFIN {
+            // The bytes held for a FIN leave with it when the direction finishes (or fails, and
+            // the socket is closed); should it wait to read instead (a socket whose FIN is in
+            // reads EOF, never EAGAIN), they leave now. A yielded pump reads on soon.
+            switch outcome {
+            case .awaitingRead: to.push(); holdsForFIN = false
+            case .yielded: break
+            case .awaitingWrite, .finished, .failed: holdsForFIN = false
+            }
         }
         switch outcome {
         case .awaitingRead: waitingFor = .read
@@ -248,7 +277,7 @@ struct Direction {
             while pipeBytes > 0 {
                 let result: IOResult<Int>
                 do {
-                    result = try pipe.drain(to: to, count: pipeBytes)
+                    result = try pipe.drain(to: to, count: pipeBytes, more: holdsForFIN)
                 } catch {
                     if !splicedOut, Self.refusesSplice(error) { return fallBackToCopy(error, from: from, to: to, rounds: rounds) }
                     return fail(side: fromSide.other, error)
@@ -294,6 +323,8 @@ struct Direction {
                 splicedIn = true
                 pipeBytes = count
                 lastActivity = Self.now
+                // As the copy path does: the last bytes before a FIN that is in wait for it.
+                holdsForFIN = edge == .bytesAndFIN && count < pipe.capacity
             case .wouldBlock:
                 // The pipe is empty, so it is the socket that is.
                 return .awaitingRead
@@ -354,7 +385,7 @@ struct Direction {
 
     // MARK: The copy path
 
-    private mutating func pumpCopy(from: Socket, to: Socket, rounds startingRounds: Int, drainedByShortRead: Bool = false) -> Outcome {
+    private mutating func pumpCopy(from: Socket, to: Socket, rounds startingRounds: Int) -> Outcome {
         var reads = startingRounds
         while true {
             // Write everything buffered before reading more.
@@ -407,8 +438,11 @@ struct Direction {
                     end = count  // read into the direction's own buffer: written at the loop's top
                     continue
                 }
+                // The last bytes before a FIN that is already in: held for the FIN (MSG_MORE),
+                // which the next read (EOF) sends at once through `forwardEOF`.
+                holdsForFIN = edge == .bytesAndFIN && count < scratch.count
                 let written: Int
-                switch writeThrough(UnsafeRawBufferPointer(rebasing: scratch[0..<count]), to: to) {
+                switch writeThrough(UnsafeRawBufferPointer(rebasing: scratch[0..<count]), to: to, more: holdsForFIN) {
                 case .success(let count): written = count
                 case .failure(let error): return fail(side: fromSide.other, error)
                 }
@@ -421,20 +455,21 @@ struct Direction {
                     end = count - written
                     return .awaitingWrite
                 }
-                if drainedByShortRead, count < scratch.count { return .awaitingRead }
+                if edge == .bytes, count < scratch.count { return .awaitingRead }
             case .wouldBlock:
                 return .awaitingRead
             }
         }
     }
 
-    /// Writes `bytes` to the receiving socket until it is full; how many it took.
-    private mutating func writeThrough(_ bytes: UnsafeRawBufferPointer, to: Socket) -> Result<Int, SystemError> {
+    /// Writes `bytes` to the receiving socket until it is full; how many it took. `more`: with
+    /// MSG_MORE (see `ReadEdge.bytesAndFIN`).
+    private mutating func writeThrough(_ bytes: UnsafeRawBufferPointer, to: Socket, more: Bool) -> Result<Int, SystemError> {
         var written = 0
         while written < bytes.count {
             let result: IOResult<Int>
             do {
-                result = try to.write(from: UnsafeRawBufferPointer(rebasing: bytes[written...]))
+                result = try to.write(from: UnsafeRawBufferPointer(rebasing: bytes[written...]), more: more)
             } catch {
                 return .failure(error)
             }

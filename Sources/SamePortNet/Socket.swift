@@ -113,9 +113,18 @@ public struct Socket: Hashable, Sendable {
         try nonBlockingCall("recv") { Glibc.recv(fd, buffer.baseAddress, buffer.count, 0) }
     }
 
-    /// send(2) with MSG_NOSIGNAL, so a reset peer is an EPIPE error and never a SIGPIPE.
-    func write(from buffer: UnsafeRawBufferPointer) throws(SystemError) -> IOResult<Int> {
-        try nonBlockingCall("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL)) }
+    /// send(2) with MSG_NOSIGNAL, so a reset peer is an EPIPE error and never a SIGPIPE. `more`:
+    /// with MSG_MORE, which holds a last partial segment until the next send, shutdown(2) or
+    /// close(2) (whose FIN then rides in it), or `push`.
+    func write(from buffer: UnsafeRawBufferPointer, more: Bool = false) throws(SystemError) -> IOResult<Int> {
+        let flags = Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0)
+        return try nonBlockingCall("send") { Glibc.send(fd, buffer.baseAddress, buffer.count, flags) }
+    }
+
+    /// Sends what a write with MSG_MORE holds back: setting TCP_NODELAY (already on) pushes the
+    /// pending segments (tcp(7)).
+    func push() {
+        try? setOption(level: Int32(IPPROTO_TCP), name: TCP_NODELAY, value: 1)
     }
 
     /// The bytes still in the socket's send queue (SIOCOUTQ), or -1 if the kernel will not say.

@@ -66,11 +66,11 @@ struct SplicePipe {
 
     /// splice(2) from the pipe to `socket`, at most `count` bytes. `.wouldBlock` means the socket's
     /// send buffer is full (or the pipe empty). A reset peer is EPIPE, never a SIGPIPE: the process
-    /// ignores SIGPIPE (splice has no MSG_NOSIGNAL).
-    func drain(to socket: Socket, count: Int) throws(SystemError) -> IOResult<Int> {
-        try nonBlockingCall("splice") {
-            sameport_splice(readEnd, socket.fd, count, sameport_splice_move | sameport_splice_nonblock)
-        }
+    /// ignores SIGPIPE (splice has no MSG_NOSIGNAL). `more`: SPLICE_F_MORE, which is MSG_MORE for
+    /// the socket (see `Socket.write`).
+    func drain(to socket: Socket, count: Int, more: Bool = false) throws(SystemError) -> IOResult<Int> {
+        let flags = sameport_splice_move | sameport_splice_nonblock | (more ? sameport_splice_more : 0)
+        return try nonBlockingCall("splice") { sameport_splice(readEnd, socket.fd, count, flags) }
     }
 
     /// read(2) from the pipe: how bytes already spliced in are taken back out when splicing them

@@ -80,6 +80,34 @@ struct TransferTests {
         return TestSocket(fd: fd)
     }
 
+    @Test("A response and its FIN that reach the relay together reach the client in one segment, each way")
+    func lastBytesRideWithFIN() throws {
+        let response = Array("220 ready, and closing\r\n".utf8)
+        let request = Array("QUIT\r\n".utf8)
+        let upstreamGot = Mutex<(bytes: [UInt8], segments: UInt32?)?>(nil)
+        let upstream = try TestServer { socket in
+            try? socket.sendWithFIN(response)
+            guard let (bytes, end) = try? socket.receiveToEnd(), end == .eof else { return }
+            upstreamGot.withLock { $0 = (bytes, socket.segmentsReceived) }
+        }
+        defer { upstream.stop() }
+        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
+        defer { relay.stop() }
+        let client = try TestSocket.connect(to: listen)
+        let (bytes, end) = try client.receiveToEnd(timeout: .seconds(15))
+        #expect(end == .eof)
+        #expect(bytes == response)
+        // The relay's SYN-ACK, then the response with the FIN (not the response, then the FIN).
+        #expect(client.segmentsReceived == 2)
+        try client.sendWithFIN(request)
+        let line = try relay.waitForLines(containing: "connection ended")[0]
+        #expect(field("end", in: line) == "completed")
+        let got = try #require(waitUntil(timeout: .seconds(5)) { upstreamGot.withLock { $0 != nil } } ? upstreamGot.withLock { $0 } : nil)
+        #expect(got.bytes == request)
+        // The handshake's ACK, the relay's ACK of the response and FIN, then QUIT with the FIN.
+        #expect(got.segments == 3)
+    }
+
     @Test("Half-close upstream to client: data, SHUT_WR, a reply sent 2 s after EOF arrives whole")
     func halfCloseFromUpstream() throws {
         let banner = pattern(count: 1 << 20, seed: 4)

@@ -156,6 +156,36 @@ struct DirectionTests {
         #expect(error.errno == .connectionReset)
     }
 
+    @Test("The last bytes before a FIN that is in leave in the FIN's segment; without the hint, in two")
+    func lastBytesRideWithFIN() throws {
+        var added: [Direction.ReadEdge: UInt32] = [:]
+        for edge in [Direction.ReadEdge.bytesAndFIN, .unknown] {
+            let topology = try Topology()
+            defer { withExtendedLifetime(topology) {} }  // its deinit closes the sockets
+            let (sender, from, receiver, to) = (topology.sender, topology.from, topology.receiver, topology.to)
+            var direction = Direction(fromSide: .upstream, capacity: 4096, pipeSize: nil, spliceAfter: 0, now: 0)
+            defer { direction.release() }
+            // A response and its FIN in one segment, as a server's write and close(2) often arrive.
+            let response = Array("HTTP/1.0 204 No Content\r\n\r\n".utf8)
+            try sender.sendWithFIN(response)
+            var poller = pollfd(fd: from.fd, events: Int16(POLLIN) | 0x2000, revents: 0)  // POLLRDHUP
+            let deadline = ContinuousClock.now + .seconds(5)
+            while poller.revents & 0x2000 == 0, ContinuousClock.now < deadline { _ = poll(&poller, 1, 20) }
+            #expect(poller.revents & 0x2000 != 0, "the FIN reached the relay's socket")
+            let before = try #require(receiver.segmentsReceived)
+            let outcome = direction.pump(from: from, to: to, edge: edge)
+            guard case .finished = outcome else {
+                Issue.record("\(edge): outcome \(outcome), expected the response and the EOF passed on at once")
+                continue
+            }
+            let (bytes, end) = try receiver.receiveToEnd(timeout: .seconds(5))
+            #expect(bytes == response && end == .eof, "\(edge)")
+            added[edge] = try #require(receiver.segmentsReceived) &- before
+        }
+        #expect(added[.bytesAndFIN] == 1, "the response and the FIN in one segment")
+        #expect(added[.unknown] == 2, "the response, then the FIN (what the hint saves)")
+    }
+
     @Test("A receiver that does not read stops the pump at its bound (back-pressure), and every byte arrives once it reads", arguments: [0, 1])
     func backPressure(path: Int) throws {
         let topology = try Topology(receiveBuffer: 65536)

@@ -64,6 +64,25 @@ public final class TestSocket: @unchecked Sendable {  // used by one thread at a
         return value
     }
 
+    /// The TCP segments this socket has received (tcp_info's tcpi_segs_in, at byte 140 of the
+    /// kernel's struct since Linux 4.2; glibc's copy of the struct stops before it); nil if the
+    /// kernel does not say.
+    public var segmentsReceived: UInt32? {
+        var info = [UInt8](repeating: 0, count: 256)
+        var length = socklen_t(info.count)
+        let result = info.withUnsafeMutableBytes { getsockopt(fd, Int32(IPPROTO_TCP), TCP_INFO, $0.baseAddress, &length) }
+        guard result == 0, length >= 144 else { return nil }
+        return info.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 140, as: UInt32.self) }
+    }
+
+    /// Sends `bytes` and the FIN in one segment: MSG_MORE holds the bytes, and shutdown(2)
+    /// tacks the FIN on (as a write and close(2) arrive when the reader is slower than both).
+    public func sendWithFIN(_ bytes: [UInt8]) throws {
+        let sent = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_MORE | MSG_NOSIGNAL)) }
+        guard sent == bytes.count else { throw TestError.system("send", errno) }
+        shutdownWrite()
+    }
+
     public func bind(_ endpoint: Endpoint) throws {
         var address = sockaddrStorage(endpoint)
         let result = withUnsafePointer(to: &address.storage) {

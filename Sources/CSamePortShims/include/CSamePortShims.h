@@ -32,6 +32,7 @@ ssize_t sameport_splice(int fd_in, int fd_out, size_t len, unsigned int flags);
 /// SPLICE_F_MOVE and SPLICE_F_NONBLOCK (GNU-only names from <fcntl.h>).
 extern const unsigned int sameport_splice_move;
 extern const unsigned int sameport_splice_nonblock;
+extern const unsigned int sameport_splice_more;
 
 /// fcntl(F_SETPIPE_SZ): asks for a pipe of at least `size` bytes; the size granted, or -1.
 /// fcntl is variadic, so Swift cannot call it with an argument.
