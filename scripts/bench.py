@@ -52,8 +52,10 @@ measurement that fails, fail the run (exit status 1, listed under the table as F
 --quick (or --smoke): 256 MiB, 2,000 ping-pongs, 0.5 s of connections, 100 idle connections, one
 repetition, nothing installed: half a minute, to see that everything runs.
 
-Configurations are run in alternating order (forward, then reversed) over --reps repetitions; the
-table shows medians. Every process started is stopped by its PID (process group) on exit, Ctrl-C
+Each repetition takes the measurements one after another, and every configuration goes through a
+measurement before the next one starts, in alternating order (forward, then reversed), so that
+the figures a column compares are taken minutes apart at most; the table shows the medians over
+--reps repetitions. Every process started is stopped by its PID (process group) on exit, Ctrl-C
 included. Not a test: numbers depend on the machine and on what else runs on it.
 """
 import argparse
@@ -631,23 +633,23 @@ stream {{
             relay.stop()
         return {"p50": p50, "p99": p99}
 
-    def connrate(self, config):
-        out = {}
-        for key, clients, ports in (("conn1", 1, self.fixed_ports), ("conn8", 8, self.fixed_ports), ("conn1u", 1, 1)):
-            relay = self.start(config, self.server_ports[:ports])
-            try:
-                rate, done, failed, slow_connect, slowest = self.load_run("connrate", relay.port, clients,
-                                                                          *self.rate_seconds)
-            finally:
-                relay.stop()
-            out[key] = rate
-            what = f"{config}: conn/s with {clients} client(s) and {ports} upstream port(s)"
-            report = self.fail if config in SAMEPORT else self.note
-            if slowest >= (STALL_MS if config in SAMEPORT else 200):
-                report(f"{what}: the slowest connection took {slowest:.0f} ms (the slowest connect() {slow_connect:.0f} ms)")
-            if failed:
-                report(f"{what}: {int(failed)} of {int(done + failed)} connections failed")
-        return out
+    CONNRATE = {"conn1": (1, None), "conn8": (8, None), "conn1u": (1, 1)}
+
+    def connrate(self, config, key):
+        clients, ports = self.CONNRATE[key]
+        ports = ports or self.fixed_ports
+        relay = self.start(config, self.server_ports[:ports])
+        try:
+            rate, done, failed, slow_connect, slowest = self.load_run("connrate", relay.port, clients, *self.rate_seconds)
+        finally:
+            relay.stop()
+        what = f"{config}: conn/s with {clients} client(s) and {ports} upstream port(s)"
+        report = self.fail if config in SAMEPORT else self.note
+        if slowest >= (STALL_MS if config in SAMEPORT else 200):
+            report(f"{what}: the slowest connection took {slowest:.0f} ms (the slowest connect() {slow_connect:.0f} ms)")
+        if failed:
+            report(f"{what}: {int(failed)} of {int(done + failed)} connections failed")
+        return {key: rate}
 
     def idle_memory(self, config):
         if config == "direct":
@@ -666,17 +668,21 @@ stream {{
             relay.stop()
         return {"idle_kib": (after - before) / self.idle}
 
-    def measure(self, config):
-        out, times = {}, []
-        for metric in (self.iperf, self.bulk, self.pingpong, self.connrate, self.idle_memory):
-            t0 = time.monotonic()
-            try:
-                out.update(metric(config))
-            except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-                report = self.fail if config in SAMEPORT else self.note
-                report(f"{config}: {metric.__name__} failed: {str(error).strip()[:300]}")
-            times.append(f"{metric.__name__} {time.monotonic() - t0:.1f}")
-        return out, times
+    def steps(self):
+        """The measurements, in the order each repetition takes them: every configuration goes
+        through one before the next starts, so that the configurations a column compares are
+        measured minutes apart at most, not a whole repetition (a virtual machine's speed drifts)."""
+        return ([("iperf", self.iperf), ("bulk", self.bulk), ("pingpong", self.pingpong)]
+                + [(key, lambda config, key=key: self.connrate(config, key)) for key in self.CONNRATE]
+                + [("idle", self.idle_memory)])
+
+    def measure(self, name, step, config):
+        try:
+            return step(config)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            report = self.fail if config in SAMEPORT else self.note
+            report(f"{config}: {name} failed: {str(error).strip()[:300]}")
+            return {}
 
 
 # ---------------------------------------------------------------------------------------- table
@@ -798,14 +804,22 @@ def main():
         bench.start_servers()
         runs = {c: [] for c in configs}
         started = time.monotonic()
+        turn = 0
         for rep in range(args.reps):
-            order = configs if rep % 2 == 0 else configs[::-1]
             bench.rep = rep
-            for config in order:
-                result, times = bench.measure(config)
-                runs[config].append(result)
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
-                log(f"bench: rep {rep + 1}/{args.reps} {config}: {shown}\n       seconds: {', '.join(times)}")
+            results = {c: {} for c in configs}
+            for name, step in bench.steps():
+                order = configs if turn % 2 == 0 else configs[::-1]
+                turn += 1
+                t0 = time.monotonic()
+                taken = {}
+                for config in order:
+                    taken[config] = bench.measure(name, step, config)
+                    results[config].update(taken[config])
+                shown = "; ".join(f"{c} " + ", ".join(f"{k} {v:.4g}" for k, v in taken[c].items()) for c in order if taken[c])
+                log(f"bench: rep {rep + 1}/{args.reps} {name} ({time.monotonic() - t0:.0f} s): {shown}")
+            for config in configs:
+                runs[config].append(results[config])
         medians = {}
         for config, results in runs.items():
             keys = {k for r in results for k in r}
