@@ -10,7 +10,7 @@ enum LogFormat: String, CaseIterable, Sendable {
 /// A swift-log handler that writes one line per record to stderr, as text or JSON.
 ///
 /// Text: `2026-11-25T01:08:21.123Z info connection ended relay=main client=...`; JSON: one object
-/// per line with `ts`, `level`, `msg` and the metadata. Each line goes out in a single write(2),
+/// per line with `ts`, `level`, `msg` and the metadata, counts as numbers. Each line goes out in a single write(2),
 /// so lines from different threads never interleave.
 struct StderrLogHandler: LogHandler {
     var logLevel: Logger.Level
@@ -47,7 +47,7 @@ struct StderrLogHandler: LogHandler {
         case .json:
             var json = "{\"ts\":\(Self.jsonString(Self.timestamp())),\"level\":\(Self.jsonString("\(event.level)")),\"msg\":\(Self.jsonString("\(event.message)"))"
             for key in keys {
-                json += ",\(Self.jsonString(key)):\(Self.jsonString("\(merged[key]!)"))"  // as above
+                json += ",\(Self.jsonString(key)):\(Self.jsonValue(merged[key]!))"  // as above
             }
             line = json + "}\n"
         }
@@ -78,6 +78,15 @@ struct StderrLogHandler: LogHandler {
     private static func quoteIfNeeded(_ value: String) -> String {
         guard value.isEmpty || value.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" }) else { return value }
         return jsonString(value)
+    }
+
+    /// A metadata value in JSON: a count (bytes, a queue position) as a number, so that a log
+    /// pipeline can sum and compare it without parsing; anything else as a string.
+    static func jsonValue(_ value: Logger.Metadata.Value) -> String {
+        if case .stringConvertible(let convertible) = value, convertible is any BinaryInteger {
+            return "\(convertible)"
+        }
+        return jsonString("\(value)")
     }
 
     static func jsonString(_ value: String) -> String {

@@ -236,7 +236,9 @@ struct CommandLineTests {
         #expect(object["msg"] as? String == "connection ended")
         #expect(object["level"] as? String == "info")
         #expect(object["egress"] as? String == listen.description)
-        #expect(object["bytes_to_upstream"] as? String == "4")
+        // Counts are JSON numbers, so that `jq 'select(.bytes_to_upstream > 1000)'` works.
+        #expect(object["bytes_to_upstream"] as? Int == 4)
+        #expect(object["bytes_to_client"] as? Int == 4)
         #expect(object["end"] as? String == "completed")
         #expect(relay.output.split(separator: "\n").allSatisfy { $0.hasPrefix("{") && $0.hasSuffix("}") })
     }
