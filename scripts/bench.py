@@ -55,8 +55,10 @@ repetition, nothing installed: half a minute, to see that everything runs.
 Each repetition takes the measurements one after another, and every configuration goes through a
 measurement before the next one starts, in alternating order (forward, then reversed), so that
 the figures a column compares are taken minutes apart at most; the table shows the medians over
---reps repetitions. Every process started is stopped by its PID (process group) on exit, Ctrl-C
-included. Not a test: numbers depend on the machine and on what else runs on it.
+--reps repetitions. Under the table, sameport against the best peer of each repetition: the
+median over repetitions of its conn/s divided by the best peer's, and of its ping-pong round trip
+minus the best peer's, the per-repetition figures with it. Every process started is stopped by
+its PID (process group) on exit, Ctrl-C included. Not a test: numbers depend on the machine and on what else runs on it.
 """
 import argparse
 import atexit
@@ -85,6 +87,7 @@ NGINX_MODULES = ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/ngin
 
 CONFIGS = ["direct", "sameport", "sameport-eph", "sameport-t1", "socat", "haproxy", "nginx", "nginx-hc", "proxyd"]
 SAMEPORT = ("sameport", "sameport-eph", "sameport-t1")
+PEERS = ("socat", "haproxy", "nginx", "nginx-hc", "proxyd")
 # A sameport connection slower than this fails the run, as a failed one does.
 STALL_MS = 100.0
 LABELS = {
@@ -730,6 +733,36 @@ def render(configs, medians):
     return "\n".join(lines)
 
 
+def head_to_head(runs, subject="sameport"):
+    """`subject` against the best peer within each repetition: the figures of one repetition are
+    seconds apart, so their ratio is spared the drift that moves a whole repetition's figures (15%
+    from first to last on this virtual machine) and that medians taken per column keep. conn/s as
+    the ratio to the best peer's rate; ping-pong as the added latency minus the best peer's."""
+    peers = [c for c in runs if c in PEERS]
+    if subject not in runs or not peers:
+        return []
+    lines = []
+    for key, label, higher in (("conn1", "conn/s c=1", True), ("conn8", "conn/s c=8", True),
+                               ("conn1u", "conn/s 1 upstream", True), ("p50", "ping-pong p50", False),
+                               ("p99", "ping-pong p99", False)):
+        figures, winners = [], []
+        for rep, mine in enumerate(runs[subject]):
+            theirs = {c: runs[c][rep][key] for c in peers if rep < len(runs[c]) and key in runs[c][rep]}
+            if key not in mine or not theirs:
+                continue
+            best = (max if higher else min)(theirs, key=theirs.get)
+            winners.append(best)
+            figures.append(mine[key] / theirs[best] if higher else mine[key] - theirs[best])
+        if not figures:
+            continue
+        shown = ", ".join(f"{f:.2f}x" if higher else f"{f:+.1f}" for f in figures)
+        middle = statistics.median(figures)
+        summary = f"{middle:.2f}x" if higher else f"{middle:+.1f} µs"
+        best = max(set(winners), key=winners.count)
+        lines.append(f"- {label}: {summary} (each repetition: {shown}; best peer mostly {LABELS[best]})")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------- main
 
 def build_sameport():
@@ -841,6 +874,11 @@ def main():
             print("iperf3 n/a for sameport (same-port egress): iperf3's control and data connections go to one "
                   "upstream ip:port, and only one connection from 127.0.0.1:P to it can exist (4-tuple rule); "
                   "the bulk columns measure it instead.")
+        versus = head_to_head(runs)
+        if versus:
+            print("\nsameport against the best peer of each repetition (median over repetitions; conn/s as a "
+                  "ratio, ping-pong as µs added beyond the best peer's):")
+            print("\n".join(versus))
         for note in notes:
             print(f"skipped: {note}")
         for note in bench.notes:

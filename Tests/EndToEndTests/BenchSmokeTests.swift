@@ -88,5 +88,16 @@ struct BenchSmokeTests {
             let memory = Self.numbers(row[idle])
             #expect(memory.count == 1 && abs(memory[0]) < 1024, "\(label) KiB per idle connection: \(row[idle])")
         }
+        // With a peer in the run, sameport against the best peer of each repetition: a ratio per
+        // conn/s figure, named after the peer that was best.
+        if ["HAProxy (mode tcp)", "nginx stream", "socat", "systemd-socket-proxyd"].contains(where: { Self.row($0, in: output) != nil }) {
+            #expect(output.contains("sameport against the best peer of each repetition"))
+            for figure in ["conn/s c=1", "conn/s c=8", "conn/s 1 upstream"] {
+                let line = output.split(separator: "\n").first { $0.hasPrefix("- \(figure): ") }
+                let values = line.map { Self.numbers(String($0.dropFirst(figure.count + 4))) } ?? []
+                #expect(values.count >= 2 && values[0] > 0 && line?.contains("best peer mostly") == true,
+                        "\(figure) against the best peer: \(String(describing: line))")
+            }
+        }
     }
 }
