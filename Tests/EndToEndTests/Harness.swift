@@ -32,7 +32,15 @@ func startRelay(
 
 /// An echo upstream on 127.0.0.1 and a relay to it, with `extra` flags; the caller stops both.
 func startEchoRelay(_ extra: [String] = []) throws -> (upstream: TestServer, relay: RelayProcess, listen: Endpoint) {
-    let upstream = try TestServer(handler: TestServer.echo)
+    try startServedRelay(extra, upstream: TestServer.echo)
+}
+
+/// An upstream on 127.0.0.1 that serves each connection with `upstream`, and a relay to it, with
+/// `extra` flags; the caller stops both.
+func startServedRelay(
+    _ extra: [String] = [], upstream handler: @escaping @Sendable (TestSocket) -> Void
+) throws -> (upstream: TestServer, relay: RelayProcess, listen: Endpoint) {
+    let upstream = try TestServer(handler: handler)
     do {
         let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description], extra)
         return (upstream, relay, listen)

@@ -17,15 +17,13 @@ struct TransferTests {
         let reply = pattern(count: 1 << 20, seed: 3)
         let request = Array("request: the client has finished sending\n".utf8)
         let upstreamGot = Mutex<[UInt8]?>(nil)
-        let upstream = try TestServer { socket in
+        let (upstream, relay, listen) = try startServedRelay { socket in
             guard let (bytes, end) = try? socket.receiveToEnd(), end == .eof else { return }
             upstreamGot.withLock { $0 = bytes }
             usleep(2_000_000)  // the scenario itself: reply long after the client's EOF
             try? socket.sendAll(reply)
         }
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
-        defer { relay.stop() }
+        defer { relay.stop(); upstream.stop() }
         let client = try TestSocket.connect(to: listen)
         try client.sendAll(request)
         client.shutdownWrite()
@@ -85,14 +83,12 @@ struct TransferTests {
         let response = Array("220 ready, and closing\r\n".utf8)
         let request = Array("QUIT\r\n".utf8)
         let upstreamGot = Mutex<(bytes: [UInt8], segments: UInt32?)?>(nil)
-        let upstream = try TestServer { socket in
+        let (upstream, relay, listen) = try startServedRelay { socket in
             try? socket.sendWithFIN(response)
             guard let (bytes, end) = try? socket.receiveToEnd(), end == .eof else { return }
             upstreamGot.withLock { $0 = (bytes, socket.segmentsReceived) }
         }
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
-        defer { relay.stop() }
+        defer { relay.stop(); upstream.stop() }
         let client = try TestSocket.connect(to: listen)
         let (bytes, end) = try client.receiveToEnd(timeout: .seconds(15))
         #expect(end == .eof)
@@ -113,16 +109,14 @@ struct TransferTests {
         let banner = pattern(count: 1 << 20, seed: 4)
         let reply = pattern(count: 1 << 20, seed: 5)
         let upstreamGot = Mutex<([UInt8], TestSocket.End)?>(nil)
-        let upstream = try TestServer { socket in
+        let (upstream, relay, listen) = try startServedRelay { socket in
             try? socket.sendAll(banner)
             socket.shutdownWrite()
             if let result = try? socket.receiveToEnd(timeout: .seconds(15)) {
                 upstreamGot.withLock { $0 = (result.bytes, result.end) }
             }
         }
-        defer { upstream.stop() }
-        let (relay, listen) = try startRelay(upstreams: [upstream.endpoint.description])
-        defer { relay.stop() }
+        defer { relay.stop(); upstream.stop() }
         let client = try TestSocket.connect(to: listen)
         let (bytes, end) = try client.receiveToEnd(timeout: .seconds(15))
         #expect(end == .eof)
