@@ -127,6 +127,39 @@ struct EventLoopTests {
         relayEnd.close()
     }
 
+    @Test("With the default linger a shard waits through a pause of 100 ms in its own epoll_wait, and gives its thread back to Dispatch after a second of quiet")
+    func lingerOutlastsPauses() throws {
+        let defaultSlack = threadTimerSlack()
+        let loop = try EventLoop(index: 95, linger: EventLoopGroup.defaultLinger)
+        let group = EventLoopGroup(loops: [loop])
+        group.start()
+        let (relayEnd, testEnd) = try socketPair()
+        defer { testEnd.close() }
+        let slacks = Mutex<[Int]>([])
+        let recorder = Recorder("pair", log: Log())
+        let registered = Mutex(false)
+        loop.execute {
+            _ = try? loop.registerSocket(relayEnd, handler: recorder, tag: 0)
+            registered.withLock { $0 = true }
+        }
+        #expect(waitUntil(timeout: .seconds(5)) { registered.withLock { $0 } })
+        usleep(20_000)  // the registration's own (writable) event has come and gone
+        recorder.onEvent = { _, _ in slacks.withLock { $0.append(threadTimerSlack()) } }
+        var byte: UInt8 = 1
+        // A client's bytes 100 ms after the last event: the shard is still waiting in its own
+        // epoll_wait (the linger's slack), not woken through Dispatch into a new run.
+        usleep(100_000)
+        _ = Glibc.write(testEnd.fd, &byte, 1)
+        #expect(waitUntil(timeout: .seconds(5)) { slacks.withLock { $0.count } == 1 })
+        // After more than the linger (plus its slack) of quiet the run has ended: the next event
+        // starts a new one, driven by Dispatch, with the thread's own slack.
+        usleep(1_300_000)
+        _ = Glibc.write(testEnd.fd, &byte, 1)
+        #expect(waitUntil(timeout: .seconds(5)) { slacks.withLock { $0.count } == 2 })
+        #expect(slacks.withLock { $0 } == [10_000_000, defaultSlack], "\(slacks.withLock { $0 })")
+        loop.execute { relayEnd.close() }
+    }
+
     @Test("A shard wakes deadline handlers in deadline order, and not before")
     func deadlinesFire() throws {
         let loop = try EventLoop(index: 90, linger: .zero)
