@@ -41,6 +41,11 @@ Metrics, each next to direct measured in the same run (see README.md, "Benchmark
                     reconnects as soon as it sees EOF, so the fixed-port relay must hand the one
                     (127.0.0.1:P, upstream) pair over from each connection to the next (the
                     product's core case: a partner that admits one source port).
+  sporadic p50      one client, one connection at a time, each after a 20 ms pause (as conn/s:
+                    one byte each way, the upstream closes first): microseconds a connection
+                    takes beyond direct's, at the median. A relay that has gone quiet since
+                    its last event must wake up for each, as between a partner's occasional
+                    connections.
   KiB/idle conn     growth of the relay's memory (sum of PSS over its processes, which is the RSS
                     growth for a single process) with IDLE connections open, each after one
                     1-byte exchange, divided by their number. The fixed-port relay gets IDLE
@@ -57,7 +62,7 @@ measurement before the next one starts, in alternating order (forward, then reve
 the figures a column compares are taken minutes apart at most; the table shows the medians over
 --reps repetitions. Under the table, sameport against the best peer of each repetition: the
 median over repetitions of its conn/s divided by the best peer's, and of its ping-pong round trip
-minus the best peer's, the per-repetition figures with it. Every process started is stopped by
+and sporadic connection time minus the best peer's, the per-repetition figures with it. Every process started is stopped by
 its PID (process group) on exit, Ctrl-C included. Not a test: numbers depend on the machine and on what else runs on it.
 """
 import argparse
@@ -90,6 +95,9 @@ SAMEPORT = ("sameport", "sameport-eph", "sameport-t1")
 PEERS = ("socat", "haproxy", "nginx", "nginx-hc", "proxyd")
 # A sameport connection slower than this fails the run, as a failed one does.
 STALL_MS = 100.0
+# The pause before each connection of the sporadic column: longer than any relay's wait for more
+# events after its last one, were it the 1 ms it used to be in sameport.
+SPORADIC_GAP_US = 20000
 LABELS = {
     "direct": "direct (no relay)",
     "sameport": "sameport (same-port egress)",
@@ -421,6 +429,7 @@ class Bench:
         self.bulk_bytes = args.bulk_mib << 20
         self.iperf_bytes = args.iperf_mib << 20
         self.pings = 2000 if quick else 20000
+        self.sporadic = (20 if quick else 200, SPORADIC_GAP_US)  # connections, microseconds apart
         self.rate_seconds = (0.1, 0.5) if quick else (0.5, 3.0)
         self.settle = 0.1 if quick else 0.3  # seconds for a relay's memory and children to settle
         self.idle = args.idle
@@ -636,6 +645,14 @@ stream {{
             relay.stop()
         return {"p50": p50, "p99": p99}
 
+    def sporadic_latency(self, config):
+        relay = self.start(config, self.server_ports[:1])
+        try:
+            p50, p99, _ = self.load_run("sporadic", relay.port, *self.sporadic)
+        finally:
+            relay.stop()
+        return {"sporadic_p50": p50, "sporadic_p99": p99}
+
     CONNRATE = {"conn1": (1, None), "conn8": (8, None), "conn1u": (1, 1)}
 
     def connrate(self, config, key):
@@ -677,6 +694,7 @@ stream {{
         measured minutes apart at most, not a whole repetition (a virtual machine's speed drifts)."""
         return ([("iperf", self.iperf), ("bulk", self.bulk), ("pingpong", self.pingpong)]
                 + [(key, lambda config, key=key: self.connrate(config, key)) for key in self.CONNRATE]
+                + [("sporadic", self.sporadic_latency)]
                 + [("idle", self.idle_memory)])
 
     def measure(self, name, step, config):
@@ -716,8 +734,8 @@ def render(configs, medians):
 
     lines = [
         "| configuration | iperf3 up | iperf3 down | bulk up | bulk down | CPU s/GiB | ping-pong p50 | ping-pong p99 "
-        "| conn/s c=1 | conn/s c=8 | conn/s 1 upstream | KiB/idle conn |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| conn/s c=1 | conn/s c=8 | conn/s 1 upstream | sporadic conn p50 | KiB/idle conn |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
         cells = [
@@ -727,6 +745,7 @@ def render(configs, medians):
             plain(config, "cpu_per_gib", "{:.2f}"),
             latency_cell(config, "p50"), latency_cell(config, "p99"),
             ratio_cell(config, "conn1", "/s"), ratio_cell(config, "conn8", "/s"), ratio_cell(config, "conn1u", "/s"),
+            latency_cell(config, "sporadic_p50"),
             plain(config, "idle_kib", "{:.1f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -737,14 +756,15 @@ def head_to_head(runs, subject="sameport"):
     """`subject` against the best peer within each repetition: the figures of one repetition are
     seconds apart, so their ratio is spared the drift that moves a whole repetition's figures (15%
     from first to last on this virtual machine) and that medians taken per column keep. conn/s as
-    the ratio to the best peer's rate; ping-pong as the added latency minus the best peer's."""
+    the ratio to the best peer's rate; ping-pong and sporadic connections as the added latency
+    minus the best peer's."""
     peers = [c for c in runs if c in PEERS]
     if subject not in runs or not peers:
         return []
     lines = []
     for key, label, higher in (("conn1", "conn/s c=1", True), ("conn8", "conn/s c=8", True),
                                ("conn1u", "conn/s 1 upstream", True), ("p50", "ping-pong p50", False),
-                               ("p99", "ping-pong p99", False)):
+                               ("p99", "ping-pong p99", False), ("sporadic_p50", "sporadic connection p50", False)):
         figures, winners = [], []
         for rep, mine in enumerate(runs[subject]):
             theirs = {c: runs[c][rep][key] for c in peers if rep < len(runs[c]) and key in runs[c][rep]}
@@ -864,7 +884,8 @@ def main():
               f"{args.reps} repetition(s), medians; {time.monotonic() - started:.0f} s")
         print("versions: " + "; ".join(f"{k} {v}" for k, v in found.items() if k != "kernel"))
         print(f"sizes: bulk {args.bulk_mib} MiB each way, iperf3 -n {args.iperf_mib}M, {bench.pings} ping-pongs, "
-              f"conn/s over {bench.rate_seconds[1]:g} s, {args.idle} idle connections; the fixed-port relay gets "
+              f"conn/s over {bench.rate_seconds[1]:g} s, {bench.sporadic[0]} sporadic connections "
+              f"{bench.sporadic[1] // 1000} ms apart, {args.idle} idle connections; the fixed-port relay gets "
               f"{args.fixed_ports} upstream ports for conn/s and {args.idle} for the idle connections; ping-pong "
               + (f"client, upstream and relay pinned to CPU {args.pin_cpu}" if args.pin_cpu >= 0 else "not pinned")
               + "\n")
@@ -877,7 +898,7 @@ def main():
         versus = head_to_head(runs)
         if versus:
             print("\nsameport against the best peer of each repetition (median over repetitions; conn/s as a "
-                  "ratio, ping-pong as µs added beyond the best peer's):")
+                  "ratio, latencies as µs added beyond the best peer's):")
             print("\n".join(versus))
         for note in notes:
             print(f"skipped: {note}")

@@ -16,6 +16,9 @@
  *         'I'  answer "i", then echo until EOF (idle connections)
  *   bench_load bulk PORT up|down BYTES        prints the seconds the transfer took
  *   bench_load pingpong PORT COUNT WARMUP     prints p50 p99 mean, microseconds per round trip
+ *   bench_load sporadic PORT COUNT GAP_US     one connection at a time, GAP_US apart (connect, "C",
+ *                                             read to EOF); prints p50 p99 mean, microseconds per
+ *                                             connection; exits 1 at the first that fails
  *   bench_load connrate PORT THREADS WARMUP_S SECONDS
  *                                             prints connections/s, completed, failed, and the
  *                                             slowest connect() and connection in milliseconds
@@ -469,17 +472,49 @@ static int connrate(int argc, char **argv) {
     return 0;
 }
 
+/* Connections that come one at a time after a pause: what a relay that has gone quiet (between
+ * a partner's occasional connections) adds to each. */
+static int sporadic(int argc, char **argv) {
+    if (argc < 3) return 2;
+    int port = atoi(argv[0]), count = atoi(argv[1]), gap = atoi(argv[2]);
+    if (count < 1 || gap < 0) return 2;
+    double *took = malloc(sizeof(double) * count);
+    for (int i = 0; i < count; i++) {
+        struct timespec pause = {.tv_sec = gap / 1000000, .tv_nsec = (long)(gap % 1000000) * 1000};
+        while (nanosleep(&pause, &pause) < 0 && errno == EINTR) {}
+        double t0 = now();
+        int fd = dial(port, 0);
+        char buf[8];
+        ssize_t total = 0, n = -1;
+        if (fd >= 0 && send(fd, "C", 1, MSG_NOSIGNAL) == 1) {
+            while ((n = recv(fd, buf, sizeof buf, 0)) > 0) total += n;
+        }
+        if (fd >= 0) close(fd);
+        if (n != 0 || total != 1) {
+            fprintf(stderr, "bench_load: sporadic: connection %d of %d failed\n", i + 1, count);
+            return 1;
+        }
+        took[i] = (now() - t0) * 1e6;
+    }
+    double sum = 0;
+    for (int i = 0; i < count; i++) sum += took[i];
+    qsort(took, count, sizeof *took, cmp_double);
+    printf("%.2f %.2f %.2f\n", took[count / 2], took[(int)(count * 0.99)], sum / count);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 2) {
-        fprintf(stderr, "usage: bench_load server|bulk|pingpong|connrate ...\n");
+        fprintf(stderr, "usage: bench_load server|bulk|pingpong|sporadic|connrate ...\n");
         return 2;
     }
     int r = 2;
     if (strcmp(argv[1], "server") == 0) r = server(argc - 2, argv + 2);
     else if (strcmp(argv[1], "bulk") == 0) r = bulk(argc - 2, argv + 2);
     else if (strcmp(argv[1], "pingpong") == 0) r = pingpong(argc - 2, argv + 2);
+    else if (strcmp(argv[1], "sporadic") == 0) r = sporadic(argc - 2, argv + 2);
     else if (strcmp(argv[1], "connrate") == 0) r = connrate(argc - 2, argv + 2);
     if (r == 2) fprintf(stderr, "bench_load: bad arguments\n");
     return r;
