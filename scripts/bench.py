@@ -857,13 +857,13 @@ def main():
         bench.start_servers()
         runs = {c: [] for c in configs}
         started = time.monotonic()
-        turn = 0
         for rep in range(args.reps):
             bench.rep = rep
             results = {c: {} for c in configs}
-            for name, step in bench.steps():
-                order = configs if turn % 2 == 0 else configs[::-1]
-                turn += 1
+            for index, (name, step) in enumerate(bench.steps()):
+                # Alternating from one measurement to the next, and for each measurement from one
+                # repetition to the next (whatever the number of measurements).
+                order = configs if (rep + index) % 2 == 0 else configs[::-1]
                 t0 = time.monotonic()
                 taken = {}
                 for config in order:
