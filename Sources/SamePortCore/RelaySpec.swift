@@ -194,6 +194,10 @@ public struct RelaySpec: Sendable, Equatable {
                 add(.upstream(index: index), "invalid upstream '\(upstream)': '*' is for listening; name the upstream's host")
             } else if upstream.port == 0 {
                 add(.upstream(index: index), "invalid upstream '\(upstream)': the port must be from 1 to 65535")
+            } else if upstreams[..<index].contains(upstream) {
+                // With a fixed egress the second listing is the same 4-tuple, never free when the
+                // first is busy; with an ephemeral one it only skews the round-robin.
+                add(.upstream(index: index), "upstream \(upstream) is listed twice: list each upstream once")
             }
         }
         // Known before any name is resolved: a literal upstream on the listen address, or on a

@@ -317,7 +317,7 @@ final class Connection: EventHandler, DeadlineHandler, @unchecked Sendable {  //
         state = .awaitingUpstream
         setDeadline(after: context.connectTimeout)
         earlierUpstreams.append(reservation.upstreamIndex)
-        relay.upstreamFailed(self, tried: Set(earlierUpstreams))
+        relay.upstreamFailed(self, tried: Set(earlierUpstreams), cause: failures.joined(separator: "; "))
     }
 
     /// The relay's answer to `Relay.upstreamFailed`; on `loop`.

@@ -41,16 +41,31 @@ struct ConnectionLog {
             "upstream": .string(upstream),
             "bytes_to_upstream": .stringConvertible(bytesToUpstream),
             "bytes_to_client": .stringConvertible(bytesToClient),
-            "duration": .string(Self.format(duration)),
+            "duration": .stringConvertible(LoggedDuration(duration)),
             "end": .string(end.label),
         ]
         if let cause = end.cause { metadata["cause"] = .string(cause) }
         logger.log(level: level, "connection ended", metadata: metadata)
     }
 
-    private static func format(_ duration: Duration) -> String {
+}
+
+/// A metadata value that a JSON log line writes as a number rather than a string.
+public protocol LogNumber: CustomStringConvertible, Sendable {
+    /// The value as a JSON number.
+    var jsonNumber: String { get }
+}
+
+/// A connection's duration: `0.012s` in text, `0.012` (seconds) in JSON.
+struct LoggedDuration: LogNumber {
+    private let seconds: String
+
+    init(_ duration: Duration) {
         let milliseconds = Int64(duration.seconds * 1000)
         let fraction = String(milliseconds % 1000)
-        return "\(milliseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)s"
+        seconds = "\(milliseconds / 1000).\(String(repeating: "0", count: 3 - fraction.count))\(fraction)"
     }
+
+    var description: String { seconds + "s" }
+    var jsonNumber: String { seconds }
 }

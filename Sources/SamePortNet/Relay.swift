@@ -661,9 +661,9 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     }
 
     /// A connection could not reach its upstream (on its shard): frees that upstream, passes it
-    /// over for a while, and hands the connection another it has not tried: at once if one is
-    /// free, later if one is busy.
-    func upstreamFailed(_ connection: Connection, tried: Set<Int>) {
+    /// over for a while (logged with `cause`, each address's failure), and hands the connection
+    /// another it has not tried: at once if one is free, later if one is busy.
+    func upstreamFailed(_ connection: Connection, tried: Set<Int>, cause: String) {
         var actions: Actions = []
         let id = ObjectIdentifier(connection)
         let passedOver = shared.withLock { shared -> String? in
@@ -697,7 +697,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
             return passedOver
         }
         if let passedOver {
-            logger.warning("upstream \(passedOver) failed to connect: passed over for \(Self.downTime.shortDescription)", metadata: ["relay": .string(name)])
+            logger.warning("upstream \(passedOver) failed to connect: passed over for \(Self.downTime.shortDescription)",
+                           metadata: ["relay": .string(name), "cause": .string(cause)])
         }
         for action in actions { action() }
     }

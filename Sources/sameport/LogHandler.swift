@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import SamePortNet
 
 /// How log lines look.
 enum LogFormat: String, CaseIterable, Sendable {
@@ -10,7 +11,7 @@ enum LogFormat: String, CaseIterable, Sendable {
 /// A swift-log handler that writes one line per record to stderr, as text or JSON.
 ///
 /// Text: `2026-11-25T01:08:21.123Z info connection ended relay=main client=...`; JSON: one object
-/// per line with `ts`, `level`, `msg` and the metadata, counts as numbers. Each line goes out in a single write(2),
+/// per line with `ts`, `level`, `msg` and the metadata, counts and durations as numbers. Each line goes out in a single write(2),
 /// so lines from different threads never interleave.
 struct StderrLogHandler: LogHandler {
     var logLevel: Logger.Level
@@ -80,11 +81,13 @@ struct StderrLogHandler: LogHandler {
         return jsonString(value)
     }
 
-    /// A metadata value in JSON: a count (bytes, a queue position) as a number, so that a log
-    /// pipeline can sum and compare it without parsing; anything else as a string.
+    /// A metadata value in JSON: a count (bytes, a queue position) or a duration (seconds) as a
+    /// number, so that a log pipeline can sum and compare it without parsing; anything else as a
+    /// string.
     static func jsonValue(_ value: Logger.Metadata.Value) -> String {
-        if case .stringConvertible(let convertible) = value, convertible is any BinaryInteger {
-            return "\(convertible)"
+        if case .stringConvertible(let convertible) = value {
+            if convertible is any BinaryInteger { return "\(convertible)" }
+            if let number = convertible as? any LogNumber { return number.jsonNumber }
         }
         return jsonString("\(value)")
     }

@@ -21,7 +21,8 @@ struct RunCommand: ParsableCommand {
             written, and a reset on one side resets the other. One line is logged per connection \
             when it ends: relay, client, egress, upstream, bytes each way, duration, and how it ended \
             (end=completed, client-reset, upstream-reset, idle-timeout, connect-failed, \
-            busy-rejected, queue-timeout, queue-full, shutdown, error).
+            busy-rejected, queue-timeout, queue-full, client-limit, refused, bad-proxy-header, \
+            shutdown, error).
 
             ADDRESSES
               IPv4 as 127.0.0.1:7000, IPv6 as [::1]:7000, every local address as *:7000 (one \
@@ -96,8 +97,9 @@ struct RunCommand: ParsableCommand {
     @Option(name: [.customShort("c"), .long], help: ArgumentHelp("Run the relays of this TOML file ('-' for standard input; see 'sameport check').", valueName: "file"))
     var config: String?
 
+    /// An array so that a second --listen is an error rather than silently the one that counts.
     @Option(help: ArgumentHelp("Accept clients on this address: IP:PORT, [IPv6]:PORT or *:PORT.", valueName: "addr:port"))
-    var listen: String?
+    var listen: [String] = []
 
     @Option(help: ArgumentHelp("Relay to this upstream; repeat for several (tried round-robin, one per free 4-tuple).", valueName: "host:port"))
     var upstream: [String] = []
@@ -201,7 +203,7 @@ struct RunCommand: ParsableCommand {
     /// The relay flags given, by name: they describe a relay, and so cannot go with --config.
     private var relayFlagsGiven: [String] {
         let given: [(String, Bool)] = [
-            ("--listen", listen != nil), ("--upstream", !upstream.isEmpty), ("--egress", egress != nil),
+            ("--listen", !listen.isEmpty), ("--upstream", !upstream.isEmpty), ("--egress", egress != nil),
             ("--on-busy", onBusy != nil), ("--connect-timeout", connectTimeout != nil),
             ("--idle-timeout", idleTimeout != nil), ("--keepalive", keepalive != nil),
             ("--keepalive-interval", keepaliveInterval != nil), ("--keepalive-count", keepaliveCount != nil),
@@ -219,8 +221,11 @@ struct RunCommand: ParsableCommand {
 
     /// The relay spec the flags describe, or a usage error that names the bad value.
     func relaySpec() throws -> RelaySpec {
-        guard let listen else {
+        guard let listen = listen.first else {
             throw ValidationError("missing --listen ADDR:PORT (or --config FILE): the address to accept clients on")
+        }
+        guard self.listen.count == 1 else {
+            throw ValidationError("--listen given \(self.listen.count) times (\(self.listen.joined(separator: ", "))): a relay listens on one address; for several, write a configuration file with a [[relay]] for each (--config)")
         }
         do {
             let listenAddress = try HostPort(parsing: listen)

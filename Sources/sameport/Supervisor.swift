@@ -204,7 +204,10 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         if cut || open == 0 || longest == .zero {
             logger.info("stopping on \(signal)")
         } else {
-            logger.info("stopping on \(signal): draining \(open) open connection\(open == 1 ? "" : "s") for up to \(longest.shortDescription) (SIGINT or a second SIGTERM cuts them)")
+            // Queued clients are served as the open connections free their pairs, within the drain.
+            let queued = all.reduce(0) { $0 + $1.counts().queued }
+            let waiting = queued == 0 ? "" : " and \(queued) queued client\(queued == 1 ? "" : "s")"
+            logger.info("stopping on \(signal): draining \(open) open connection\(open == 1 ? "" : "s")\(waiting) for up to \(longest.shortDescription) (SIGINT or a second SIGTERM cuts them)")
         }
         notifier.stopping(status: dueStatus(statusText()))
         let group = DispatchGroup()
@@ -436,7 +439,17 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         for relay in added { start(relay) }
         let unchanged = kept.count - changed.count
         func list(_ names: [String]) -> String { names.isEmpty ? "none" : names.joined(separator: ", ") }
-        return "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name))); removed: \(list(removed.map(\.name))); changed: \(list(changed)); unchanged: \(unchanged)"
+        // A relay whose listen address changed is a new relay beside the old one, which drains:
+        // said as a move, not as one relay added and another removed.
+        let moved = added.compactMap { relay in
+            removed.first { $0.name == relay.name }.map { old in
+                "\(relay.name) (\(old.listenEndpoint.map(\.description) ?? "\(old.spec.listen)") to \(relay.listenEndpoint.map(\.description) ?? "\(relay.spec.listen)"))"
+            }
+        }
+        let movedNames = Set(added.map(\.name)).intersection(removed.map(\.name))
+        var summary = "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name).filter { !movedNames.contains($0) })); removed: \(list(removed.map(\.name).filter { !movedNames.contains($0) })); changed: \(list(changed)); unchanged: \(unchanged)"
+        if !moved.isEmpty { summary += "; moved: \(list(moved))" }
+        return summary
     }
 
     /// Stops a relay a reload removed: no new clients; its open connections finish (up to its

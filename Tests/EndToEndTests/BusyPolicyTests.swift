@@ -172,6 +172,9 @@ struct BusyPolicyTests {
         let lines = relay.lines(containing: "connection ended")
         #expect(lines.allSatisfy { field("end", in: $0) == "completed" && field("upstream", in: $0) == live.endpoint.description })
         #expect(live.peers == Array(repeating: listen, count: 6))
+        // The warning says why the upstream was passed over.
+        let warning = try #require(relay.lines(containing: "failed to connect: passed over").first)
+        #expect(warning.hasSuffix("cause=\"\(dead): connect: Connection refused (errno 111)\""), "\(warning)")
     }
 
     /// Two upstreams, both busy; one then stops listening. A third client is handed that one,

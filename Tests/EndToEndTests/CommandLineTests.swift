@@ -42,6 +42,10 @@ struct CommandLineTests {
          "sameport: usage error: missing --upstream HOST:PORT: where to relay clients to (see 'sameport --help')"),
         (["--upstream", "127.0.0.1:9"],
          "sameport: usage error: missing --listen ADDR:PORT (or --config FILE): the address to accept clients on (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--listen", "127.0.0.1:7001"],
+         "sameport: usage error: --listen given 2 times (127.0.0.1:7000, 127.0.0.1:7001): a relay listens on one address; for several, write a configuration file with a [[relay]] for each (--config) (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--upstream", "127.0.0.1:10", "--upstream", "127.0.0.1:9"],
+         "sameport: usage error: upstream 127.0.0.1:9 is listed twice: list each upstream once (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--allow", "10.0.0.0/33"],
          "sameport: usage error: invalid CIDR '10.0.0.0/33': the prefix length '33' is not a number from 0 to 32 (see 'sameport --help')"),
         (["--config", "Config/sameport.toml", "--listen", "127.0.0.1:7000", "--egress", "ephemeral"],
@@ -239,6 +243,9 @@ struct CommandLineTests {
         // Counts are JSON numbers, so that `jq 'select(.bytes_to_upstream > 1000)'` works.
         #expect(object["bytes_to_upstream"] as? Int == 4)
         #expect(object["bytes_to_client"] as? Int == 4)
+        // The duration in seconds, as a number too (text lines say "0.001s").
+        let duration = try #require(object["duration"] as? Double, "\(line)")
+        #expect(duration >= 0 && duration < 5 && !line.contains("\"duration\":\""), "\(line)")
         #expect(object["end"] as? String == "completed")
         #expect(relay.output.split(separator: "\n").allSatisfy { $0.hasPrefix("{") && $0.hasSuffix("}") })
     }

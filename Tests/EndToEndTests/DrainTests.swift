@@ -42,7 +42,7 @@ struct DrainTests {
         try queued.sendAll(Array("queued\n".utf8))
         try relay.waitForLines(containing: "queued: every upstream is in use")
         kill(relay.pid, SIGTERM)
-        try relay.waitForLines(containing: "stopping on SIGTERM")
+        try relay.waitForLines(containing: "stopping on SIGTERM: draining 1 open connection and 1 queued client for up to 10s")
         try first.sendAll(Array("more\n".utf8))
         #expect(try first.receive(exactly: 5, timeout: .seconds(5)).bytes == Array("more\n".utf8))
         first.close()
@@ -97,7 +97,8 @@ struct DrainTests {
         #expect(one.peers == [listen])
         try config.write(text(other))
         kill(relay.pid, SIGHUP)
-        try relay.waitForLines(containing: "reloaded")
+        // A move, said as one: not "added: pool; removed: pool".
+        try relay.waitForLines(containing: "reloaded \(config.path): 1 relay; added: none; removed: none; changed: none; unchanged: 0; moved: pool (127.0.0.1:\(port) to 127.0.0.1:\(other))")
         try config.write(text(port))
         kill(relay.pid, SIGHUP)
         try relay.waitForLines(containing: "reloaded", count: 2)

@@ -130,6 +130,18 @@ struct ConfigurationProblemTests {
         ])
     }
 
+    @Test("An upstream listed twice is reported at its second listing")
+    func duplicateUpstream() {
+        #expect(problems("""
+            [[relay]]
+            listen = "127.0.0.1:7000"
+            upstream = ["127.0.0.1:9000", "127.0.0.1", "127.0.0.1:9001", "127.0.0.1:9000"]
+            """) == [
+            "f.toml:3:31: invalid address '127.0.0.1': the port is missing; expected IP:PORT, [IPv6]:PORT, *:PORT or HOST:PORT",
+            "f.toml:3:62: upstream 127.0.0.1:9000 is listed twice: list each upstream once",
+        ])
+    }
+
     @Test("Positions survive a byte-order mark, a local date-time and a [relay.sub] table")
     func positions() {
         #expect(problems("\u{FEFF}[[relay]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:9000\"\nmax_connections = 0\n")

@@ -95,6 +95,14 @@ struct RelaySpecTests {
         expectOneProblem(spec, containing: "'*' is for listening")
     }
 
+    @Test("an upstream listed twice")
+    func duplicateUpstream() throws {
+        var spec = try validSpec()
+        spec.upstreams = [try hostPort("127.0.0.1:9000"), try hostPort("127.0.0.1:9001"), try hostPort("127.0.0.1:9000")]
+        expectOneProblem(spec, containing: "upstream 127.0.0.1:9000 is listed twice: list each upstream once")
+        #expect(spec.fieldProblems().map(\.field) == [.upstream(index: 2)])
+    }
+
     @Test("an upstream on port 0")
     func upstreamPortZero() throws {
         var spec = try validSpec()
