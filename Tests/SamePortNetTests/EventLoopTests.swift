@@ -41,6 +41,15 @@ private final class Recorder: EventHandler, DeadlineHandler, @unchecked Sendable
 /// The timer slack of the calling thread, in nanoseconds.
 private func threadTimerSlack() -> Int { Int(sameport_timer_slack()) }
 
+/// A started shard of its own with `linger`, and a socket pair: the first socket for the shard to
+/// register, the second for the test.
+private func startedShard(index: Int, linger: Duration) throws -> (EventLoop, Socket, Socket) {
+    let loop = try EventLoop(index: index, linger: linger)
+    EventLoopGroup(loops: [loop]).start()
+    let (relayEnd, testEnd) = try socketPair()
+    return (loop, relayEnd, testEnd)
+}
+
 private func socketPair() throws -> (Socket, Socket) {
     var fds: [Int32] = [-1, -1]
     let type = Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue)
@@ -82,10 +91,7 @@ struct EventLoopTests {
     @Test("A shard waits out its linger with a long timer slack (no timer device reprogrammed per wait), and a run starts with the thread's own")
     func lingerTimerSlack() throws {
         let defaultSlack = threadTimerSlack()  // 50 µs unless the test runner was given another
-        let loop = try EventLoop(index: 96, linger: .milliseconds(1))
-        let group = EventLoopGroup(loops: [loop])
-        group.start()
-        let (relayEnd, testEnd) = try socketPair()
+        let (loop, relayEnd, testEnd) = try startedShard(index: 96, linger: .milliseconds(1))
         defer { testEnd.close() }
         let slacks = Mutex<[Int]>([])
         let recorder = Recorder("pair", log: Log())
@@ -130,10 +136,7 @@ struct EventLoopTests {
     @Test("With the default linger a shard waits through a pause of 100 ms in its own epoll_wait, and gives its thread back to Dispatch after a second of quiet")
     func lingerOutlastsPauses() throws {
         let defaultSlack = threadTimerSlack()
-        let loop = try EventLoop(index: 95, linger: EventLoopGroup.defaultLinger)
-        let group = EventLoopGroup(loops: [loop])
-        group.start()
-        let (relayEnd, testEnd) = try socketPair()
+        let (loop, relayEnd, testEnd) = try startedShard(index: 95, linger: EventLoopGroup.defaultLinger)
         defer { testEnd.close() }
         let slacks = Mutex<[Int]>([])
         let recorder = Recorder("pair", log: Log())
