@@ -38,10 +38,10 @@ protocol DeadlineHandler: AnyObject {
 /// - Other threads hand work to the shard through `execute`: an inbox and an eventfd in the set,
 ///   which wakes the shard whether it waits in Dispatch or in its own epoll_wait.
 /// - Linger: after handling events the loop keeps waiting in epoll_wait for up to `linger` of
-///   quiet (1 s by default) before it returns to Dispatch. The thread sleeps in the kernel
+///   quiet (1 ms by default) before it returns to Dispatch. The thread sleeps in the kernel
 ///   meanwhile; a socket event then costs one wake-up instead of Dispatch's three-thread hand-off,
-///   which on an idle virtual machine's CPUs added 150-250 µs to a connection that came after a
-///   pause. A run returns to Dispatch after `maximumRun` whatever happens, so Dispatch drives the
+///   which on an idle virtual machine's CPUs adds 150-250 µs to a connection that comes after a
+///   longer pause. A busy run returns to Dispatch after `maximumRun`, so Dispatch drives the
 ///   shard again.
 ///
 /// Concurrency: everything but `execute` runs on `queue` (`@unchecked Sendable` for that reason),
@@ -57,9 +57,8 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     @exclusivity(unchecked) private var source: DispatchSourceRead?
     @exclusivity(unchecked) private var timer: DispatchSourceTimer?
     private let linger: UInt64
-    /// A run of the loop returns to Dispatch after this long, busy or not: the linger, and 10 ms
-    /// at least (so that a short linger does not end busy runs sooner).
-    private let maximumRun: UInt64
+    /// A busy run of the loop returns to Dispatch after this long (a quiet one after the linger).
+    private static let maximumRun: UInt64 = 10_000_000
     /// The timer slack of a wait for the linger's end (see `run`): one tick at the lowest common
     /// HZ (100).
     private static let lingerSlack: UInt = 10_000_000
@@ -95,7 +94,6 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     init(index: Int, linger: Duration) throws(SystemError) {
         self.index = index
         self.linger = UInt64(max(0, linger.nanoseconds))
-        maximumRun = max(10_000_000, self.linger)
         let epollFD = try systemCall("epoll_create1") { sameport_epoll_create() }
         var wakeFD: Int32 = -1
         do throws(SystemError) {
@@ -303,7 +301,7 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
             }
             if count > 0 || !deferred.isEmpty { lastBusy = now }
             timeout = 0
-            guard now &- started < maximumRun else { break }
+            guard now &- started < Self.maximumRun else { break }
             if count == Self.batch || !deferred.isEmpty { continue }
             guard let busy = lastBusy, linger > 0, now &- busy < linger else { break }
             var wait = linger - (now &- busy)
@@ -364,9 +362,10 @@ public final class EventLoopGroup: Sendable {
     private static let instance = Mutex<EventLoopGroup?>(nil)
 
     /// How long a shard waits for more events before it hands its thread back to Dispatch
-    /// (measured, see README "How the pump works"): a connection that comes within a second of
-    /// the shard's last event is served without Dispatch's hand-off.
-    public static let defaultLinger = Duration.seconds(1)
+    /// (measured, see README "How the pump works"). A second serves sporadic connections without
+    /// Dispatch's hand-off, but one connection took 1,003 ms with it in a CI run under load, cause
+    /// not yet found: 1 ms until it is.
+    public static let defaultLinger = Duration.milliseconds(1)
 
     /// Sets the number of shards (nil: one per CPU the process may run on) and the linger, before
     /// the first relay starts; later calls change nothing once the group exists.

@@ -191,7 +191,7 @@ struct RunCommand: ParsableCommand {
 
     /// Tuning and measuring: how long a shard waits for more events before it gives its thread
     /// back to Dispatch (0: at once). Not in --help.
-    @Option(parsing: .unconditional, help: ArgumentHelp("How long an idle shard keeps its thread (default 1s).", valueName: "duration", visibility: .hidden))
+    @Option(parsing: .unconditional, help: ArgumentHelp("How long an idle shard keeps its thread (default 1ms).", valueName: "duration", visibility: .hidden))
     var linger: String?
 
     @Option(help: ArgumentHelp("Least severe level logged: trace, debug, info, notice, warning, error, critical.", valueName: "level"))

@@ -133,10 +133,10 @@ struct EventLoopTests {
         relayEnd.close()
     }
 
-    @Test("With the default linger a shard waits through a pause of 100 ms in its own epoll_wait, and gives its thread back to Dispatch after a second of quiet")
+    @Test("With a one-second linger a shard waits through a pause of 100 ms in its own epoll_wait, and gives its thread back to Dispatch after a second of quiet")
     func lingerOutlastsPauses() throws {
         let defaultSlack = threadTimerSlack()
-        let (loop, relayEnd, testEnd) = try startedShard(index: 95, linger: EventLoopGroup.defaultLinger)
+        let (loop, relayEnd, testEnd) = try startedShard(index: 95, linger: .seconds(1))
         defer { testEnd.close() }
         let slacks = Mutex<[Int]>([])
         let recorder = Recorder("pair", log: Log())
