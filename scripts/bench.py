@@ -51,8 +51,8 @@ Metrics, each next to direct measured in the same run (see README.md, "Benchmark
                     1-byte exchange, divided by their number. The fixed-port relay gets IDLE
                     upstream ports, one per connection.
 
-A sameport connection that fails, or takes 100 ms or more, in the conn/s runs, and a sameport
-measurement that fails, fail the run (exit status 1, listed under the table as FAILED).
+A sameport connection that fails, or takes 100 ms or more, in the conn/s and sporadic runs, and a
+sameport measurement that fails, fail the run (exit status 1, listed under the table as FAILED).
 
 --quick (or --smoke): 256 MiB, 2,000 ping-pongs, 0.5 s of connections, 100 idle connections, one
 repetition, nothing installed: half a minute, to see that everything runs.
@@ -62,8 +62,9 @@ measurement before the next one starts, in alternating order (forward, then reve
 the figures a column compares are taken minutes apart at most; the table shows the medians over
 --reps repetitions. Under the table, sameport against the best peer of each repetition: the
 median over repetitions of its conn/s divided by the best peer's, and of its ping-pong round trip
-and sporadic connection time minus the best peer's, the per-repetition figures with it. Every process started is stopped by
-its PID (process group) on exit, Ctrl-C included. Not a test: numbers depend on the machine and on what else runs on it.
+and sporadic connection time minus the best peer's, the per-repetition figures with it. Every
+process started is stopped by its PID (process group) on exit, Ctrl-C included. Not a test:
+numbers depend on the machine and on what else runs on it.
 """
 import argparse
 import atexit
@@ -92,11 +93,11 @@ NGINX_MODULES = ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/ngin
 
 CONFIGS = ["direct", "sameport", "sameport-eph", "sameport-t1", "socat", "haproxy", "nginx", "nginx-hc", "proxyd"]
 SAMEPORT = ("sameport", "sameport-eph", "sameport-t1")
-PEERS = ("socat", "haproxy", "nginx", "nginx-hc", "proxyd")
+PEERS = tuple(c for c in CONFIGS if c != "direct" and c not in SAMEPORT)
 # A sameport connection slower than this fails the run, as a failed one does.
 STALL_MS = 100.0
-# The pause before each connection of the sporadic column: longer than any relay's wait for more
-# events after its last one, were it the 1 ms it used to be in sameport.
+# The pause before each connection of the sporadic column: longer than a relay's wait for more
+# events after its last one (sameport's linger: 1 ms by default).
 SPORADIC_GAP_US = 20000
 LABELS = {
     "direct": "direct (no relay)",
@@ -648,9 +649,12 @@ stream {{
     def sporadic_latency(self, config):
         relay = self.start(config, self.server_ports[:1])
         try:
-            p50, p99, _ = self.load_run("sporadic", relay.port, *self.sporadic)
+            p50, p99, _, slowest = self.load_run("sporadic", relay.port, *self.sporadic)
         finally:
             relay.stop()
+        # A stall here fails the run as it does in the conn/s runs.
+        if config in SAMEPORT and slowest >= STALL_MS * 1000:
+            self.fail(f"{config}: sporadic connections: the slowest took {slowest / 1000:.0f} ms")
         return {"sporadic_p50": p50, "sporadic_p99": p99}
 
     CONNRATE = {"conn1": (1, None), "conn8": (8, None), "conn1u": (1, 1)}

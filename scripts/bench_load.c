@@ -17,8 +17,8 @@
  *   bench_load bulk PORT up|down BYTES        prints the seconds the transfer took
  *   bench_load pingpong PORT COUNT WARMUP     prints p50 p99 mean, microseconds per round trip
  *   bench_load sporadic PORT COUNT GAP_US     one connection at a time, GAP_US apart (connect, "C",
- *                                             read to EOF); prints p50 p99 mean, microseconds per
- *                                             connection; exits 1 at the first that fails
+ *                                             read to EOF); prints p50 p99 mean max, microseconds
+ *                                             per connection; exits 1 at the first that fails
  *   bench_load connrate PORT THREADS WARMUP_S SECONDS
  *                                             prints connections/s, completed, failed, and the
  *                                             slowest connect() and connection in milliseconds
@@ -377,6 +377,17 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* Prints the median, 99th percentile and mean of `count` microsecond samples (sorting them),
+ * and the largest when `with_max`. */
+static void print_latencies(double *samples, int count, int with_max) {
+    double sum = 0;
+    for (int i = 0; i < count; i++) sum += samples[i];
+    qsort(samples, count, sizeof *samples, cmp_double);
+    printf("%.2f %.2f %.2f", samples[count / 2], samples[(int)(count * 0.99)], sum / count);
+    if (with_max) printf(" %.2f", samples[count - 1]);
+    printf("\n");
+}
+
 static int pingpong(int argc, char **argv) {
     if (argc < 3) return 2;
     int port = atoi(argv[0]);
@@ -403,10 +414,7 @@ static int pingpong(int argc, char **argv) {
         if (i >= 0) rtt[i] = (now() - t0) * 1e6;
     }
     close(fd);
-    double sum = 0;
-    for (int i = 0; i < count; i++) sum += rtt[i];
-    qsort(rtt, count, sizeof *rtt, cmp_double);
-    printf("%.2f %.2f %.2f\n", rtt[count / 2], rtt[(int)(count * 0.99)], sum / count);
+    print_latencies(rtt, count, 0);
     return 0;
 }
 
@@ -420,6 +428,21 @@ static void note_max(atomic_long *slot, long value) {
 static atomic_int stop;
 static int rate_port;
 
+/* The rest of a conn/s or sporadic connection once dialled: "C", the answer read to EOF, close.
+ * 0 when it went through (one byte, then EOF), -1 when the answer was not that, -2 when the
+ * relay reset it before the "C" went out. */
+static int finish_connection(int fd) {
+    int result = -2;
+    if (send(fd, "C", 1, MSG_NOSIGNAL) == 1) {
+        char buf[8];
+        ssize_t total = 0, n;
+        while ((n = recv(fd, buf, sizeof buf, 0)) > 0) total += n;
+        result = n == 0 && total == 1 ? 0 : -1;
+    }
+    close(fd);
+    return result;
+}
+
 static void *connrate_worker(void *arg) {
     (void)arg;
     while (!atomic_load(&stop)) {
@@ -431,17 +454,9 @@ static void *connrate_worker(void *arg) {
             usleep(1000);
             continue;
         }
-        if (send(fd, "C", 1, MSG_NOSIGNAL) != 1) {  /* reset by the relay: a failed connection */
-            close(fd);
-            atomic_fetch_add(&failed, 1);
-            continue;
-        }
-        char buf[8];
-        ssize_t total = 0, n;
-        while ((n = recv(fd, buf, sizeof buf, 0)) > 0) total += n;
-        close(fd);
-        note_max(&slowest_total_us, (long)((now() - t0) * 1e6));
-        if (n == 0 && total == 1) atomic_fetch_add(&completed, 1);
+        int result = finish_connection(fd);
+        if (result != -2) note_max(&slowest_total_us, (long)((now() - t0) * 1e6));
+        if (result == 0) atomic_fetch_add(&completed, 1);
         else atomic_fetch_add(&failed, 1);
     }
     return NULL;
@@ -484,22 +499,13 @@ static int sporadic(int argc, char **argv) {
         while (nanosleep(&pause, &pause) < 0 && errno == EINTR) {}
         double t0 = now();
         int fd = dial(port, 0);
-        char buf[8];
-        ssize_t total = 0, n = -1;
-        if (fd >= 0 && send(fd, "C", 1, MSG_NOSIGNAL) == 1) {
-            while ((n = recv(fd, buf, sizeof buf, 0)) > 0) total += n;
-        }
-        if (fd >= 0) close(fd);
-        if (n != 0 || total != 1) {
+        if (fd < 0 || finish_connection(fd) != 0) {
             fprintf(stderr, "bench_load: sporadic: connection %d of %d failed\n", i + 1, count);
             return 1;
         }
         took[i] = (now() - t0) * 1e6;
     }
-    double sum = 0;
-    for (int i = 0; i < count; i++) sum += took[i];
-    qsort(took, count, sizeof *took, cmp_double);
-    printf("%.2f %.2f %.2f\n", took[count / 2], took[(int)(count * 0.99)], sum / count);
+    print_latencies(took, count, 1);
     return 0;
 }
 

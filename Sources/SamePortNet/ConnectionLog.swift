@@ -47,7 +47,6 @@ struct ConnectionLog {
         if let cause = end.cause { metadata["cause"] = .string(cause) }
         logger.log(level: level, "connection ended", metadata: metadata)
     }
-
 }
 
 /// A metadata value that a JSON log line writes as a number rather than a string.

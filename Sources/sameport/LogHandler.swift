@@ -11,8 +11,8 @@ enum LogFormat: String, CaseIterable, Sendable {
 /// A swift-log handler that writes one line per record to stderr, as text or JSON.
 ///
 /// Text: `2026-11-25T01:08:21.123Z info connection ended relay=main client=...`; JSON: one object
-/// per line with `ts`, `level`, `msg` and the metadata, counts and durations as numbers. Each line goes out in a single write(2),
-/// so lines from different threads never interleave.
+/// per line with `ts`, `level`, `msg` and the metadata, counts and durations as numbers. Each line
+/// goes out in a single write(2), so lines from different threads never interleave.
 struct StderrLogHandler: LogHandler {
     var logLevel: Logger.Level
     var metadata: Logger.Metadata = [:]

@@ -189,7 +189,8 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
     /// timeout. SIGINT, or a second SIGTERM: cut them now.
     private func stop(on signal: String, cut: Bool) {
         let all = relays + retiring.values
-        let open = all.reduce(0) { $0 + $1.counts().open }
+        let counts = all.map { $0.counts() }
+        let open = counts.reduce(0) { $0 + $1.open }
         if isStopping {
             guard !isCutting else { return }
             isCutting = true
@@ -205,7 +206,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             logger.info("stopping on \(signal)")
         } else {
             // Queued clients are served as the open connections free their pairs, within the drain.
-            let queued = all.reduce(0) { $0 + $1.counts().queued }
+            let queued = counts.reduce(0) { $0 + $1.queued }
             let waiting = queued == 0 ? "" : " and \(queued) queued client\(queued == 1 ? "" : "s")"
             logger.info("stopping on \(signal): draining \(open) open connection\(open == 1 ? "" : "s")\(waiting) for up to \(longest.shortDescription) (SIGINT or a second SIGTERM cuts them)")
         }
@@ -441,14 +442,11 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         func list(_ names: [String]) -> String { names.isEmpty ? "none" : names.joined(separator: ", ") }
         // A relay whose listen address changed is a new relay beside the old one, which drains:
         // said as a move, not as one relay added and another removed.
-        let moved = added.compactMap { relay in
-            removed.first { $0.name == relay.name }.map { old in
-                "\(relay.name) (\(old.listenEndpoint.map(\.description) ?? "\(old.spec.listen)") to \(relay.listenEndpoint.map(\.description) ?? "\(relay.spec.listen)"))"
-            }
-        }
-        let movedNames = Set(added.map(\.name)).intersection(removed.map(\.name))
-        var summary = "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name).filter { !movedNames.contains($0) })); removed: \(list(removed.map(\.name).filter { !movedNames.contains($0) })); changed: \(list(changed)); unchanged: \(unchanged)"
-        if !moved.isEmpty { summary += "; moved: \(list(moved))" }
+        func address(_ relay: Relay) -> String { relay.listenEndpoint.map(\.description) ?? "\(relay.spec.listen)" }
+        let moves = added.compactMap { new in removed.first { $0.name == new.name }.map { (old: $0, new: new) } }
+        let moved = Set(moves.map(\.new.name))
+        var summary = "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name).filter { !moved.contains($0) })); removed: \(list(removed.map(\.name).filter { !moved.contains($0) })); changed: \(list(changed)); unchanged: \(unchanged)"
+        if !moves.isEmpty { summary += "; moved: \(list(moves.map { "\($0.new.name) (\(address($0.old)) to \(address($0.new)))" }))" }
         return summary
     }
 
