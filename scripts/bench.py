@@ -37,6 +37,10 @@ Metrics, each next to direct measured in the same run (see README.md, "Benchmark
                     byte and reading one byte; the UPSTREAM closes first. The fixed-port relay
                     gets --fixed-ports upstream ports (default 16) so that 8 clients never wait
                     for a free (127.0.0.1:P, upstream) pair.
+  CPU µs/conn       user+system CPU microseconds of the relay's processes per connection in the
+                    c=8 window: what a connection costs the relay itself. conn/s is shared out
+                    between clients, upstream and relay on one machine's CPUs, so two relays
+                    that differ in cost can reach the same rate; this column tells them apart.
   conn/s 1 upstr.   new connections per second with 1 client and ONE upstream port: the client
                     reconnects as soon as it sees EOF, so the fixed-port relay must hand the one
                     (127.0.0.1:P, upstream) pair over from each connection to the next (the
@@ -61,8 +65,9 @@ Each repetition takes the measurements one after another, and every configuratio
 measurement before the next one starts, in alternating order (forward, then reversed), so that
 the figures a column compares are taken minutes apart at most; the table shows the medians over
 --reps repetitions. Under the table, sameport against the best peer of each repetition: the
-median over repetitions of its conn/s divided by the best peer's, and of its ping-pong round trip
-and sporadic connection time minus the best peer's, the per-repetition figures with it. Every
+median over repetitions of its conn/s divided by the best peer's, its CPU per connection divided by
+the cheapest peer's, and its ping-pong round trip and sporadic connection time minus the best
+peer's, the per-repetition figures with it. Every
 process started is stopped by its PID (process group) on exit, Ctrl-C included. Not a test:
 numbers depend on the machine and on what else runs on it.
 """
@@ -585,13 +590,25 @@ stream {{
 
     # metrics ----------------------------------------------------------------------------------
 
-    def load_run(self, *argv, timeout=120, cpus=None):
+    def load_run(self, *argv, timeout=120, cpus=None, cpu_of=None):
+        """Runs bench_load; its numbers. cpu_of=(relay, seconds): also the relay's CPU seconds from
+        `seconds` after the start (a conn/s load's warm-up) to the end, appended."""
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        result = subprocess.run([self.load, *map(str, argv)], stdin=subprocess.DEVNULL, capture_output=True,
-                                text=True, timeout=timeout, preexec_fn=pin)
-        if result.returncode != 0:
-            raise RuntimeError(f"bench_load {' '.join(map(str, argv))}: {result.stderr.strip()}")
-        return [float(x) for x in result.stdout.split()]
+        proc = subprocess.Popen([self.load, *map(str, argv)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+        try:
+            if cpu_of:
+                time.sleep(cpu_of[1])
+                cpu0 = cpu_of[0].cpu()
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench_load {' '.join(map(str, argv))}: {err.strip()}")
+        numbers = [float(x) for x in out.split()]
+        return numbers + [cpu_of[0].cpu() - cpu0] if cpu_of else numbers
 
     def iperf(self, config):
         if not self.iperf_port or config in ("sameport", "sameport-t1"):
@@ -664,7 +681,8 @@ stream {{
         ports = ports or self.fixed_ports
         relay = self.start(config, self.server_ports[:ports])
         try:
-            rate, done, failed, slow_connect, slowest = self.load_run("connrate", relay.port, clients, *self.rate_seconds)
+            rate, done, failed, slow_connect, slowest, cpu = self.load_run(
+                "connrate", relay.port, clients, *self.rate_seconds, cpu_of=(relay, self.rate_seconds[0]))
         finally:
             relay.stop()
         what = f"{config}: conn/s with {clients} client(s) and {ports} upstream port(s)"
@@ -673,7 +691,10 @@ stream {{
             report(f"{what}: the slowest connection took {slowest:.0f} ms (the slowest connect() {slow_connect:.0f} ms)")
         if failed:
             report(f"{what}: {int(failed)} of {int(done + failed)} connections failed")
-        return {key: rate}
+        out = {key: rate}
+        if key == "conn8" and config != "direct" and done:
+            out["conn8_cpu_us"] = cpu * 1e6 / done
+        return out
 
     def idle_memory(self, config):
         if config == "direct":
@@ -738,8 +759,8 @@ def render(configs, medians):
 
     lines = [
         "| configuration | iperf3 up | iperf3 down | bulk up | bulk down | CPU s/GiB | ping-pong p50 | ping-pong p99 "
-        "| conn/s c=1 | conn/s c=8 | conn/s 1 upstream | sporadic conn p50 | KiB/idle conn |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| conn/s c=1 | conn/s c=8 | CPU µs/conn c=8 | conn/s 1 upstream | sporadic conn p50 | KiB/idle conn |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in configs:
         cells = [
@@ -748,7 +769,8 @@ def render(configs, medians):
             ratio_cell(config, "bulk_up", "Gbit/s"), ratio_cell(config, "bulk_down", "Gbit/s"),
             plain(config, "cpu_per_gib", "{:.2f}"),
             latency_cell(config, "p50"), latency_cell(config, "p99"),
-            ratio_cell(config, "conn1", "/s"), ratio_cell(config, "conn8", "/s"), ratio_cell(config, "conn1u", "/s"),
+            ratio_cell(config, "conn1", "/s"), ratio_cell(config, "conn8", "/s"),
+            plain(config, "conn8_cpu_us", "{:.0f}"), ratio_cell(config, "conn1u", "/s"),
             latency_cell(config, "sporadic_p50"),
             plain(config, "idle_kib", "{:.1f}"),
         ]
@@ -760,28 +782,31 @@ def head_to_head(runs, subject="sameport"):
     """`subject` against the best peer within each repetition: the figures of one repetition are
     seconds apart, so their ratio is spared the drift that moves a whole repetition's figures (15%
     from first to last on this virtual machine) and that medians taken per column keep. conn/s as
-    the ratio to the best peer's rate; ping-pong and sporadic connections as the added latency
-    minus the best peer's."""
+    the ratio to the best peer's rate, CPU per connection as the ratio to the cheapest peer's;
+    ping-pong and sporadic connections as the added latency minus the best peer's."""
     peers = [c for c in runs if c in PEERS]
     if subject not in runs or not peers:
         return []
     lines = []
-    for key, label, higher in (("conn1", "conn/s c=1", True), ("conn8", "conn/s c=8", True),
-                               ("conn1u", "conn/s 1 upstream", True), ("p50", "ping-pong p50", False),
-                               ("p99", "ping-pong p99", False), ("sporadic_p50", "sporadic connection p50", False)):
+    # kind: "rate" (higher is better, a ratio), "cost" (lower is better, a ratio), "latency"
+    # (lower is better, a difference in µs)
+    for key, label, kind in (("conn1", "conn/s c=1", "rate"), ("conn8", "conn/s c=8", "rate"),
+                             ("conn8_cpu_us", "CPU per connection c=8", "cost"),
+                             ("conn1u", "conn/s 1 upstream", "rate"), ("p50", "ping-pong p50", "latency"),
+                             ("p99", "ping-pong p99", "latency"), ("sporadic_p50", "sporadic connection p50", "latency")):
         figures, winners = [], []
         for rep, mine in enumerate(runs[subject]):
             theirs = {c: runs[c][rep][key] for c in peers if rep < len(runs[c]) and key in runs[c][rep]}
             if key not in mine or not theirs:
                 continue
-            best = (max if higher else min)(theirs, key=theirs.get)
+            best = (max if kind == "rate" else min)(theirs, key=theirs.get)
             winners.append(best)
-            figures.append(mine[key] / theirs[best] if higher else mine[key] - theirs[best])
+            figures.append(mine[key] - theirs[best] if kind == "latency" else mine[key] / theirs[best])
         if not figures:
             continue
-        shown = ", ".join(f"{f:.2f}x" if higher else f"{f:+.1f}" for f in figures)
+        shown = ", ".join(f"{f:+.1f}" if kind == "latency" else f"{f:.2f}x" for f in figures)
         middle = statistics.median(figures)
-        summary = f"{middle:.2f}x" if higher else f"{middle:+.1f} µs"
+        summary = f"{middle:+.1f} µs" if kind == "latency" else f"{middle:.2f}x"
         best = max(set(winners), key=winners.count)
         lines.append(f"- {label}: {summary} (each repetition: {shown}; best peer mostly {LABELS[best]})")
     return lines
@@ -901,8 +926,8 @@ def main():
                   "the bulk columns measure it instead.")
         versus = head_to_head(runs)
         if versus:
-            print("\nsameport against the best peer of each repetition (median over repetitions; conn/s as a "
-                  "ratio, latencies as µs added beyond the best peer's):")
+            print("\nsameport against the best peer of each repetition (median over repetitions; conn/s and "
+                  "CPU per connection as ratios, latencies as µs added beyond the best peer's):")
             print("\n".join(versus))
         for note in notes:
             print(f"skipped: {note}")

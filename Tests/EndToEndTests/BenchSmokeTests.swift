@@ -55,7 +55,7 @@ struct BenchSmokeTests {
         let bulkUp = try column("bulk up"), bulkDown = try column("bulk down"), cpu = try column("CPU s/GiB")
         let p50 = try column("ping-pong p50"), conn1 = try column("conn/s c=1"), idle = try column("KiB/idle conn")
         let conn8 = try column("conn/s c=8"), reconnect = try column("conn/s 1 upstream")
-        let sporadic = try column("sporadic conn p50")
+        let sporadic = try column("sporadic conn p50"), connectionCPU = try column("CPU µs/conn c=8")
 
         let direct = try #require(Self.row("direct (no relay)", in: output), "no direct row")
         // Direct: ratio 1.00 and an absolute figure: over 0.1 Gbit/s, 1 to 10,000 µs, over 100 connections/s.
@@ -82,6 +82,10 @@ struct BenchSmokeTests {
                 let rate = Self.numbers(row[index])
                 #expect(rate.count == 2 && rate[0] > 0 && rate[1] > 10, "\(label) \(header[index]): \(row[index])")
             }
+            // The relay's own CPU per connection in the c=8 window: a few to a few thousand µs.
+            let perConnection = Self.numbers(row[connectionCPU])
+            #expect(perConnection.count == 1 && perConnection[0] > 0 && perConnection[0] < 100_000,
+                    "\(label) CPU per connection: \(row[connectionCPU])")
             let cpuPerGiB = Self.numbers(row[cpu])
             #expect(cpuPerGiB.count == 1 && cpuPerGiB[0] > 0 && cpuPerGiB[0] < 100, "\(label) CPU: \(row[cpu])")
             let latency = Self.numbers(row[p50])
@@ -95,10 +99,11 @@ struct BenchSmokeTests {
         // conn/s figure and µs for the sporadic connections, named after the peer that was best.
         if ["HAProxy (mode tcp)", "nginx stream", "socat", "systemd-socket-proxyd"].contains(where: { Self.row($0, in: output) != nil }) {
             #expect(output.contains("sameport against the best peer of each repetition"))
-            for figure in ["conn/s c=1", "conn/s c=8", "conn/s 1 upstream", "sporadic connection p50"] {
+            for figure in ["conn/s c=1", "conn/s c=8", "CPU per connection c=8", "conn/s 1 upstream", "sporadic connection p50"] {
                 let line = output.split(separator: "\n").first { $0.hasPrefix("- \(figure): ") }
                 let values = line.map { Self.numbers(String($0.dropFirst(figure.count + 4))) } ?? []
-                #expect(values.count >= 2 && (values[0] > 0 || !figure.hasPrefix("conn/s")) && line?.contains("best peer mostly") == true,
+                let isRatio = figure.hasPrefix("conn/s") || figure.hasPrefix("CPU")
+                #expect(values.count >= 2 && (values[0] > 0 || !isRatio) && line?.contains("best peer mostly") == true,
                         "\(figure) against the best peer: \(String(describing: line))")
             }
         }
