@@ -269,12 +269,36 @@ struct RunCommand: ParsableCommand {
                 destinations: Destinations(try destinations.map { text throws(OptionError) in try DestinationRule(parsing: text) }),
                 transparent: transparent)
             if let problem = spec.problems().first { throw ValidationError(problem) }
+            if let unused = unusedFlag(of: spec) { throw ValidationError(unused) }
             return spec
         } catch let error as ValidationError {
             throw error
         } catch {
             throw ValidationError("\(error)")
         }
+    }
+
+    /// A flag given on the command line that the other flags make a no-op: an error rather than
+    /// silence, since whoever typed it expects it to do something. (A configuration file's
+    /// [defaults] may well set keys that some relays do not use, so this is for flags only.)
+    private func unusedFlag(of spec: RelaySpec) -> String? {
+        if proxyTimeout != nil, !spec.acceptProxy {
+            return "--proxy-timeout has no effect without --accept-proxy (it bounds the wait for a client's PROXY header): add --accept-proxy and --accept-proxy-from, or drop --proxy-timeout"
+        }
+        if spec.splice == .off {
+            for (flag, given) in [("--pipe-size", pipeSize != nil), ("--splice-after", spliceAfter != nil)] where given {
+                return "\(flag) has no effect with --splice off: drop \(flag), or leave splicing on"
+            }
+        }
+        if spec.keepalive.idle == nil {
+            for (flag, given) in [("--keepalive-interval", keepaliveInterval != nil), ("--keepalive-count", keepaliveCount != nil)] where given {
+                return "\(flag) has no effect with --keepalive 0 (keepalive off): drop \(flag), or give --keepalive a duration such as 60s"
+            }
+        }
+        if queueLimit != nil, spec.onBusy != .queue {
+            return "--queue-limit has no effect with --on-busy \(spec.onBusy.rawValue) (no client waits in a queue): drop --queue-limit, or use --on-busy queue"
+        }
+        return nil
     }
 
     /// --reload-timeout, above zero.

@@ -92,6 +92,15 @@ struct CommandLineTests {
          "sameport: usage error: the splice threshold must be from 0 to 1073741824 bytes, not 2000000000 (see 'sameport --help')"),
         (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--log-format", "xml"],
          "sameport: usage error: invalid log format 'xml': expected text or json (see 'sameport --help')"),
+        // A flag the others make a no-op is refused rather than silently ignored.
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--proxy-timeout", "3s"],
+         "sameport: usage error: --proxy-timeout has no effect without --accept-proxy (it bounds the wait for a client's PROXY header): add --accept-proxy and --accept-proxy-from, or drop --proxy-timeout (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--splice", "off", "--pipe-size", "65536"],
+         "sameport: usage error: --pipe-size has no effect with --splice off: drop --pipe-size, or leave splicing on (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--keepalive", "0", "--keepalive-count", "3"],
+         "sameport: usage error: --keepalive-count has no effect with --keepalive 0 (keepalive off): drop --keepalive-count, or give --keepalive a duration such as 60s (see 'sameport --help')"),
+        (["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:9", "--on-busy", "reject", "--queue-limit", "5"],
+         "sameport: usage error: --queue-limit has no effect with --on-busy reject (no client waits in a queue): drop --queue-limit, or use --on-busy queue (see 'sameport --help')"),
     ])
     func malformed(arguments: [String], message: String) throws {
         let (status, output) = try run(arguments)
