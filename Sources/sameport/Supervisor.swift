@@ -109,12 +109,14 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             addresses.count == 1 && name.endpoint != nil
                 ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
         }.joined(separator: ", ")
-        var metadata: Logger.Metadata = ["egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)]
+        let listen = relay.listenEndpoint.map(\.description) ?? "\(spec.listen)"
+        // relay and listen as keys too, for whoever reads the JSON lines by key.
+        var metadata: Logger.Metadata = [
+            "relay": .string(spec.name), "listen": .string(listen),
+            "egress": .string("\(spec.egress)"), "on_busy": .string(spec.onBusy.rawValue)]
         if spec.transparent { metadata["transparent"] = "true" }
         if relay.isInherited { metadata["socket"] = "systemd" }
-        logger.info(
-            "relay \(spec.name) listening on \(relay.listenEndpoint.map(\.description) ?? "\(spec.listen)") -> \(upstreamList)",
-            metadata: metadata)
+        logger.info("relay \(spec.name) listening on \(listen) -> \(upstreamList)", metadata: metadata)
     }
 
     /// Every relay accepts: READY=1, then the status line and the watchdog keep going.

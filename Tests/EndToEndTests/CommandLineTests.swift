@@ -256,6 +256,10 @@ struct CommandLineTests {
         let duration = try #require(object["duration"] as? Double, "\(line)")
         #expect(duration >= 0 && duration < 5 && !line.contains("\"duration\":\""), "\(line)")
         #expect(object["end"] as? String == "completed")
+        // The start-up line names the relay and its listen address as keys too.
+        let started = try relay.waitForLines(containing: "listening on")[0]
+        let start = try #require(try JSONSerialization.jsonObject(with: Data(started.utf8)) as? [String: Any])
+        #expect(start["relay"] as? String == "main" && start["listen"] as? String == listen.description, "\(started)")
         #expect(relay.output.split(separator: "\n").allSatisfy { $0.hasPrefix("{") && $0.hasSuffix("}") })
     }
 }
