@@ -175,7 +175,11 @@ struct Direction {
         /// The peer's FIN is in (EPOLLRDHUP): a read that returns less than asked has left only
         /// the EOF, so those bytes are sent with MSG_MORE, and the FIN that `forwardEOF` sends
         /// right after leaves in the same segment: one packet and one wake-up of the receiver
-        /// fewer per connection that ends with its last bytes (a response and its close).
+        /// fewer per connection that ends with its last bytes (a response and its close). On the
+        /// copy path the read that would return 0 is skipped too. Sound because the flags are
+        /// the socket's state when epoll reported it: the FIN was queued behind every byte
+        /// before it, nothing can follow it, and without EPOLLPRI no urgent mark stops a read
+        /// short. (A splice can stop short at a full pipe, so that path still reads the EOF.)
         case bytesAndFIN
     }
 
@@ -439,7 +443,7 @@ struct Direction {
                     continue
                 }
                 // The last bytes before a FIN that is already in: held for the FIN (MSG_MORE),
-                // which the next read (EOF) sends at once through `forwardEOF`.
+                // which `forwardEOF` sends right after.
                 holdsForFIN = edge == .bytesAndFIN && count < scratch.count
                 let written: Int
                 switch writeThrough(UnsafeRawBufferPointer(rebasing: scratch[0..<count]), to: to, more: holdsForFIN) {
@@ -454,6 +458,12 @@ struct Direction {
                     start = 0
                     end = count - written
                     return .awaitingWrite
+                }
+                // Only the FIN is left (see `ReadEdge.bytesAndFIN`): the read that would return 0
+                // is skipped, and the FIN follows the held bytes at once.
+                if holdsForFIN {
+                    sawEOF = true
+                    continue
                 }
                 if edge == .bytes, count < scratch.count { return .awaitingRead }
             case .wouldBlock:
