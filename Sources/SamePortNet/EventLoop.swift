@@ -76,6 +76,12 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
     @exclusivity(unchecked) private var heap = DeadlineHeap()
     /// The deadline the Dispatch timer is armed for (UInt64.max: none).
     @exclusivity(unchecked) private var armedDeadline = UInt64.max
+    /// epoll_wait calls so far, whether the latest was a look asked for by `lookNext`, and whether
+    /// one is asked for: an acceptor asks for a non-blocking look right after taking a client, and
+    /// a listener that look reports had clients queueing behind it (see `Acceptor`).
+    @exclusivity(unchecked) private(set) var waits: UInt64 = 0
+    @exclusivity(unchecked) private(set) var lastWaitWasLook = false
+    @exclusivity(unchecked) private var lookAskedFor = false
     /// Work for this shard from this shard: run before the loop next waits.
     @exclusivity(unchecked) private var deferred: [@Sendable () -> Void] = []
     private let events: UnsafeMutablePointer<sameport_epoll_event>
@@ -230,6 +236,13 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         for body in spreadWatchers.values { body() }
     }
 
+    /// Makes the loop's next epoll_wait a non-blocking look (timeout 0), on this shard, in this
+    /// run: a run that ends first forgets it (the next begins with a look from Dispatch, maybe
+    /// much later).
+    func lookNext() {
+        lookAskedFor = true
+    }
+
     // MARK: Work
 
     /// Runs `task` on this shard: from another thread through the inbox (which wakes the shard),
@@ -288,9 +301,13 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
         var lastBusy: UInt64? = fromEvent ? started : nil
         var timeout: Int64 = 0
         var slackIsLong = false
+        var looking = false
         defer { if slackIsLong { _ = sameport_set_timer_slack(0) } }
         while true {
             let count = sameport_epoll_wait(epollFD, events, Self.batch, timeout)
+            waits &+= 1
+            lastWaitWasLook = looking
+            looking = false
             if count > 0 { dispatch(count: Int(count)) }
             runDeferred()
             var now = Monotonic.now
@@ -302,7 +319,11 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
             if count > 0 || !deferred.isEmpty { lastBusy = now }
             timeout = 0
             guard now &- started < Self.maximumRun else { break }
-            if count == Self.batch || !deferred.isEmpty { continue }
+            if count == Self.batch || !deferred.isEmpty || lookAskedFor {
+                looking = lookAskedFor
+                lookAskedFor = false
+                continue
+            }
             guard let busy = lastBusy, linger > 0, now &- busy < linger else { break }
             var wait = linger - (now &- busy)
             var forDeadline = false
@@ -316,6 +337,7 @@ final class EventLoop: @unchecked Sendable {  // confined to `queue`, but for `e
             }
             timeout = Int64(wait)
         }
+        lookAskedFor = false
         if !deferred.isEmpty {
             // Out of time with work left: through the inbox, whose eventfd brings Dispatch back.
             let tasks = deferred

@@ -25,8 +25,9 @@ public struct StartupError: Error, Equatable, Sendable, CustomStringConvertible 
 /// A listening socket, served by every shard of the process.
 ///
 /// The socket is registered in each shard's epoll set, level-triggered with EPOLLEXCLUSIVE: the
-/// kernel wakes one shard per incoming client, and that shard accepts in a batch (until EAGAIN or
-/// `acceptBatch`) and keeps the connections it accepted. A shard stops accepting by deleting its
+/// kernel wakes one shard per incoming client, and that shard accepts one client per event (the
+/// next epoll_wait reports the listener again while more wait) and keeps the connections it
+/// accepted. A shard stops accepting by deleting its
 /// registration (at the connection limit, or pausing after EMFILE) and adds it back to resume; the
 /// kernel's backlog holds clients meanwhile.
 ///
@@ -236,8 +237,9 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     @exclusivity(unchecked) var deadlineIndex = -1
     @exclusivity(unchecked) var deadline: UInt64 = 0
 
-    /// Clients accepted per event at most: others are served by the next event (level-triggered).
-    private static let acceptBatch = 64
+    /// On the first shard: the shard's `waits` when this acceptor last took a client (none yet:
+    /// a value that no wait is the one after).
+    @exclusivity(unchecked) private var lastAcceptWait = UInt64.max - 1
     /// The other shards stop accepting once the first has kept up this long.
     private static let spreadHold: UInt64 = 1_000_000_000
 
@@ -283,37 +285,45 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
         }
     }
 
+    /// One client per event, as nginx takes them: the registration is level-triggered, so a
+    /// listener with more clients waiting is reported again by the shard's next epoll_wait, which
+    /// the shard calls anyway, and the accept4 that would only return EAGAIN is saved (one system
+    /// call per connection when clients come one at a time). On the first shard the wait after an
+    /// accept is a non-blocking look, and a listener it reports had clients queueing behind the
+    /// one taken: that brings the other shards in. (The look is rarely wasted: a loopback
+    /// upstream's connect has completed by then, and it reports that too.)
     func handle(events: UInt32, tag: UInt8) {
-        for accepted in 0..<Self.acceptBatch {
-            guard registration != nil else { return }
-            do {
-                guard try acceptNext(socket, loop) else {
-                    if isFirst { noteLoad(backlog: accepted > 1) }
-                    updateRegistration()  // none waiting, or the relay is full or stopping
-                    return
-                }
-            } catch {
-                switch error.errno {
-                case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
-                    isClosed = true
-                    updateRegistration()
-                    onFatalError(error)  // the listening socket itself is broken
-                    return
-                case .connectionAborted, .protocolError, .protocolNotAvailable, .hostDown, .noNetwork,
-                     .hostUnreachable, .operationNotSupported, .networkUnreachable, .networkDown, .timedOut:
-                    continue  // accept(2): a pending network error of that one connection; serve the next
-                default:
-                    // Out of descriptors or memory, or refused by a security module (EPERM, EACCES,
-                    // which recur on every retry): pause instead of spinning on a readable socket.
-                    isBackingOff = true
-                    updateRegistration()
-                    loop.setDeadline(self, at: Monotonic.now &+ 100_000_000)
-                    onTemporaryFailure(error)
-                    return
-                }
+        guard registration != nil else { return }
+        do {
+            guard try acceptNext(socket, loop) else {
+                updateRegistration()  // none waiting, or the relay is full or stopping
+                return
+            }
+            if isFirst {
+                noteLoad(backlog: loop.waits == lastAcceptWait &+ 1 && loop.lastWaitWasLook)
+                lastAcceptWait = loop.waits
+                loop.lookNext()
+            }
+        } catch {
+            switch error.errno {
+            case .badDescriptor, .invalidArgument, .notASocket, .badAddress:
+                isClosed = true
+                updateRegistration()
+                onFatalError(error)  // the listening socket itself is broken
+            case .connectionAborted, .protocolError, .protocolNotAvailable, .hostDown, .noNetwork,
+                 .hostUnreachable, .operationNotSupported, .networkUnreachable, .networkDown, .timedOut:
+                // accept(2): a pending network error of that one connection; the next client, if
+                // any, is reported by the next wait.
+                break
+            default:
+                // Out of descriptors or memory, or refused by a security module (EPERM, EACCES,
+                // which recur on every retry): pause instead of spinning on a readable socket.
+                isBackingOff = true
+                updateRegistration()
+                loop.setDeadline(self, at: Monotonic.now &+ 100_000_000)
+                onTemporaryFailure(error)
             }
         }
-        if isFirst { noteLoad(backlog: true) }  // a whole batch: clients are queueing
     }
 
     func deadlineReached(now: UInt64) {
@@ -321,8 +331,9 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
         updateRegistration()
     }
 
-    /// On the first shard, after an event's accepts: clients that queued behind the first one
-    /// bring the other shards in; a second of single arrivals lets them go.
+    /// On the first shard, after each accept: clients that queued behind the one taken (the
+    /// listener reported again by the non-blocking look right after) bring the other shards in; a
+    /// second of single arrivals lets them go.
     private func noteLoad(backlog: Bool) {
         guard group.loops.count > 1 else { return }
         let now = Monotonic.now
