@@ -237,9 +237,6 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
     @exclusivity(unchecked) var deadlineIndex = -1
     @exclusivity(unchecked) var deadline: UInt64 = 0
 
-    /// On the first shard: the shard's `waits` when this acceptor last took a client (none yet:
-    /// a value that no wait is the one after).
-    @exclusivity(unchecked) private var lastAcceptWait = UInt64.max - 1
     /// The other shards stop accepting once the first has kept up this long.
     private static let spreadHold: UInt64 = 1_000_000_000
 
@@ -300,8 +297,8 @@ private final class Acceptor: EventHandler, DeadlineHandler, @unchecked Sendable
                 return
             }
             if isFirst {
-                noteLoad(backlog: loop.waits == lastAcceptWait &+ 1 && loop.lastWaitWasLook)
-                lastAcceptWait = loop.waits
+                // A look is asked for only right after an accept: a client it found was waiting.
+                noteLoad(backlog: loop.lastWaitWasLook)
                 loop.lookNext()
             }
         } catch {

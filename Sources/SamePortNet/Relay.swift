@@ -21,6 +21,8 @@ public final class Relay: @unchecked Sendable {  // mutable state is in `shared`
     /// `listenerAcceptsIPv4`, written once by `start` before any shard accepts and only read after,
     /// so every client's accept and dial skips the runtime exclusivity check on it.
     @exclusivity(unchecked) public private(set) var listenEndpoint: Endpoint?
+    /// The address the relay listens on, for log lines: the bound socket's, else as configured.
+    public var listenDescription: String { listenEndpoint.map(\.description) ?? "\(spec.listen)" }
     /// False for a wildcard `[::]` listener that takes IPv6 clients only (IPV6_V6ONLY).
     @exclusivity(unchecked) private(set) var listenerAcceptsIPv4 = true
     /// True when the listener is a socket systemd passed (socket activation).

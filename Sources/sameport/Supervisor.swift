@@ -109,7 +109,7 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
             addresses.count == 1 && name.endpoint != nil
                 ? "\(name)" : "\(name) (\(addresses.map(\.description).joined(separator: ", ")))"
         }.joined(separator: ", ")
-        let listen = relay.listenEndpoint.map(\.description) ?? "\(spec.listen)"
+        let listen = relay.listenDescription
         // relay and listen as keys too, for whoever reads the JSON lines by key.
         var metadata: Logger.Metadata = [
             "relay": .string(spec.name), "listen": .string(listen),
@@ -444,11 +444,10 @@ final class Supervisor: @unchecked Sendable {  // confined to the main queue
         func list(_ names: [String]) -> String { names.isEmpty ? "none" : names.joined(separator: ", ") }
         // A relay whose listen address changed is a new relay beside the old one, which drains:
         // said as a move, not as one relay added and another removed.
-        func address(_ relay: Relay) -> String { relay.listenEndpoint.map(\.description) ?? "\(relay.spec.listen)" }
         let moves = added.compactMap { new in removed.first { $0.name == new.name }.map { (old: $0, new: new) } }
         let moved = Set(moves.map(\.new.name))
         var summary = "\(relays.count) relay\(relays.count == 1 ? "" : "s"); added: \(list(added.map(\.name).filter { !moved.contains($0) })); removed: \(list(removed.map(\.name).filter { !moved.contains($0) })); changed: \(list(changed)); unchanged: \(unchanged)"
-        if !moves.isEmpty { summary += "; moved: \(list(moves.map { "\($0.new.name) (\(address($0.old)) to \(address($0.new)))" }))" }
+        if !moves.isEmpty { summary += "; moved: \(list(moves.map { "\($0.new.name) (\($0.old.listenDescription) to \($0.new.listenDescription))" }))" }
         return summary
     }
 

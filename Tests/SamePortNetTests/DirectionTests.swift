@@ -67,6 +67,11 @@ struct DirectionTests {
     /// Copy path (no pipe), and splice from the first byte.
     static let paths: [(name: String, pipeSize: Int?)] = [("copy", nil), ("splice", 65536)]
 
+    /// The upstream's direction on the copy path, with a 4 KiB buffer.
+    static func copyingFromUpstream() -> Direction {
+        Direction(fromSide: .upstream, capacity: 4096, pipeSize: nil, spliceAfter: 0, now: 0)
+    }
+
     @Test("Bytes arrive in order and EOF becomes a half-close, each way", arguments: [0, 1])
     func halfClose(path: Int) throws {
         let topology = try Topology()
@@ -163,7 +168,7 @@ struct DirectionTests {
             let topology = try Topology()
             defer { withExtendedLifetime(topology) {} }  // its deinit closes the sockets
             let (sender, from, receiver, to) = (topology.sender, topology.from, topology.receiver, topology.to)
-            var direction = Direction(fromSide: .upstream, capacity: 4096, pipeSize: nil, spliceAfter: 0, now: 0)
+            var direction = Self.copyingFromUpstream()
             defer { direction.release() }
             // A response and its FIN in one segment, as a server's write and close(2) often arrive.
             let response = Array("HTTP/1.0 204 No Content\r\n\r\n".utf8)
@@ -184,6 +189,29 @@ struct DirectionTests {
         }
         #expect(added[.bytesAndFIN] == 1, "the response and the FIN in one segment")
         #expect(added[.unknown] == 2, "the response, then the FIN (what the hint saves)")
+    }
+
+    @Test("Copy path: a short read after an edge that says the FIN is in ends the direction, with no read of the EOF")
+    func shortReadAfterFINEdgeIsTheEnd() throws {
+        let sockets = try Topology()
+        var direction = Self.copyingFromUpstream()
+        defer { direction.release() }
+        // Bytes and no FIN, with an edge that (untruly) says the FIN is in: the pump takes the
+        // edge's word and never reads again, so it passes the EOF on at once. A read after the
+        // short one would find nothing (EAGAIN) and leave the pump waiting to read.
+        let response = Array("last bytes".utf8)
+        try sockets.sender.sendAll(response)
+        var poller = pollfd(fd: sockets.from.fd, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&poller, 1, 5000) == 1, "the bytes reached the relay's socket")
+        let outcome = direction.pump(from: sockets.from, to: sockets.to, edge: .bytesAndFIN)
+        guard case .finished = outcome else {
+            Issue.record("outcome \(outcome): a short read after a FIN edge must end the direction")
+            return
+        }
+        let (bytes, end) = try sockets.receiver.receiveToEnd(timeout: .seconds(5))
+        #expect(bytes == response && end == .eof)
+        #expect(sockets.from.unreadBytes() == 0)
+        withExtendedLifetime(sockets) {}  // its deinit closes the sockets
     }
 
     @Test("A receiver that does not read stops the pump at its bound (back-pressure), and every byte arrives once it reads", arguments: [0, 1])
